@@ -1,0 +1,72 @@
+"""Internal-classifier (IC) head designs.
+
+``SDNHead`` follows Shallow-Deep Networks (Kaya et al., ICML 2019): a large
+feature map is reduced by a learned mix of max and average pooling, then a
+linear layer maps it to logits. Heads are sized from the backbone's
+``feature_info`` (channels and spatial size of the stage output), never by hand.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+
+
+class SDNHead(nn.Module):
+    """SDN internal classifier for a ``(B, C, H, W)`` feature map.
+
+    When the map is larger than ``pool_to`` x ``pool_to`` it is pooled down to
+    that size with ``alpha * maxpool + (1 - alpha) * avgpool`` (``alpha`` a
+    learned scalar, initialised at 0.5); the result is flattened into a linear
+    layer.
+
+    Args:
+        num_chs: channels of the feature map.
+        size: spatial size ``(H, W)`` of the feature map.
+        num_classes: number of logits.
+        pool_to: side of the pooled map (SDN reduces to 4x4).
+    """
+
+    def __init__(self, num_chs: int, size: tuple[int, int], num_classes: int, *, pool_to: int = 4) -> None:
+        super().__init__()
+        h, w = size
+        self.out_size = (min(h, pool_to), min(w, pool_to))
+        self.reduce = (h, w) != self.out_size
+        if self.reduce:
+            self.alpha = nn.Parameter(torch.tensor(0.5))
+        self.linear = nn.Linear(num_chs * self.out_size[0] * self.out_size[1], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.reduce:
+            mx = F.adaptive_max_pool2d(x, self.out_size)  # (B, C, h, w)
+            av = F.adaptive_avg_pool2d(x, self.out_size)  # (B, C, h, w)
+            x = self.alpha * mx + (1 - self.alpha) * av
+        return self.linear(x.flatten(1))  # (B, num_classes)
+
+
+class LinearHead(nn.Module):
+    """A linear layer on a ``(B, D)`` vector state (used by the MLP toy backbone)."""
+
+    def __init__(self, num_chs: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(num_chs, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x)
+
+
+class PoolLinearHead(nn.Module):
+    """Global average pooling and a linear layer: the ResNet classifier (``fc`` keeps torchvision's name)."""
+
+    def __init__(self, num_chs: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(num_chs, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))  # (B, num_classes)
+
+
+def sdn_head(info: dict, num_classes: int) -> nn.Module:
+    """``make_head`` for convolutional backbones: an ``SDNHead`` sized from ``info``."""
+    return SDNHead(info["num_chs"], info["size"], num_classes)

@@ -1,0 +1,168 @@
+"""MultiExitModel: a backbone cut into stages, with internal classifiers (ICs).
+
+Follows the structure used by "Joint or Disjoint: Mixing Training Regimes for
+Early-Exit Models": after some stages an IC head turns the hidden state into
+logits; the backbone's own classifier is the last exit.
+
+Contracts (relied on by training, metrics and inference):
+
+- ``forward(x) -> list[Tensor]``: one ``(B, C)`` logits tensor per exit, in
+  depth order, the backbone's own head last. ``forward(x, exits=[...])``
+  computes only the listed exits (still a list), and stops after the deepest
+  stage it needs; phase 1 of training uses ``exits=[-1]`` so the ICs are not
+  computed at all.
+- Parts as data: ``stem``, ``stages``, ``heads`` (``heads[-1]`` is the
+  backbone's classifier), ``exit_after[k]`` (stage index after which exit k
+  sits), ``feature_info`` (one dict per stage: at least ``num_chs``),
+  ``backbone_parameters()`` and ``head_parameters()`` (IC heads only).
+- Stage-wise execution: ``stage(i, state)`` and ``head(k, state)``; a state
+  is a tensor or a small pytree, and ``slice_state`` selects samples from it.
+- When every backbone parameter is frozen (``requires_grad=False``), the
+  stages run under ``torch.no_grad()``: phase 3 keeps no activations of the
+  backbone, only of the heads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+State = Any  # a Tensor, or a (nested) tuple / list / dict of Tensors
+
+
+def slice_state(state: State, index: Tensor) -> State:
+    """Select samples ``index`` (bool mask or int indices) along dim 0 of every tensor."""
+    if isinstance(state, Tensor):
+        return state[index]
+    if isinstance(state, dict):
+        return {k: slice_state(v, index) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(slice_state(v, index) for v in state)
+    return state  # non-tensor leaves (e.g. None) pass through
+
+
+def state_batch_size(state: State) -> int:
+    """Batch size of a state: dim 0 of its first tensor leaf."""
+    if isinstance(state, Tensor):
+        return state.shape[0]
+    values = state.values() if isinstance(state, dict) else state
+    for v in values:
+        n = state_batch_size(v)
+        if n >= 0:
+            return n
+    return -1
+
+
+class MultiExitModel(nn.Module):
+    """A backbone (stem + stages + final head) with IC heads after some stages.
+
+    Args:
+        stem: module applied to the input before stage 0 (``nn.Identity`` if none).
+        stages: the backbone's blocks, in order.
+        head: the backbone's own classifier (the last exit).
+        exits: stage indices after which an IC head is placed (sorted, unique,
+            excluding the last stage, whose exit is ``head``).
+        make_head: ``make_head(feature_info[i], num_classes) -> nn.Module``.
+        feature_info: one dict per stage describing its output (``num_chs``, ...).
+        num_classes: number of classes of every exit.
+    """
+
+    def __init__(
+        self,
+        *,
+        stem: nn.Module,
+        stages: Sequence[nn.Module],
+        head: nn.Module,
+        exits: Sequence[int],
+        make_head: Callable[[dict, int], nn.Module],
+        feature_info: Sequence[dict],
+        num_classes: int,
+    ) -> None:
+        super().__init__()
+        n = len(stages)
+        exits = sorted(set(int(e) for e in exits))
+        if any(e < 0 or e >= n - 1 for e in exits):
+            raise ValueError(f"IC positions must lie in [0, {n - 2}] (the last stage has the backbone's head), got {exits}")
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+        self.heads = nn.ModuleList([make_head(feature_info[e], num_classes) for e in exits] + [head])
+        self.exit_after: list[int] = exits + [n - 1]
+        self.feature_info = [dict(fi) for fi in feature_info]
+        self.num_classes = num_classes
+
+    # --- parts -------------------------------------------------------------
+    @property
+    def num_exits(self) -> int:
+        return len(self.heads)
+
+    def backbone_modules(self) -> list[nn.Module]:
+        """Stem, stages and the backbone's own classifier."""
+        return [self.stem, *self.stages, self.heads[-1]]
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        for m in self.backbone_modules():
+            yield from m.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the IC heads (not the backbone's own classifier)."""
+        for h in self.heads[:-1]:
+            yield from h.parameters()
+
+    # --- stage-wise execution ---------------------------------------------
+    def stage(self, i: int, state: State) -> State:
+        """Run stage ``i`` (stage 0 includes the stem) on ``state``."""
+        if i == 0:
+            state = self.stem(state)
+        return self.stages[i](state)
+
+    def head(self, k: int, state: State) -> Tensor:
+        """Logits ``(B, C)`` of exit ``k`` from the state after stage ``exit_after[k]``."""
+        return self.heads[k](state)
+
+    def _backbone_grad(self) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return any(p.requires_grad for p in self.backbone_parameters())
+
+    def forward(self, x: Tensor, *, exits: Sequence[int] | None = None) -> list[Tensor]:
+        """Logits of every exit (or of ``exits``, negative indices allowed), depth order."""
+        E = self.num_exits
+        wanted = range(E) if exits is None else sorted({k % E for k in exits})
+        wanted_set = set(wanted)
+        last_stage = max(self.exit_after[k] for k in wanted)
+        outs: list[Tensor] = []
+        state = x
+        grad = self._backbone_grad()
+        k = 0
+        for i in range(last_stage + 1):
+            with torch.set_grad_enabled(grad):
+                state = self.stage(i, state)
+            while k < E and self.exit_after[k] == i:
+                if k in wanted_set:
+                    outs.append(self.head(k, state))
+                k += 1
+        return outs
+
+    # --- timm-style feature API -------------------------------------------
+    def forward_features(self, x: Tensor) -> State:
+        """The backbone's final state (stem and all stages, no heads)."""
+        state = x
+        for i in range(len(self.stages)):
+            state = self.stage(i, state)
+        return state
+
+    def forward_head(self, state: State) -> Tensor:
+        """The backbone's own classifier on its final state."""
+        return self.heads[-1](state)
+
+    def forward_intermediates(self, x: Tensor, indices: Sequence[int]) -> list[State]:
+        """States after the stages in ``indices``."""
+        want = {i % len(self.stages) for i in indices}
+        out, state = [], x
+        for i in range(max(want) + 1):
+            state = self.stage(i, state)
+            if i in want:
+                out.append(state)
+        return out

@@ -1,0 +1,234 @@
+"""ResNets with internal classifiers.
+
+- CIFAR-style ResNet-20/32/56/110 (He et al., CVPR 2016, section 4.2): a 3x3
+  stem with 16 channels, three groups of ``n`` basic blocks with 16/32/64
+  channels, projection (1x1 conv + BN) shortcuts where the shape changes.
+  Any number of input channels (Fashion-MNIST has 1).
+- ImageNet ResNet-18/34/50 with torchvision's layout; ``load_torchvision``
+  maps a torchvision ``state_dict`` onto ours through an explicit key map and
+  loads it strictly.
+
+Every residual block is one stage; ICs sit after blocks. The default
+placement follows the paper: an IC after every other block starting from
+the fifth (block indices 4, 6, 8, ...), the last block's exit being the
+backbone's own classifier.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .heads import PoolLinearHead, sdn_head
+from .multiexit import MultiExitModel
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (torchvision names)."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = _bn(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = _bn(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _bn(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1, 3x3 (strided, as torchvision's v1.5), 1x1 with expansion 4."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = _bn(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = _bn(planes)
+        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+        self.bn3 = _bn(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _bn(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class CifarStem(nn.Module):
+    def __init__(self, in_chans: int, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
+        self.bn1 = _bn(width)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
+
+
+class ImageNetStem(CifarStem):
+    """7x7/2 convolution, BN, ReLU and 3x3/2 max pooling (torchvision names)."""
+
+    def __init__(self, in_chans: int, width: int) -> None:
+        nn.Module.__init__(self)
+        self.conv1 = nn.Conv2d(in_chans, width, 7, 2, 3, bias=False)
+        self.bn1 = _bn(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.maxpool(super().forward(x))
+
+
+def _make_blocks(block: type, widths: Sequence[int], depths: Sequence[int], cin: int) -> tuple[list[nn.Module], list[tuple[int, int]]]:
+    """Blocks of all groups, and (group, index-in-group) of each block."""
+    blocks, where = [], []
+    for g, (w, d) in enumerate(zip(widths, depths)):
+        for b in range(d):
+            stride = 2 if (g > 0 and b == 0) else 1
+            blocks.append(block(cin, w, stride))
+            where.append((g, b))
+            cin = w * block.expansion
+    return blocks, where
+
+
+def _init_weights(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def resnet(
+    *,
+    block: type,
+    depths: Sequence[int],
+    widths: Sequence[int],
+    stem_width: int,
+    imagenet_stem: bool,
+    num_classes: int,
+    in_chans: int = 3,
+    exits=None,
+    image_size: int = 32,
+) -> MultiExitModel:
+    """Build a ResNet with IC heads (see the module docstring)."""
+    from . import feature_info_for, resolve_exits  # registry helpers
+
+    stem = (ImageNetStem if imagenet_stem else CifarStem)(in_chans, stem_width)
+    blocks, where = _make_blocks(block, widths, depths, stem_width)
+    info = feature_info_for(stem, blocks, (1, in_chans, image_size, image_size))
+    for fi, (g, b) in zip(info, where):
+        fi["module"] = f"layer{g + 1}.{b}"
+    final = PoolLinearHead(widths[-1] * block.expansion, num_classes)
+    chosen = resolve_exits(exits, stem, blocks, final, (1, in_chans, image_size, image_size), default=default_resnet_exits(len(blocks)))
+    model = MultiExitModel(stem=stem, stages=blocks, head=final, exits=chosen, make_head=sdn_head, feature_info=info, num_classes=num_classes)
+    _init_weights(model)
+    return model
+
+
+def default_resnet_exits(num_blocks: int) -> list[int]:
+    """The paper's placement: every other block starting from the fifth (0-based index 4)."""
+    return list(range(4, num_blocks - 1, 2))
+
+
+def cifar_resnet(depth: int, **kw) -> MultiExitModel:
+    if (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    n = (depth - 2) // 6
+    return resnet(block=BasicBlock, depths=(n, n, n), widths=(16, 32, 64), stem_width=16, imagenet_stem=False, **kw)
+
+
+_IMAGENET = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
+
+
+def imagenet_resnet(name: str, *, image_size: int = 224, **kw) -> MultiExitModel:
+    block, depths = _IMAGENET[name]
+    model = resnet(block=block, depths=depths, widths=(64, 128, 256, 512), stem_width=64, imagenet_stem=True, image_size=image_size, **kw)
+    model.arch = name
+    return model
+
+
+# --- torchvision weights ---------------------------------------------------
+
+def torchvision_key_map(model: MultiExitModel) -> dict[str, str]:
+    """Map of torchvision key prefixes to ours: ``layerG.B.`` -> ``stages.I.``, stem, ``fc``."""
+    m = {"conv1.": "stem.conv1.", "bn1.": "stem.bn1.", "fc.": f"heads.{model.num_exits - 1}.fc."}
+    for i, fi in enumerate(model.feature_info):
+        m[fi["module"] + "."] = f"stages.{i}."
+    return m
+
+
+def convert_torchvision_state_dict(model: MultiExitModel, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a torchvision ResNet ``state_dict``'s keys to this model's names."""
+    kmap = torchvision_key_map(model)
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"(layer\d+\.\d+\.|conv1\.|bn1\.|fc\.)(.*)", k)
+        if m is None or m.group(1) not in kmap:
+            raise KeyError(f"unexpected key in torchvision checkpoint: {k}")
+        out[kmap[m.group(1)] + m.group(2)] = v
+    return out
+
+
+def load_torchvision(model: MultiExitModel, sd: Mapping[str, Tensor]) -> MultiExitModel:
+    """Load torchvision ResNet weights into the backbone (IC heads keep their init).
+
+    Strict for the backbone: every torchvision key must map to one of ours
+    with the same shape, and every backbone key must be covered.
+    """
+    ours = model.state_dict()
+    conv = convert_torchvision_state_dict(model, sd)
+    for k, v in conv.items():
+        if k not in ours:
+            raise KeyError(f"no parameter {k} in the model")
+        if ours[k].shape != v.shape:
+            raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}")
+    backbone_keys = {k for k in ours if not k.startswith("heads.") or k.startswith(f"heads.{model.num_exits - 1}.")}
+    missing = backbone_keys - set(conv)
+    if missing:
+        raise KeyError(f"checkpoint lacks backbone keys: {sorted(missing)[:5]}")
+    model.load_state_dict(conv, strict=False)
+    return model
+
+
+MODELS = {
+    "resnet20": lambda **kw: cifar_resnet(20, **kw),
+    "resnet32": lambda **kw: cifar_resnet(32, **kw),
+    "resnet56": lambda **kw: cifar_resnet(56, **kw),
+    "resnet110": lambda **kw: cifar_resnet(110, **kw),
+    "resnet18": lambda **kw: imagenet_resnet("resnet18", **kw),
+    "resnet34": lambda **kw: imagenet_resnet("resnet34", **kw),
+    "resnet50": lambda **kw: imagenet_resnet("resnet50", **kw),
+}
