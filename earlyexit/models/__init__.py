@@ -127,10 +127,10 @@ def resolve_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head:
     return sorted(set(idx))
 
 
-from . import mlp as _mlp, resnet as _resnet  # noqa: E402  (registration)
+from . import bert as _bert, mlp as _mlp, msdnet as _msdnet, resnet as _resnet, vit as _vit  # noqa: E402
 
-register(_resnet.MODELS)
-register(_mlp.MODELS)
+for _m in (_resnet, _mlp, _vit, _msdnet, _bert):  # each architecture file ends in a MODELS size table
+    register(_m.MODELS)
 
 __all__ = ["MultiExitModel", "build_model", "list_models", "register", "slice_state", "state_batch_size",
            "resolve_exits", "feature_info_for", "stage_costs"]

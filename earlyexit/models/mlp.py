@@ -29,7 +29,8 @@ def mlp(*, num_classes: int, in_chans: int = 1, image_size: int = 28, width: int
     stem = Flatten()
     chosen = resolve_exits(exits, stem, stages, head, (1, in_chans, image_size, image_size), default=list(range(depth - 1)))
     return MultiExitModel(stem=stem, stages=stages, head=head, exits=chosen,
-                          make_head=lambda fi, c: LinearHead(fi["num_chs"], c), feature_info=info, num_classes=num_classes)
+                          make_head=lambda fi, c: LinearHead(fi["num_chs"], c), feature_info=info, num_classes=num_classes,
+                          input_shape=(in_chans, image_size, image_size))
 
 
 MODELS = {"mlp": mlp}

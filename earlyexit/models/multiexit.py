@@ -67,6 +67,8 @@ class MultiExitModel(nn.Module):
         make_head: ``make_head(feature_info[i], num_classes) -> nn.Module``.
         feature_info: one dict per stage describing its output (``num_chs``, ...).
         num_classes: number of classes of every exit.
+        input_shape: shape of one input sample, e.g. ``(C, H, W)``; used by
+            ``example_input`` (FLOP counting, tests, benchmarks).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class MultiExitModel(nn.Module):
         make_head: Callable[[dict, int], nn.Module],
         feature_info: Sequence[dict],
         num_classes: int,
+        input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         n = len(stages)
@@ -91,6 +94,7 @@ class MultiExitModel(nn.Module):
         self.exit_after: list[int] = exits + [n - 1]
         self.feature_info = [dict(fi) for fi in feature_info]
         self.num_classes = num_classes
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
 
     # --- parts -------------------------------------------------------------
     @property
@@ -109,6 +113,13 @@ class MultiExitModel(nn.Module):
         """Parameters of the IC heads (not the backbone's own classifier)."""
         for h in self.heads[:-1]:
             yield from h.parameters()
+
+    def example_input(self, batch_size: int = 1, device: torch.device | str | None = None) -> Any:
+        """A deterministic input batch of the model's input shape (models with other inputs override this)."""
+        if self.input_shape is None:
+            raise ValueError("model has no input_shape; pass an example input explicitly")
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(batch_size, *self.input_shape, generator=g).to(device)
 
     # --- stage-wise execution ---------------------------------------------
     def stage(self, i: int, state: State) -> State:

@@ -149,7 +149,8 @@ def resnet(
         fi["module"] = f"layer{g + 1}.{b}"
     final = PoolLinearHead(widths[-1] * block.expansion, num_classes)
     chosen = resolve_exits(exits, stem, blocks, final, (1, in_chans, image_size, image_size), default=default_resnet_exits(len(blocks)))
-    model = MultiExitModel(stem=stem, stages=blocks, head=final, exits=chosen, make_head=sdn_head, feature_info=info, num_classes=num_classes)
+    model = MultiExitModel(stem=stem, stages=blocks, head=final, exits=chosen, make_head=sdn_head, feature_info=info, num_classes=num_classes,
+                           input_shape=(in_chans, image_size, image_size))
     _init_weights(model)
     return model
 

@@ -1,0 +1,1 @@
+MODELS: dict = {}  # filled in by the architecture implementation
