@@ -1,0 +1,222 @@
+"""Command line: ``python -m earlyexit run | eval | plot | bench``.
+
+The commands only map flags onto the config dataclasses and call the library.
+User errors print one line (``error: ...``) and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .config import DataConfig, EvalConfig, ModelConfig, PhaseConfig, RunConfig, TrainConfig, parse_regime
+from .io import EarlyExitError
+
+
+def _user_errors(fn):
+    """Turn the package's user-facing errors into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .data import DataError
+
+        try:
+            return fn(*args, **kwargs)
+        except (EarlyExitError, DataError, ValueError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; the last checkpoint is kept (continue with --resume)", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=what) from None
+    if not vals:
+        raise click.BadParameter("expected at least one value", param_hint=what)
+    return vals
+
+
+def _ints3(text: str, what: str) -> tuple[int, int, int]:
+    try:
+        vals = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected an integer or three comma-separated integers, got {text!r}", param_hint=what) from None
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3:
+        raise click.BadParameter(f"expected 1 or 3 values (one per phase), got {len(vals)}", param_hint=what)
+    return tuple(vals)  # type: ignore[return-value]
+
+
+class Progress:
+    """Rank 0's log hook: a progress line per epoch on a terminal, a summary line per epoch always."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.t_epoch = time.time()
+
+    def __call__(self, event: str, **k) -> None:
+        if event == "phase":
+            click.echo(f"phase {k['phase']}: exits {k['exits']}, lr grid {k['lr_grid']}, up to {k['epochs']} epochs", err=True)
+        elif event == "step" and self.tty:
+            n, total = k["step"], k["steps"]
+            bar = "#" * int(24 * n / total)
+            self.stream.write(f"\r  p{k['phase']} e{k['epoch']} [{bar:<24}] {n}/{total} loss {k['loss']:.4f}")
+            self.stream.flush()
+        elif event == "epoch":
+            if self.tty:
+                self.stream.write("\r" + " " * 72 + "\r")
+            acc = " ".join(f"{a * 100:.1f}" for a in k["val_acc"])
+            click.echo(f"  phase {k['phase']} lr {k['lr']:g} epoch {k['epoch']}: loss {k['train_loss']:.4f}, "
+                       f"val acc [{acc}] ({k['seconds']:.0f}s)", err=True)
+
+
+def print_summary(res: dict) -> None:
+    base = res["base_flops"]
+    click.echo(f"\n{res['model']} on {res['dataset']}, regime {res.get('regime_name', res['regime'])} ({res['regime']}), seed {res['seed']}")
+    click.echo(f"{'exit':>4} {'stage':>5} {'cost %':>7} {'test acc %':>10}")
+    for e in res["exits"]:
+        click.echo(f"{e['index']:>4} {e.get('stage', ''):>5} {e['flops'] / base * 100:>7.1f} {e['accuracy'] * 100:>10.2f}")
+    b = res["budgets"]
+    cells = "  ".join(f"{k}: {'-' if v is None else f'{v * 100:.2f}'}" for k, v in b.items())
+    click.echo(f"budgets (best accuracy at <= share of backbone cost, {res['curve']['criterion']}): {cells}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Early-exit networks trained jointly, disjointly or mixed."""
+
+
+@main.command()
+@click.option("--regime", default="mixed", show_default=True,
+              help="joint (-+-), disjoint (+-+), mixed (++-), or any 3-character phase string over +/-.")
+@click.option("--model", "model_name", default="resnet20", show_default=True, help="Backbone (see `earlyexit models`).")
+@click.option("--exits", default=None, help="IC placement: block indices '4,6,8', 'every:N', 'sdn' or 'default'.")
+@click.option("--weights", default=None, help="Pretrained weights the model builder reads (BERT: a folder or 'minilm-l6').")
+@click.option("--dataset", default="fashion-mnist", show_default=True, help="Dataset name (see `earlyexit datasets`).")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Local data root searched first.")
+@click.option("--train-size", default=None, type=int, help="Use only the first N training samples (train + validation).")
+@click.option("--epochs", default="4,4,4", show_default=True, help="Max epochs: one value, or three (phases 1,2,3).")
+@click.option("--lr", default=None, help="Learning rate(s) for every phase; a comma list is a grid (best by val acc). "
+              "Default 0.1 (SGD) or 1e-3 (AdamW).")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True, help="Optimizer of every phase.")
+@click.option("--weight-decay", default=5e-4, show_default=True, type=float, help="Weight decay.")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True, help="LR schedule per phase.")
+@click.option("--patience", default=None, type=int, help="Early stopping: epochs without validation improvement.")
+@click.option("--batch-size", default=128, show_default=True, type=int, help="Global batch size.")
+@click.option("--weighting", default="uniform", show_default=True, help="Loss weights over exits.")
+@click.option("--criterion", default="confidence", show_default=True, help="Exit criterion of the threshold curve.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of init, data order and augmentation.")
+@click.option("--init", default=None, help="Start from these weights: a run folder or a weights file "
+              "(a pretrained backbone instead of phase 1; required by '--+').")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available).")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run folder (default runs/MODEL-DATASET-REGIME-sSEED).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
+@_user_errors
+def run(regime, model_name, exits, weights, dataset, data_dir, train_size, epochs, lr, optimizer, weight_decay, schedule,
+        patience, batch_size, weighting, criterion, seed, init, device, out, resume, force) -> None:
+    """Train one model in one regime, evaluate it, write a run folder."""
+    from .experiment import default_out_dir, run_experiment
+
+    parse_regime(regime)
+    if resume and force:
+        raise EarlyExitError("--resume and --force exclude each other")
+    ep = _ints3(epochs, "--epochs")
+    lrs = _floats(lr, "--lr") if lr else ((0.1,) if optimizer == "sgd" else (1e-3,))
+    if batch_size <= 0:
+        raise EarlyExitError(f"--batch-size must be > 0, got {batch_size}")
+    if train_size is not None and train_size <= 0:
+        raise EarlyExitError(f"--train-size must be > 0, got {train_size}")
+    if patience is not None and patience <= 0:
+        raise EarlyExitError(f"--patience must be > 0, got {patience}")
+    phases = tuple(PhaseConfig(optimizer=optimizer, lr=lrs, weight_decay=weight_decay, schedule=schedule, epochs=e,
+                               patience=patience) for e in ep)
+    kwargs = {"weights": weights} if weights else {}
+    exits_v = tuple(int(t) for t in exits.split(",")) if exits and exits.replace(",", "").strip().isdigit() else exits
+    cfg = RunConfig(model=ModelConfig(name=model_name, exits=exits_v, kwargs=kwargs),
+                    data=DataConfig(name=dataset, data_dir=data_dir, train_size=train_size),
+                    train=TrainConfig(regime=regime, phases=phases, batch_size=batch_size, weighting=weighting, seed=seed,
+                                      device=device),
+                    eval=EvalConfig(criterion=criterion), init=init)
+    _check_names(cfg)
+    out_dir = Path(out) if out else default_out_dir(cfg)
+    t0 = time.time()
+    res = run_experiment(cfg, out_dir, resume=resume, force=force, log=Progress())
+    if res:
+        print_summary(res)
+        click.echo(f"total time {time.time() - t0:.0f}s; results in {out_dir}")
+
+
+def _check_names(cfg: RunConfig) -> None:
+    """Fail fast, before any data is read, on unknown names."""
+    from .data import list_datasets
+    from .models import list_models
+    from .weighting import list_weightings
+
+    if cfg.model.name not in list_models():
+        raise EarlyExitError(f"unknown model {cfg.model.name!r}; valid: {', '.join(list_models())}")
+    if cfg.data.name not in list_datasets() and not cfg.data.name.startswith("imagefolder:"):
+        raise EarlyExitError(f"unknown dataset {cfg.data.name!r}; valid: {', '.join(list_datasets())}, imagefolder:PATH")
+    if cfg.train.weighting not in list_weightings():
+        raise EarlyExitError(f"unknown weighting {cfg.train.weighting!r}; valid: {', '.join(list_weightings())}")
+    from .metrics import CRITERIA
+
+    if cfg.eval.criterion not in CRITERIA:
+        raise EarlyExitError(f"unknown criterion {cfg.eval.criterion!r}; valid: {', '.join(CRITERIA)}")
+
+
+@main.command("eval")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--criterion", default=None, help="Exit criterion (default: the run's).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N.")
+@_user_errors
+def eval_cmd(run_dir, criterion, device) -> None:
+    """Re-evaluate a run folder on its test split (rewrites results.json)."""
+    from .experiment import evaluate_run
+
+    print_summary(evaluate_run(run_dir, criterion=criterion, device=device))
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Figure file (.png, .pdf, .svg).")
+@_user_errors
+def plot(run_dirs, output) -> None:
+    """Overlay several runs' accuracy-vs-FLOPs curves with their static exit points."""
+    from .experiment import maybe_plot
+
+    maybe_plot([Path(d) for d in run_dirs], Path(output), required=True)
+    click.echo(f"wrote {output}")
+
+
+@main.command()
+def models() -> None:
+    """List the registered models."""
+    from .models import list_models
+
+    click.echo("\n".join(list_models()))
+
+
+@main.command()
+def datasets() -> None:
+    """List the dataset names."""
+    from .data import list_datasets
+
+    click.echo("\n".join(list_datasets() + ["imagefolder:PATH"]))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,249 @@
+"""One experiment end to end: data, model, training, evaluation, results on disk.
+
+A run folder holds (all written atomically):
+
+- ``config.json``: the ``RunConfig``;
+- ``history.jsonl``: one line per training epoch;
+- ``checkpoint.pt``: the training state (for ``--resume``);
+- ``model.safetensors`` (or ``model.pt`` without safetensors): the final weights;
+- ``results.json``: see ``RESULTS_SCHEMA``;
+- ``curve.png`` when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import metrics
+from .config import RunConfig, parse_regime, run_config_from_dict, to_dict
+from .io import CheckpointError, EarlyExitError, atomic_write_json, load_weights
+from .models import MultiExitModel, build_model
+from .train import CHECKPOINT, TrainRecord, train
+
+RESULTS_SCHEMA = """\
+results.json
+  regime      phase string actually run, e.g. "++-" (regime_name: the name given)
+  model, dataset, seed
+  base_flops  FLOPs per sample of the backbone alone with its own classifier (2 x multiply-adds)
+  exits       [{index, stage, flops, accuracy}]: leaving every test sample at exit `index`
+              (after stage `stage`); flops cumulative, ICs before it included
+  curve       {criterion, thresholds, flops, accuracy, exit_counts}: early exit on the test set
+              with each threshold (flops = average per sample)
+  budgets     {"25%", "50%", "75%", "100%", "max"}: best test accuracy at an average cost
+              <= that share of base_flops (null if none), and the best overall
+  train       {seconds, phases: [{phase, lr, best_epoch, best_val, grid}]}
+"""
+
+WEIGHTS_FILES = ("model.safetensors", "model.pt")
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    reg = cfg.train.regime
+    tag = reg if reg.isalpha() else reg.replace("+", "p").replace("-", "m")
+    data = cfg.data.name.replace(":", "_").replace("/", "_")
+    return Path("runs") / f"{cfg.model.name}-{data}-{tag}-s{cfg.train.seed}"
+
+
+def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to overwrite a finished or started run unless told to."""
+    started = (out / CHECKPOINT).exists() or (out / "results.json").exists()
+    if resume:
+        if not (out / CHECKPOINT).exists():
+            raise CheckpointError(f"cannot resume: {out / CHECKPOINT} does not exist")
+        return
+    if started and not force:
+        raise EarlyExitError(f"{out} already holds a run; pass --force to overwrite it or --resume to continue it")
+    if started and force:
+        for name in ("results.json", CHECKPOINT, "history.jsonl", "curve.png", *WEIGHTS_FILES):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def make_model(cfg: RunConfig, splits: Any) -> MultiExitModel:
+    kw = dict(cfg.model.kwargs)
+    if getattr(splits, "image_size", None) is not None:
+        kw.setdefault("image_size", splits.image_size)
+    in_chans = getattr(splits, "in_chans", None)
+    exits = list(cfg.model.exits) if isinstance(cfg.model.exits, tuple) else cfg.model.exits
+    return build_model(cfg.model.name, num_classes=splits.num_classes, in_chans=in_chans if in_chans is not None else 3,
+                       exits=exits, **kw)
+
+
+def load_data(cfg: RunConfig) -> Any:
+    from .data import load_dataset
+
+    return load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, val_fraction=cfg.data.val_fraction,
+                        seed=cfg.train.seed, train_size=cfg.data.train_size)
+
+
+def save_weights(model: torch.nn.Module, out: Path) -> Path:
+    from .io import atomic_torch_save, atomic_write_bytes
+
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    try:
+        from safetensors.torch import save as st_save
+    except ImportError:
+        atomic_torch_save(sd, out / "model.pt")
+        return out / "model.pt"
+    atomic_write_bytes(out / "model.safetensors", st_save(sd))
+    return out / "model.safetensors"
+
+
+def find_weights(run_dir: Path) -> Path:
+    for name in WEIGHTS_FILES:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise CheckpointError(f"{run_dir} holds no model weights ({' or '.join(WEIGHTS_FILES)})")
+
+
+def load_init(model: MultiExitModel, path: str | Path) -> None:
+    """Initialise ``model`` from a run folder or a weights file (ours, or torchvision's for ResNets).
+
+    The backbone must be covered entirely; IC heads missing from the file keep their initialisation.
+    """
+    from .io import load_state_strict
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"--init: {path} does not exist")
+    sd = load_weights(find_weights(path) if path.is_dir() else path)
+    if "fc.weight" in sd and "conv1.weight" in sd:  # a torchvision ResNet state_dict
+        from .models.resnet import convert_torchvision_state_dict
+
+        try:
+            sd = convert_torchvision_state_dict(model, sd)
+        except KeyError as e:
+            raise CheckpointError(f"--init: {path} does not fit the model: {e.args[0]}") from None
+    ours = model.state_dict()
+    head_prefixes = tuple(f"heads.{k}." for k in range(model.num_exits - 1))
+    missing = [k for k in ours if k not in sd and not k.startswith(head_prefixes)]
+    if missing:
+        raise CheckpointError(f"--init: {path} does not fit the model: missing backbone weights such as {missing[0]}")
+    load_state_strict(model, {k: v for k, v in sd.items() if k in ours}, source=f"--init {path}", strict=False)
+    unexpected = [k for k in sd if k not in ours]
+    if unexpected:
+        raise CheckpointError(f"--init: {path} does not fit the model: unexpected weights such as {unexpected[0]}")
+
+
+def evaluate_model(model: MultiExitModel, splits: Any, cfg: RunConfig, device: torch.device | None = None) -> dict:
+    """Test-set results (the ``exits``, ``curve``, ``budgets`` and ``base_flops`` parts of results.json)."""
+    device = device or next(model.parameters()).device
+    example = model.example_input(1, device=device)
+    costs = metrics.exit_costs(model, example)
+    base = metrics.backbone_cost(model, example)
+    logits, labels = metrics.evaluate(model, splits.test.batches(cfg.eval.batch_size), device=device)
+    curve = metrics.threshold_curve(logits, labels, costs, thresholds=cfg.eval.thresholds, criterion=cfg.eval.criterion)
+    statics = metrics.static_points(logits, labels, costs)
+    for s in statics:
+        s["stage"] = model.exit_after[s["index"]]
+    return {"base_flops": base, "exits": statics, "curve": curve, "budgets": metrics.budget_table(curve, statics, base)}
+
+
+def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bool = False,
+                   log: Callable[..., None] | None = None) -> dict:
+    """Train and evaluate one configuration; write the run folder; return results.json's content."""
+    phases = parse_regime(cfg.train.regime)
+    if phases[0] == "-" and phases[1] == "-" and cfg.init is None:
+        raise EarlyExitError(f"regime {phases!r} trains only the ICs: it needs a trained backbone, pass --init RUN_OR_WEIGHTS")
+    for p, pc in enumerate(cfg.train.phases, 1):
+        if phases[p - 1] == "+" and pc.epochs <= 0:
+            raise EarlyExitError(f"epochs must be > 0 (phase {p} has {pc.epochs})")
+    prepare_out_dir(out, resume=resume, force=force)
+    if resume and (out / "config.json").is_file():
+        saved = run_config_from_dict(json.loads((out / "config.json").read_text()))
+        if to_dict(saved) != to_dict(cfg):
+            raise EarlyExitError(f"--resume: the options differ from those of the run in {out} (see its config.json)")
+    splits = load_data(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = make_model(cfg, splits)
+    if cfg.init is not None and not resume:
+        load_init(model, cfg.init)
+    if not resume:
+        atomic_write_json(out / "config.json", to_dict(cfg))
+    t0 = time.time()
+    record: TrainRecord = train(model, splits, config=cfg.train, out_dir=out, resume=resume, augment=cfg.data.augment, log=log,
+                                eval_batch_size=cfg.eval.batch_size)
+    from . import distributed as dist
+
+    if not dist.is_main():
+        return {}
+    save_weights(model, out)
+    res = {"regime": phases, "regime_name": cfg.train.regime, "model": cfg.model.name, "dataset": cfg.data.name,
+           "seed": cfg.train.seed, **evaluate_model(model, splits, cfg),
+           "train": {"seconds": time.time() - t0, "phases": [vars(r) for r in record.phases]}}
+    atomic_write_json(out / "results.json", res)
+    maybe_plot([out], out / "curve.png")
+    return res
+
+
+def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[MultiExitModel, RunConfig]:
+    """Rebuild the model of a run folder (with its final weights) and its config."""
+    from .io import load_state_strict
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise EarlyExitError(f"{path} is not a run folder (no config.json)")
+    try:
+        cfg = run_config_from_dict(json.loads(cfg_file.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise EarlyExitError(f"{cfg_file} is not a valid run config: {e}") from None
+    splits_meta = _data_meta(cfg)
+    model = make_model(cfg, splits_meta)
+    load_state_strict(model, load_weights(find_weights(path)), source=str(find_weights(path)))
+    return model.to(device).eval(), cfg
+
+
+def _data_meta(cfg: RunConfig) -> Any:
+    """Shapes of the dataset (classes, channels, size) without reading it when it can be avoided."""
+    from types import SimpleNamespace
+
+    from .data import load_dataset
+
+    s = load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
+                     train_size=cfg.data.train_size)
+    return SimpleNamespace(num_classes=s.num_classes, in_chans=s.in_chans, image_size=s.image_size, splits=s)
+
+
+def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str | None = None) -> dict:
+    """Re-evaluate a run folder on its test split and rewrite its results.json."""
+    from dataclasses import replace
+
+    from . import distributed as dist
+
+    path = Path(path)
+    dev = dist.local_device(device)
+    model, cfg = load_run(path, device=dev)
+    if criterion is not None:
+        cfg = replace(cfg, eval=replace(cfg.eval, criterion=criterion))
+    splits = _data_meta(cfg).splits
+    old = {}
+    if (path / "results.json").is_file():
+        try:
+            old = json.loads((path / "results.json").read_text())
+        except ValueError:
+            old = {}
+    res = {"regime": parse_regime(cfg.train.regime), "regime_name": cfg.train.regime, "model": cfg.model.name,
+           "dataset": cfg.data.name, "seed": cfg.train.seed, **evaluate_model(model, splits, cfg, dev)}
+    if "train" in old:
+        res["train"] = old["train"]
+    atomic_write_json(path / "results.json", res)
+    return res
+
+
+def maybe_plot(run_dirs: list[Path], out_file: Path, *, required: bool = False) -> bool:
+    """Accuracy-vs-FLOPs curves of runs, with their static exit points; False when matplotlib is missing."""
+    from .plot import plot_runs
+
+    try:
+        plot_runs(run_dirs, out_file)
+    except ImportError:
+        if required:
+            raise EarlyExitError("plotting needs matplotlib: pip install 'earlyexit[plot]'") from None
+        return False
+    return True

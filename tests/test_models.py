@@ -1,0 +1,148 @@
+"""Registry-wide contract tests and ResNet weight parity with torchvision."""
+
+import pytest
+import torch
+import torchvision
+
+from earlyexit import build_model, list_models
+from earlyexit.models import resolve_exits, slice_state
+from earlyexit.models.resnet import cifar_resnet, convert_torchvision_state_dict, load_torchvision
+
+# Small but faithful builds of every registered model (large configs get small inputs).
+TINY = {
+    "resnet20": dict(in_chans=1, image_size=16),
+    "resnet32": dict(image_size=8),
+    "resnet56": dict(image_size=8),
+    "resnet110": dict(image_size=8),
+    "resnet18": dict(image_size=32),
+    "resnet34": dict(image_size=32),
+    "resnet50": dict(image_size=32),
+    "mlp": dict(in_chans=1, image_size=8),
+    "vit": dict(image_size=16),
+    "vit_t16": dict(image_size=32),
+    "vit_s16": dict(image_size=32),
+    "vit_b16": dict(image_size=32),
+    "msdnet_cifar": dict(image_size=32),
+    "msdnet_imagenet": dict(image_size=64),
+    "bert": dict(),
+    "bert_tiny": dict(),
+}
+SLOW = {"resnet110", "vit_b16", "msdnet_imagenet", "bert"}
+
+
+def _params():
+    for name in list_models():
+        marks = [pytest.mark.slow] if name in SLOW else []
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", list(_params()))
+def test_contract(name):
+    from earlyexit.metrics import exit_costs
+
+    model = build_model(name, num_classes=5, **TINY.get(name, {}))
+    x = model.example_input(3)
+    outs = model(x)
+    assert isinstance(outs, list) and len(outs) == model.num_exits == len(model.exit_after)
+    assert all(o.shape == (3, 5) for o in outs)
+    assert model.exit_after == sorted(model.exit_after) and model.exit_after[-1] == len(model.stages) - 1
+    sum(o.float().sum() for o in outs).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        outs = model(x)
+        final = model.forward_head(model.forward_features(x))
+        assert torch.allclose(outs[-1], final, atol=1e-5)
+        assert torch.allclose(model(x, exits=[-1])[0], final, atol=1e-5)
+    costs = exit_costs(model, model.example_input(1))
+    assert all(b > a for a, b in zip(costs, costs[1:]))
+    # head parameters are the ICs only; together with the backbone they cover the model
+    ids = {id(p) for p in model.backbone_parameters()} | {id(p) for p in model.head_parameters()}
+    assert ids == {id(p) for p in model.parameters()}
+    assert not ({id(p) for p in model.backbone_parameters()} & {id(p) for p in model.head_parameters()})
+
+
+def test_forward_exits_subset_skips_heads():
+    model = build_model("resnet20", num_classes=3, in_chans=1, image_size=16)
+    calls = []
+    for k, h in enumerate(model.heads):
+        h.register_forward_hook(lambda m, i, o, k=k: calls.append(k))
+    model(model.example_input(2), exits=[-1])
+    assert calls == [model.num_exits - 1]
+
+
+def test_backbone_runs_without_grad_when_frozen():
+    model = build_model("mlp", num_classes=3, in_chans=1, image_size=4)
+    for p in model.backbone_parameters():
+        p.requires_grad_(False)
+    seen = []
+    model.stages[0].register_forward_hook(lambda m, i, o: seen.append(torch.is_grad_enabled()))
+    outs = model(model.example_input(2))
+    assert seen == [False]
+    assert outs[0].requires_grad and not outs[-1].requires_grad
+
+
+def test_exit_specs():
+    m = build_model("resnet56", num_classes=10, image_size=8)
+    assert m.exit_after == list(range(4, 26, 2)) + [26]  # the paper's default: every other block from the fifth
+    assert build_model("resnet20", num_classes=10, image_size=8, exits="every:2").exit_after == [1, 3, 5, 7, 8]
+    assert build_model("resnet20", num_classes=10, image_size=8, exits=[0, 3]).exit_after == [0, 3, 8]
+    assert build_model("resnet20", num_classes=10, image_size=8, exits="none").exit_after == [8]
+    sdn = build_model("resnet56", num_classes=10, image_size=32, exits="sdn").exit_after
+    assert len(sdn) == 7 and sdn[-1] == 26
+    with pytest.raises(ValueError, match="IC block indices"):
+        build_model("resnet20", num_classes=10, image_size=8, exits=[8])
+    with pytest.raises(ValueError, match="every:N"):
+        build_model("resnet20", num_classes=10, image_size=8, exits="every:x")
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("nope", num_classes=10)
+
+
+def test_sdn_placement_fractions():
+    """SDN places ICs where the cumulative backbone cost first reaches 15, 30, ..., 90 %."""
+    from earlyexit.models import stage_costs
+
+    m = cifar_resnet(56, num_classes=10, image_size=32)
+    costs = stage_costs(m.stem, list(m.stages), (1, 3, 32, 32))
+    cum = torch.tensor(costs, dtype=torch.float64).cumsum(0) / sum(costs)
+    got = resolve_exits("sdn", m.stem, list(m.stages), m.heads[-1], (1, 3, 32, 32), default=[])
+    want = sorted({int((cum >= f - 1e-12).nonzero()[0]) for f in (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)})
+    assert got == want
+
+
+def test_slice_state_pytree():
+    s = {"h": torch.arange(6).view(3, 2), "m": [torch.arange(3), None]}
+    out = slice_state(s, torch.tensor([True, False, True]))
+    assert out["h"].tolist() == [[0, 1], [4, 5]] and out["m"][0].tolist() == [0, 2] and out["m"][1] is None
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_torchvision_parity(name):
+    tv = getattr(torchvision.models, name)(num_classes=1000).eval()
+    ours = build_model(name, num_classes=1000, image_size=64).eval()
+    load_torchvision(ours, tv.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(x, exits=[-1])[0] - tv(x)).abs().max() < 1e-5
+
+
+def test_torchvision_key_map_is_complete_and_rejects_bad_keys():
+    tv = torchvision.models.resnet18().state_dict()
+    ours = build_model("resnet18", num_classes=1000, image_size=32)
+    conv = convert_torchvision_state_dict(ours, tv)
+    assert len(conv) == len(tv) and set(conv) <= set(ours.state_dict())
+    with pytest.raises(KeyError):
+        convert_torchvision_state_dict(ours, {**tv, "extra.weight": torch.zeros(1)})
+    bad = dict(tv)
+    bad["fc.weight"] = torch.zeros(10, 512)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_torchvision(ours, bad)
+
+
+def test_sdn_head_sized_from_feature_info():
+    m = build_model("resnet20", num_classes=7, in_chans=1, image_size=28)
+    for k, i in enumerate(m.exit_after[:-1]):
+        info = m.feature_info[i]
+        head = m.heads[k]
+        side = [min(s, 4) for s in info["size"]]
+        assert head.linear.in_features == info["num_chs"] * side[0] * side[1]
