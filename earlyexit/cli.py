@@ -169,7 +169,7 @@ def _check_names(cfg: RunConfig) -> None:
     if cfg.model.name not in list_models():
         raise EarlyExitError(f"unknown model {cfg.model.name!r}; valid: {', '.join(list_models())}")
     if cfg.data.name not in list_datasets() and not cfg.data.name.startswith("imagefolder:"):
-        raise EarlyExitError(f"unknown dataset {cfg.data.name!r}; valid: {', '.join(list_datasets())}, imagefolder:PATH")
+        raise EarlyExitError(f"unknown dataset {cfg.data.name!r}; valid: {', '.join(list_datasets())}")
     if cfg.train.weighting not in list_weightings():
         raise EarlyExitError(f"unknown weighting {cfg.train.weighting!r}; valid: {', '.join(list_weightings())}")
     from .metrics import CRITERIA
@@ -215,7 +215,7 @@ def datasets() -> None:
     """List the dataset names."""
     from .data import list_datasets
 
-    click.echo("\n".join(list_datasets() + ["imagefolder:PATH"]))
+    click.echo("\n".join(list_datasets()))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -209,6 +209,8 @@ def train(
     model.to(device)
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / CHECKPOINT if out is not None else None
+    if out is not None and main:
+        out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
     st = _fresh_state(phases)

@@ -1,0 +1,187 @@
+"""Training regimes: freezing semantics, LR grid, early stopping, checkpoints, resume, NaN handling."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import earlyexit.train as tr
+from earlyexit import build_model
+from earlyexit.config import PhaseConfig, TrainConfig, parse_regime
+from earlyexit.data import load_dataset
+from earlyexit.io import load_checkpoint
+from earlyexit.models.resnet import cifar_resnet
+from earlyexit.weighting import register_weighting
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic", seed=0)
+
+
+def _small_data(data, n_train=64, n_val=32):
+    """The synthetic splits cut down further (8x8 images) for property tests."""
+    from types import SimpleNamespace
+
+    class Cut:
+        def __init__(self, split, n):
+            self.split, self.n = split, n
+
+        def __len__(self):
+            return self.n
+
+        def batches(self, batch_size, **kw):
+            kw.pop("drop_last", None)
+            seen = 0
+            for x, y in self.split.batches(batch_size, drop_last=True, **kw):
+                if seen >= self.n:
+                    return
+                yield x[:, :, :8, :8], y
+                seen += len(y)
+
+    return SimpleNamespace(train=Cut(data.train, n_train), val=Cut(data.val, n_val))
+
+
+def _cfg(epochs=1, lr=(0.05,), batch=16, **kw):
+    pc = PhaseConfig(lr=tuple(lr), epochs=epochs, **kw)
+    return TrainConfig(phases=(pc, pc, pc), batch_size=batch, device="cpu")
+
+
+def _snapshot(tensors):
+    return [t.detach().clone() for t in tensors]
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _tiny(kind, depth, exits):
+    if kind == "mlp":
+        return build_model("mlp", num_classes=10, in_chans=1, image_size=8, width=8, depth=depth, exits=exits)
+    return cifar_resnet(8 if depth < 4 else 14, num_classes=10, in_chans=1, image_size=8, exits=exits)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["mlp", "resnet"]), depth=st.integers(2, 4), every=st.integers(1, 2),
+       phases=st.sampled_from(["+--", "+-+", "++-", "-+-", "--+", "+++", "-++"]))
+def test_freezing_semantics(data, kind, depth, every, phases):
+    torch.manual_seed(depth)
+    model = _tiny(kind, depth, f"every:{every}")
+    small = _small_data(data)
+    ic_params = list(model.head_parameters())
+    backbone_state = lambda: _snapshot([p for m in model.backbone_modules() for p in m.state_dict().values()])  # noqa: E731
+
+    head_calls = []
+    for h in model.heads[:-1]:
+        h.register_forward_pre_hook(lambda m, a: head_calls.append(tr_phase[0]))
+    stage_checks = []
+    model.stages[0].register_forward_hook(lambda m, a, o: stage_checks.append((tr_phase[0], torch.is_grad_enabled(), m.training)))
+    opt_params = []
+    real_make = tr.make_optimizer
+
+    def spy(params, pc, lr):
+        opt_params.append((tr_phase[0], list(params)))
+        return real_make(params, pc, lr)
+
+    tr_phase = [0]  # the phase being run, seen by the hooks
+    tr.make_optimizer = spy
+    try:
+        # one phase per call, so that each phase is checked against the state it started from
+        order = [p for p in (1, 2, 3) if phases[p - 1] == "+"]
+        for p in order:
+            tr_phase[0] = p
+            single = "".join("+" if q == p else "-" for q in (1, 2, 3))
+            before_b, before_h = backbone_state(), _snapshot(ic_params)
+            tr.train(model, small, regime=single, config=_cfg())
+            if p == 1:
+                assert _same(before_h, ic_params), "phase 1 changed an IC head"
+            if p == 3:
+                assert _same(before_b, backbone_state()), "phase 3 changed the backbone (weights or BN buffers)"
+    finally:
+        tr.make_optimizer = real_make
+    assert 1 not in head_calls, "phase 1 computed an IC head"
+    for p, grad, training in stage_checks:
+        if p == 3:
+            assert not grad and not training, "phase 3 ran the backbone with grad or in train mode"
+    backbone_ids = {id(q) for q in model.backbone_parameters()}
+    for p, params in opt_params:
+        assert all(q.requires_grad for q in params)
+        ids = {id(q) for q in params}
+        if p == 1:
+            assert ids == backbone_ids
+        if p == 3:
+            assert ids == {id(q) for q in ic_params} and not (ids & backbone_ids)
+
+
+def test_regime_names():
+    assert parse_regime("joint") == "-+-" and parse_regime("disjoint") == "+-+" and parse_regime("mixed") == "++-"
+    assert parse_regime("+++") == "+++"
+    for bad in ["both", "++", "+x-", "---", "++++"]:
+        with pytest.raises(ValueError):
+            parse_regime(bad)
+
+
+def test_mixed_runs_both_phases_and_restores_best(data, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("mlp", num_classes=10, in_chans=1, image_size=28, width=32, depth=3)
+    rec = tr.train(model, data, regime="mixed", config=_cfg(epochs=2, lr=(0.05, 0.01), batch=32), out_dir=tmp_path)
+    assert [r.phase for r in rec.phases] == [1, 2]
+    for r in rec.phases:
+        assert len(r.grid) == 2 and r.lr in (0.05, 0.01)
+        assert r.best_val == max(g["best_val"] for g in r.grid)
+    # the restored weights are the best ones of phase 2: their validation metric is best_val
+    acc = tr.validate(model, data.val, list(range(model.num_exits)), torch.device("cpu"))
+    assert math.isclose(sum(acc) / len(acc), rec.phases[-1].best_val, rel_tol=0, abs_tol=1e-9)
+    assert len(rec.history) == 8 and (tmp_path / "history.jsonl").read_text().count("\n") == 8
+    assert rec.phases[0].best_val > 0.3  # the synthetic task is learnable
+
+
+def test_early_stopping(data):
+    model = build_model("mlp", num_classes=10, in_chans=1, image_size=28, width=16, depth=2)
+    # a learning rate this small cannot improve validation accuracy for long
+    rec = tr.train(model, data, regime="+--", config=_cfg(epochs=30, lr=(1e-7,), batch=32, patience=2, schedule="constant"))
+    assert len(rec.history) < 30
+    assert rec.history[-1]["epoch"] - rec.phases[0].best_epoch == 2
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+    register_weighting("nan_late", lambda E, progress: [float("nan") if progress >= 0.5 else 1.0] * E)
+    model = build_model("mlp", num_classes=10, in_chans=1, image_size=28, width=16, depth=2)
+    cfg = TrainConfig(phases=(PhaseConfig(epochs=2, lr=(0.05,)),) * 3, batch_size=32, weighting="nan_late", device="cpu")
+    with pytest.raises(tr.TrainingError, match="non-finite loss.*last good checkpoint"):
+        tr.train(model, data, regime="joint", config=cfg, out_dir=tmp_path)
+    st = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert st["epoch"] == 1 and all(torch.isfinite(v).all() for v in st["model"].values())
+
+
+def test_resume_is_bit_identical(data, tmp_path):
+    """Stop a run after some epochs (the checkpoint as a kill leaves it), resume, compare with one run."""
+    def fresh():
+        torch.manual_seed(1)
+        return build_model("mlp", num_classes=10, in_chans=1, image_size=28, width=16, depth=3)
+
+    cfg = _cfg(epochs=2, lr=(0.05, 0.02), batch=32)
+    full = fresh()
+    tr.train(full, data, regime="+++", config=cfg, out_dir=tmp_path / "a")
+
+    class Kill(Exception):
+        pass
+
+    seen = []
+
+    def killer(event, **k):
+        if event == "epoch":
+            seen.append(1)
+            if len(seen) == 5:  # phase 2, first grid point, epoch 1: dies before that epoch's checkpoint
+                raise Kill
+
+    part = fresh()
+    with pytest.raises(Kill):
+        tr.train(part, data, regime="+++", config=cfg, out_dir=tmp_path / "b", log=killer)
+    resumed = fresh()
+    rec = tr.train(resumed, data, regime="+++", config=cfg, out_dir=tmp_path / "b", resume=True)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert len(rec.history) == 12
