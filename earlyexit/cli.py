@@ -203,6 +203,24 @@ def plot(run_dirs, output) -> None:
 
 
 @main.command()
+@click.option("--model", "model_name", default="resnet20", show_default=True, help="Backbone to time.")
+@click.option("--dataset", default="fashion-mnist", show_default=True, help="Dataset whose shapes and loader are timed.")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Local data root searched first.")
+@click.option("--batch-size", default=128, show_default=True, type=int, help="Training batch size.")
+@click.option("--steps", default=10, show_default=True, type=int, help="Timed steps per measurement.")
+@click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False),
+              help="A trained run folder for the inference section (default: the untrained model).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N.")
+@_user_errors
+def bench(model_name, dataset, data_dir, batch_size, steps, run_dir, device) -> None:
+    """Measure step-time, sweep and loading ratios (and early-exit inference) on this machine."""
+    from .bench import run_bench
+
+    run_bench(model=model_name, dataset=dataset, data_dir=data_dir, batch_size=batch_size, steps=steps,
+              run_dir=run_dir, device=device, echo=click.echo)
+
+
+@main.command()
 def models() -> None:
     """List the registered models."""
     from .models import list_models

@@ -47,6 +47,8 @@ def state_batch_size(state: State) -> int:
     """Batch size of a state: dim 0 of its first tensor leaf."""
     if isinstance(state, Tensor):
         return state.shape[0]
+    if not isinstance(state, (dict, list, tuple)):
+        return -1  # non-tensor leaves (None, numbers, strings) carry no batch
     values = state.values() if isinstance(state, dict) else state
     for v in values:
         n = state_batch_size(v)

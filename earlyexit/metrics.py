@@ -1,0 +1,380 @@
+"""Early-exit metrics: per-exit FLOPs, one-pass evaluation, threshold sweeps, budgets.
+
+Follows the evaluation protocol of "Joint or Disjoint: Mixing Training Regimes
+for Early-Exit Models": the data is run once, every exit's logits are kept as an
+``(E, N, C)`` tensor, and every threshold curve, static point and budget table
+(the paper's Table 1) is computed from that tensor by pure, vectorized
+functions, never by re-running the model per threshold.
+
+FLOP convention: FLOPs = 2 x multiply-adds, as ``torch.utils.flop_counter``
+counts them (matrix products and convolutions, including the score and value
+products inside ``scaled_dot_product_attention``; element-wise ops, pooling
+and normalisation are not counted). Costs are per sample.
+
+Exit criteria (a sample leaves at the first exit whose criterion fires, and at
+the last exit when none does):
+
+- ``confidence``: the maximum softmax probability is ``>= t``;
+- ``entropy``: the entropy of the softmax, in nats, is ``<= t``;
+- ``patience`` (PABEE, Zhou et al., NeurIPS 2020): the arg-max prediction has
+  been the same at ``p`` consecutive exits ending at the current one, i.e. at
+  exit ``k`` (0-based, ``k >= p - 1``) the predictions at ``k, k-1, ..., k-p+1``
+  all agree. ``p = 1`` leaves at the first exit. PABEE's own patience counts
+  the agreements after the first prediction, so it equals ``p - 1`` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, ContextManager, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .flops import count_flops
+from .models import MultiExitModel, state_batch_size
+
+CRITERIA = ("confidence", "entropy", "patience")
+
+
+# --- device helpers ---------------------------------------------------------
+
+def to_device(tree: Any, device: torch.device | str) -> Any:
+    """Move every tensor of a pytree (tensor, dict, list, tuple) to ``device``.
+
+    Args:
+        tree: a tensor, or a (nested) dict / list / tuple of tensors; other
+            leaves (``None``, numbers, strings) pass through unchanged.
+        device: target device.
+    Returns:
+        The same structure with its tensors on ``device``.
+    """
+    device = torch.device(device)
+    if isinstance(tree, Tensor):
+        # Asynchronous copies only towards CUDA; a non-blocking copy to the host may be read before it lands.
+        return tree.to(device, non_blocking=device.type == "cuda")
+    if isinstance(tree, dict):
+        return type(tree)((k, to_device(v, device)) for k, v in tree.items())
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # named tuple
+        return type(tree)(*(to_device(v, device) for v in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_device(v, device) for v in tree)
+    return tree
+
+
+def autocast_context(device: torch.device | str) -> ContextManager:
+    """bf16 autocast on CUDA, a null context elsewhere (CPU runs in float32).
+
+    Args:
+        device: the device the model runs on.
+    Returns:
+        A context manager.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+# --- FLOPs ------------------------------------------------------------------
+
+def _part_costs(model: MultiExitModel, example_input: Any, *, ic_heads: bool) -> tuple[list[float], list[float]]:
+    """Per-sample FLOPs of each stage (stage 0 with the stem) and of each head (0 for skipped ICs)."""
+    if not isinstance(model, MultiExitModel):
+        raise TypeError(f"expected a MultiExitModel, got {type(model).__name__}")
+    batch = state_batch_size(example_input)
+    if batch <= 0:
+        raise ValueError("example_input holds no tensor with a non-empty batch dimension")
+    E = model.num_exits
+    stage_flops = [0.0] * len(model.stages)
+    head_flops = [0.0] * E
+    was_training = model.training
+    model.eval()  # BatchNorm and dropout as at inference; the counts do not depend on it, the state does
+    try:
+        state = to_device(example_input, _model_device(model))
+        k = 0
+        for i in range(len(model.stages)):
+            c, state = count_flops(model.stage, i, state)
+            stage_flops[i] = c / batch
+            while k < E and model.exit_after[k] == i:
+                if ic_heads or k == E - 1:
+                    c, _ = count_flops(model.head, k, state)
+                    head_flops[k] = c / batch
+                k += 1
+    finally:
+        model.train(was_training)
+    return stage_flops, head_flops
+
+
+def exit_costs(model: MultiExitModel, example_input: Any) -> list[float]:
+    """Cumulative per-sample FLOPs of leaving the model at each exit.
+
+    The cost of exit ``k`` is the stem and every stage up to ``exit_after[k]``,
+    plus every head up to and including ``k`` (a sample that leaves at ``k``
+    has been through the earlier heads too). Convention: FLOPs = 2 x
+    multiply-adds, as ``torch.utils.flop_counter`` counts matrix products and
+    convolutions (attention score and value products included, through
+    ``scaled_dot_product_attention``); element-wise ops, pooling and
+    normalisation are free. Counted once in eval mode; the model's training
+    flag is restored.
+
+    Args:
+        model: the multi-exit model.
+        example_input: an input batch (tensor or pytree such as a dict of
+            tensors); the counts are divided by its batch size.
+    Returns:
+        One float per exit, non-decreasing along exits.
+    """
+    stage_flops, head_flops = _part_costs(model, example_input, ic_heads=True)
+    costs, k, total = [], 0, 0.0
+    for i, s in enumerate(stage_flops):
+        total += s
+        while k < model.num_exits and model.exit_after[k] == i:
+            total += head_flops[k]
+            costs.append(total)
+            k += 1
+    return costs
+
+
+def backbone_cost(model: MultiExitModel, example_input: Any) -> float:
+    """Per-sample FLOPs of the backbone alone: stem, every stage and its own classifier, no ICs.
+
+    Same convention as ``exit_costs`` (2 x multiply-adds, ``torch.utils.flop_counter``).
+
+    Args:
+        model: the multi-exit model.
+        example_input: an input batch (tensor or pytree); counts are divided by its batch size.
+    Returns:
+        The cost as a float: the reference of the budget table.
+    """
+    stage_flops, head_flops = _part_costs(model, example_input, ic_heads=False)
+    return sum(stage_flops) + head_flops[-1]
+
+
+# --- evaluation ---------------------------------------------------------------
+
+def evaluate(model: MultiExitModel, batches: Iterable[Any], *, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Run the data once and keep every exit's logits.
+
+    Runs under ``torch.inference_mode`` in eval mode (the training flag is
+    restored afterwards), with bf16 autocast on CUDA.
+
+    Args:
+        model: the multi-exit model, already on ``device``.
+        batches: an iterable of ``(x, y)`` pairs; ``x`` a tensor or a pytree
+            (e.g. a dict of tensors), ``y`` a ``(B,)`` tensor of class indices.
+        device: where the model runs; ``None`` = the device of its parameters.
+    Returns:
+        ``(logits, labels)``: ``(E, N, C)`` float32 logits and ``(N,)`` labels, on the CPU.
+    """
+    model_device = _model_device(model)
+    device = model_device if device is None else torch.device(device)
+    if device.type != model_device.type or (device.index is not None and model_device.index is not None
+                                            and device.index != model_device.index):
+        raise ValueError(f"the model is on {model_device} but device={device}; move the model first")
+    logits, labels = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast_context(device):
+            for batch in batches:
+                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                    raise ValueError("each batch must be an (x, y) pair")
+                x, y = batch
+                outs = model(to_device(x, device))
+                logits.append(torch.stack([o.float() for o in outs]).cpu())  # (E, B, C)
+                labels.append(torch.as_tensor(y).reshape(-1).cpu())  # (B,)
+    finally:
+        model.train(was_training)
+    if not logits:
+        raise ValueError("no batches to evaluate")
+    return torch.cat(logits, dim=1), torch.cat(labels)  # (E, N, C), (N,)
+
+
+# --- exit policies ------------------------------------------------------------
+
+def _check_logits(logits: Tensor, labels: Tensor | None = None, costs: Sequence[float] | None = None) -> None:
+    if not isinstance(logits, Tensor) or logits.dim() != 3:
+        raise ValueError(f"logits must be an (E, N, C) tensor, got {getattr(logits, 'shape', type(logits))}")
+    E, N, C = logits.shape
+    if E == 0 or N == 0 or C == 0:
+        raise ValueError(f"logits must be non-empty, got shape {tuple(logits.shape)}")
+    if labels is not None and (not isinstance(labels, Tensor) or labels.shape != (N,)):
+        raise ValueError(f"labels must be an ({N},) tensor, got {getattr(labels, 'shape', type(labels))}")
+    if costs is not None and len(costs) != E:
+        raise ValueError(f"costs must hold one value per exit ({E}), got {len(costs)}")
+
+
+def _resolve_thresholds(criterion: str, thresholds: int | Sequence[float], E: int, C: int) -> Tensor:
+    """The swept thresholds as a float64 tensor (T,)."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
+    if isinstance(thresholds, bool):
+        raise ValueError("thresholds must be a count or a sequence of values")
+    if isinstance(thresholds, int):
+        if thresholds < 1:
+            raise ValueError(f"the number of thresholds must be >= 1, got {thresholds}")
+        if criterion == "confidence":
+            return torch.linspace(0, 1, thresholds, dtype=torch.float64)
+        if criterion == "entropy":
+            return torch.linspace(0, math.log(C), thresholds, dtype=torch.float64)
+        # Patience beyond E always leaves at the last exit: the first min(n, E) values cover the curve.
+        return torch.arange(1, min(thresholds, E) + 1, dtype=torch.float64)
+    t = torch.as_tensor([float(v) for v in thresholds], dtype=torch.float64)
+    if t.numel() == 0:
+        raise ValueError("thresholds must not be empty")
+    if criterion == "patience" and bool(((t < 1) | (t != t.round())).any()):
+        raise ValueError(f"patience values must be integers >= 1, got {t.tolist()}")
+    return t
+
+
+def _fire_mask(logits: Tensor, criterion: str, thresholds: Tensor) -> Tensor:
+    """(T, E, N) bool: whether exit k would let sample n leave under threshold t."""
+    E = logits.shape[0]
+    t = thresholds.to(logits.device)[:, None, None]  # (T, 1, 1)
+    if criterion == "patience":
+        pred = logits.argmax(-1)  # (E, N)
+        change = torch.ones_like(pred, dtype=torch.bool)  # (E, N): a new run of equal predictions starts here
+        change[1:] = pred[1:] != pred[:-1]
+        k = torch.arange(E, device=logits.device)[:, None]  # (E, 1)
+        last_change = torch.cummax(torch.where(change, k, 0), dim=0).values  # (E, N)
+        run = (k - last_change + 1).double()  # (E, N): length of the run of equal predictions ending at k
+        return run[None] >= t  # (T, E, N)
+    if criterion == "confidence":
+        x = logits.float()
+        score = (x.amax(-1) - x.logsumexp(-1)).exp().double()  # (E, N): max softmax without materialising it
+        return score[None] >= t
+    # One exit at a time keeps a single (N, C) softmax alive; entr(0) = 0 tolerates masked (-inf) classes.
+    entropy = torch.stack([torch.special.entr(torch.softmax(x.float(), dim=-1)).sum(-1) for x in logits]).double()  # (E, N)
+    return entropy[None] <= t
+
+
+def _exit_indices(logits: Tensor, criterion: str, thresholds: Tensor) -> Tensor:
+    """(T, N) long: the exit each sample leaves at under each threshold."""
+    fire = _fire_mask(logits, criterion, thresholds)  # (T, E, N)
+    fire[:, -1] = True  # nobody gets past the last exit
+    # argmax returns the first maximal index, i.e. the first exit that fires.
+    return fire.to(torch.uint8).argmax(dim=1)  # (T, N)
+
+
+def exit_decisions(logits: Tensor, criterion: str, threshold: float) -> Tensor:
+    """The exit each sample leaves at under one threshold.
+
+    Args:
+        logits: ``(E, N, C)`` logits of every exit.
+        criterion: ``"confidence"``, ``"entropy"`` or ``"patience"`` (see the module docstring).
+        threshold: the threshold ``t`` (the patience ``p`` for ``"patience"``).
+    Returns:
+        ``(N,)`` long tensor of exit indices in ``[0, E)``.
+    """
+    _check_logits(logits)
+    E, _, C = logits.shape
+    t = _resolve_thresholds(criterion, [threshold], E, C)
+    return _exit_indices(logits, criterion, t)[0]
+
+
+def threshold_curve(logits: Tensor, labels: Tensor, costs: Sequence[float], thresholds: int | Sequence[float] = 100,
+                    criterion: str = "confidence") -> dict:
+    """Average cost and accuracy of early-exit inference over a sweep of thresholds.
+
+    Vectorized over thresholds and samples: a ``(T, E, N)`` mask of where the
+    criterion fires, its first ``True`` along exits, then counts per exit.
+
+    Args:
+        logits: ``(E, N, C)`` logits of every exit (from ``evaluate``).
+        labels: ``(N,)`` class indices.
+        costs: per-exit cumulative costs (from ``exit_costs``).
+        thresholds: a count or an explicit sequence. Default counts:
+            confidence ``linspace(0, 1, n)``, entropy ``linspace(0, log C, n)``,
+            patience ``1 .. min(n, E)``.
+        criterion: ``"confidence"``, ``"entropy"`` or ``"patience"``.
+    Returns:
+        A dict with ``criterion``, ``thresholds`` (floats), ``flops`` (average
+        cost per threshold), ``accuracy`` (per threshold) and ``exit_counts``
+        (per threshold, a list of E sample counts).
+    """
+    _check_logits(logits, labels, costs)
+    E, N, C = logits.shape
+    t = _resolve_thresholds(criterion, thresholds, E, C)  # (T,)
+    T = t.numel()
+    exits = _exit_indices(logits, criterion, t).cpu()  # (T, N)
+    correct = (logits.argmax(-1).cpu() == labels.cpu()[None])  # (E, N)
+    hit = correct[exits, torch.arange(N)[None]]  # (T, N)
+    offsets = torch.arange(T)[:, None] * E  # (T, 1): one histogram row per threshold
+    counts = torch.bincount((exits + offsets).flatten(), minlength=T * E).view(T, E)  # (T, E)
+    cost = torch.as_tensor([float(c) for c in costs], dtype=torch.float64)  # (E,)
+    flops = counts.double() @ cost / N  # (T,)
+    return {
+        "criterion": criterion,
+        "thresholds": t.tolist(),
+        "flops": flops.tolist(),
+        "accuracy": hit.double().mean(1).tolist(),
+        "exit_counts": counts.tolist(),
+    }
+
+
+def static_points(logits: Tensor, labels: Tensor, costs: Sequence[float]) -> list[dict]:
+    """Cost and accuracy when every sample leaves at the same exit k.
+
+    Args:
+        logits: ``(E, N, C)`` logits; labels: ``(N,)``; costs: per-exit costs.
+    Returns:
+        One ``{"index", "flops", "accuracy"}`` dict per exit.
+    """
+    _check_logits(logits, labels, costs)
+    acc = accuracy_per_exit(logits, labels)
+    return [{"index": k, "flops": float(c), "accuracy": a} for k, (c, a) in enumerate(zip(costs, acc))]
+
+
+def accuracy_per_exit(logits: Tensor, labels: Tensor) -> list[float]:
+    """Top-1 accuracy of each exit.
+
+    Args:
+        logits: ``(E, N, C)`` logits; labels: ``(N,)`` class indices.
+    Returns:
+        One accuracy in ``[0, 1]`` per exit.
+    """
+    _check_logits(logits, labels)
+    return (logits.argmax(-1) == labels.to(logits.device)[None]).double().mean(1).tolist()  # (E,)
+
+
+def budget_table(curve: dict, statics: Sequence[dict], base_flops: float,
+                 fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0)) -> dict:
+    """Best accuracy within compute budgets (the paper's Table 1).
+
+    A point (a threshold of ``curve`` or a static exit) fits a budget when its
+    average cost is at most ``fraction * base_flops`` (with a 1e-9 relative
+    slack for float rounding).
+
+    Args:
+        curve: a ``threshold_curve`` result (uses ``flops`` and ``accuracy``).
+        statics: ``static_points`` results.
+        base_flops: the reference cost, usually ``backbone_cost``.
+        fractions: budget fractions of ``base_flops``.
+    Returns:
+        ``{"25%": acc or None, ..., "max": best accuracy overall}``.
+    """
+    if not base_flops > 0:
+        raise ValueError(f"base_flops must be positive, got {base_flops}")
+    if len(curve["flops"]) != len(curve["accuracy"]):
+        raise ValueError("curve['flops'] and curve['accuracy'] differ in length")
+    points = list(zip(curve["flops"], curve["accuracy"])) + [(s["flops"], s["accuracy"]) for s in statics]
+    table: dict[str, float | None] = {}
+    for f in fractions:
+        limit = f * base_flops * (1 + 1e-9)
+        fits = [a for c, a in points if c <= limit]
+        table[f"{f * 100:g}%"] = max(fits) if fits else None
+    table["max"] = max((a for _, a in points), default=None)
+    return table
+
+
+__all__ = ["CRITERIA", "to_device", "autocast_context", "exit_costs", "backbone_cost", "evaluate", "exit_decisions",
+           "threshold_curve", "static_points", "accuracy_per_exit", "budget_table"]
