@@ -153,7 +153,11 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
     for p, pc in enumerate(cfg.train.phases, 1):
         if phases[p - 1] == "+" and pc.epochs <= 0:
             raise EarlyExitError(f"epochs must be > 0 (phase {p} has {pc.epochs})")
-    prepare_out_dir(out, resume=resume, force=force)
+    from . import distributed as dist
+
+    main = dist.world()[0] == 0
+    if main:
+        prepare_out_dir(out, resume=resume, force=force)
     if resume and (out / "config.json").is_file():
         saved = run_config_from_dict(json.loads((out / "config.json").read_text()))
         if to_dict(saved) != to_dict(cfg):
@@ -163,14 +167,12 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
     model = make_model(cfg, splits)
     if cfg.init is not None and not resume:
         load_init(model, cfg.init)
-    if not resume:
+    if not resume and main:
         atomic_write_json(out / "config.json", to_dict(cfg))
     t0 = time.time()
     record: TrainRecord = train(model, splits, config=cfg.train, out_dir=out, resume=resume, augment=cfg.data.augment, log=log,
                                 eval_batch_size=cfg.eval.batch_size)
-    from . import distributed as dist
-
-    if not dist.is_main():
+    if not main:
         return {}
     save_weights(model, out)
     res = {"regime": phases, "regime_name": cfg.train.regime, "model": cfg.model.name, "dataset": cfg.data.name,

@@ -1,0 +1,183 @@
+"""The command line end to end: run folders, bad input, kill + resume, DDP parity."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from earlyexit.cli import main
+from earlyexit.experiment import load_run
+from earlyexit.io import load_weights
+
+QUICK = ["--model", "mlp", "--dataset", "synthetic", "--batch-size", "32", "--device", "cpu"]
+
+
+def _run(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "mixed"
+    r = _run(["run", *QUICK, "--epochs", "2", "--regime", "mixed", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out, r
+
+
+def test_run_writes_the_documented_folder(finished_run):
+    out, r = finished_run
+    for name in ("config.json", "history.jsonl", "results.json", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    assert (out / "model.safetensors").is_file() or (out / "model.pt").is_file()
+    res = json.loads((out / "results.json").read_text())
+    for key in ("regime", "model", "dataset", "seed", "base_flops", "exits", "curve", "budgets"):
+        assert key in res
+    assert res["regime"] == "++-" and res["model"] == "mlp"
+    assert set(res["budgets"]) == {"25%", "50%", "75%", "100%", "max"}
+    assert {"criterion", "thresholds", "flops", "accuracy"} <= set(res["curve"]) and len(res["curve"]["thresholds"]) == 100
+    assert [e["index"] for e in res["exits"]] == list(range(len(res["exits"])))
+    assert all({"index", "flops", "accuracy"} <= set(e) for e in res["exits"])
+    assert "budgets" in r.output and "test acc" in r.output
+
+
+def test_load_run_and_eval_reproduce_results(finished_run, tmp_path):
+    out, _ = finished_run
+    model, cfg = load_run(out)
+    assert cfg.model.name == "mlp" and model.num_exits == 4
+    before = json.loads((out / "results.json").read_text())
+    r = _run(["eval", str(out)])
+    assert r.exit_code == 0, r.output
+    after = json.loads((out / "results.json").read_text())
+    assert [e["accuracy"] for e in after["exits"]] == [e["accuracy"] for e in before["exits"]]
+    assert after["train"] == before["train"]
+    fig = tmp_path / "curves.png"
+    r = _run(["plot", str(out), str(out), "-o", str(fig)])
+    assert r.exit_code == 0 and fig.stat().st_size > 1000
+
+
+def _expect_error(args, pattern, code=2):
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == code, (r.exit_code, r.output)
+    assert pattern in r.output, r.output
+    assert "Traceback" not in r.output
+    return r
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--regime", "sideways"], "unknown regime 'sideways'; valid: joint, disjoint, mixed"),
+    (["--regime", "+-"], "unknown regime '+-'"),
+    (["--regime", "+*+"], "unknown regime '+*+'"),
+    (["--model", "resnet7"], "unknown model 'resnet7'; valid:"),
+    (["--dataset", "imagenet22k"], "unknown dataset 'imagenet22k'; valid:"),
+    (["--regime", "--+"], "needs a trained backbone, pass --init"),
+    (["--epochs", "0"], "epochs must be > 0"),
+    (["--epochs", "-1,2,2"], "epochs must be > 0"),
+    (["--weighting", "heavy"], "unknown weighting 'heavy'"),
+])
+def test_bad_input(args, pattern, tmp_path):
+    base = ["run", "--dataset", "synthetic", "--model", "mlp", "--out", str(tmp_path / "o")]
+    _expect_error(base + args, pattern)
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_refuses_to_overwrite_and_keeps_files(finished_run):
+    out, _ = finished_run
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    _expect_error(["run", *QUICK, "--out", str(out)], "already holds a run; pass --force")
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert before == after
+
+
+def test_corrupt_checkpoint_on_resume(tmp_path, finished_run):
+    out = tmp_path / "r"
+    out.mkdir()
+    src, _ = finished_run
+    (out / "config.json").write_text((src / "config.json").read_text())
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint at all")
+    _expect_error(["run", *QUICK, "--epochs", "2", "--out", str(out), "--resume"], "cannot read checkpoint")
+    assert (out / "checkpoint.pt").read_bytes() == b"not a checkpoint at all"
+
+
+def test_mismatched_init_weights(tmp_path):
+    bad = tmp_path / "w.pt"
+    torch.save({"stages.0.0.weight": torch.zeros(3, 3)}, bad)
+    _expect_error(["run", *QUICK, "--out", str(tmp_path / "o"), "--init", str(bad)], "does not fit the model")
+    pickle = tmp_path / "evil.pt"
+    torch.save({"x": object()}, pickle)
+    _expect_error(["run", *QUICK, "--out", str(tmp_path / "o2"), "--init", str(pickle)], "cannot read checkpoint")
+
+
+def test_nan_loss_is_one_line_and_keeps_checkpoint(tmp_path):
+    # a learning rate this large overflows the weights during the first phase
+    out = tmp_path / "nan"
+    r = _expect_error(["run", *QUICK, "--epochs", "3", "--lr", "1e30", "--out", str(out)], "non-finite loss")
+    assert r.output.count("\n") <= 8
+
+
+def test_disjoint_from_init_run(finished_run, tmp_path):
+    """'--+' trains only the ICs of a given backbone, which stays bit-identical."""
+    src, _ = finished_run
+    out = tmp_path / "ics"
+    r = _run(["run", *QUICK, "--epochs", "1", "--regime", "--+", "--init", str(src), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    a, b = load_run(src)[0], load_run(out)[0]
+    for k, v in a.state_dict().items():
+        if not k.startswith("heads.") or k.startswith(f"heads.{a.num_exits - 1}."):
+            assert torch.equal(v, b.state_dict()[k]), k
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "earlyexit", "run", *QUICK, *args]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_bit_identical(tmp_path):
+    args = ["--epochs", "3", "--lr", "0.05,0.02", "--regime", "+++"]
+    full = tmp_path / "full"
+    subprocess.run(_cli(*args, "--out", str(full)), check=True, capture_output=True)
+    part = tmp_path / "part"
+    proc = subprocess.Popen(_cli(*args, "--out", str(part)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    hist = part / "history.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if hist.exists() and hist.read_text().count("\n") >= 7:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (part / "results.json").exists()
+    subprocess.run(_cli(*args, "--out", str(part), "--resume"), check=True, capture_output=True)
+    a, b = load_weights(_weights(full)), load_weights(_weights(part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (full / "history.jsonl").read_text().count("\n") == (part / "history.jsonl").read_text().count("\n") == 18
+
+
+def _weights(d: Path) -> Path:
+    return d / "model.safetensors" if (d / "model.safetensors").exists() else d / "model.pt"
+
+
+@pytest.mark.slow
+def test_ddp_matches_single_process(tmp_path):
+    args = ["--epochs", "2", "--regime", "mixed", "--lr", "0.02"]  # a gentle lr keeps rounding differences small
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_cli(*args, "--out", str(one)), check=True, capture_output=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "earlyexit", "run", *QUICK, *args, "--out", str(two)]
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    h1 = [json.loads(line) for line in (one / "history.jsonl").read_text().splitlines()]
+    h2 = [json.loads(line) for line in (two / "history.jsonl").read_text().splitlines()]
+    assert len(h1) == len(h2) == 4
+    for a, b in zip(h1, h2):
+        # the same global batches; only the order of floating-point sums differs
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    wa, wb = load_weights(_weights(one)), load_weights(_weights(two))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
