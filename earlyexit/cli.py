@@ -221,6 +221,20 @@ def bench(model_name, dataset, data_dir, batch_size, steps, run_dir, device) -> 
 
 
 @main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@_user_errors
+def summary(run_dirs) -> None:
+    """Mean +- std over seeds of per-exit accuracy and budgets, grouped by model, dataset and regime."""
+    from .experiment import summarize_runs
+
+    for g in summarize_runs([Path(d) for d in run_dirs]):
+        click.echo(f"{g['model']} {g['dataset']} {g['regime']} (seeds {g['seeds']})")
+        click.echo("  exits:   " + "  ".join(f"{e['mean'] * 100:.2f}+-{e['std'] * 100:.2f}" for e in g["exits"]))
+        click.echo("  budgets: " + "  ".join(f"{k}: " + ("-" if v is None else f"{v['mean'] * 100:.2f}+-{v['std'] * 100:.2f}")
+                                           for k, v in g["budgets"].items()))
+
+
+@main.command()
 def models() -> None:
     """List the registered models."""
     from .models import list_models

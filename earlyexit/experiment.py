@@ -249,3 +249,33 @@ def maybe_plot(run_dirs: list[Path], out_file: Path, *, required: bool = False) 
             raise EarlyExitError("plotting needs matplotlib: pip install 'earlyexit[plot]'") from None
         return False
     return True
+
+
+def summarize_runs(run_dirs: list[Path]) -> list[dict]:
+    """Mean and standard deviation over seeds of runs that share model, dataset and regime.
+
+    Returns one dict per group: ``{model, dataset, regime, seeds, exits: [{index, mean, std}],
+    budgets: {name: {mean, std}}}``; accuracies in [0, 1], std with Bessel's correction (0 for one seed).
+    """
+    from .plot import read_results
+
+    groups: dict[tuple, list[dict]] = {}
+    for d in run_dirs:
+        r = read_results(Path(d))
+        groups.setdefault((r["model"], r["dataset"], r["regime"]), []).append(r)
+
+    def stats(vals: list[float]) -> dict:
+        t = torch.tensor(vals, dtype=torch.float64)
+        return {"mean": float(t.mean()), "std": float(t.std()) if len(vals) > 1 else 0.0}
+
+    out = []
+    for (model, dataset, regime), rs in groups.items():
+        n_exits = min(len(r["exits"]) for r in rs)
+        budgets = {}
+        for k in rs[0]["budgets"]:
+            vals = [r["budgets"][k] for r in rs if r["budgets"].get(k) is not None]
+            budgets[k] = stats(vals) if len(vals) == len(rs) else None
+        out.append({"model": model, "dataset": dataset, "regime": regime, "seeds": sorted(r["seed"] for r in rs),
+                    "exits": [{"index": i, **stats([r["exits"][i]["accuracy"] for r in rs])} for i in range(n_exits)],
+                    "budgets": budgets})
+    return out
