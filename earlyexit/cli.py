@@ -193,12 +193,15 @@ def eval_cmd(run_dir, criterion, device) -> None:
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Figure file (.png, .pdf, .svg).")
+@click.option("--curve", type=click.Choice(["test", "geometric", "global"]), default="test", show_default=True,
+              help="Thresholds swept on the test set, or calibrated on validation data (geometric / global).")
 @_user_errors
-def plot(run_dirs, output) -> None:
+def plot(run_dirs, output, curve) -> None:
     """Overlay several runs' accuracy-vs-FLOPs curves with their static exit points."""
     from .experiment import maybe_plot
 
-    maybe_plot([Path(d) for d in run_dirs], Path(output), required=True)
+    maybe_plot([Path(d) for d in run_dirs], Path(output), required=True,
+               curve="curve" if curve == "test" else f"calibrated_{curve}")
     click.echo(f"wrote {output}")
 
 

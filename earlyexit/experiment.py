@@ -13,6 +13,7 @@ A run folder holds (all written atomically):
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +37,12 @@ results.json
               with each threshold (flops = average per sample)
   budgets     {"25%", "50%", "75%", "100%", "max"}: best test accuracy at an average cost
               <= that share of base_flops (null if none), and the best overall
+  calibrated_geometric, calibrated_global
+              {criterion, mode, targets, thresholds, flops, accuracy, val_flops, exit_counts}:
+              per-exit thresholds chosen on the validation split for each target cost (MSDNet's
+              geometric exit distribution, or one global threshold), applied unchanged to the test
+              set; flops/accuracy are test figures; a null threshold never/always fires
+  calibrated_budgets  the budget table of calibrated_geometric
   train       {seconds, phases: [{phase, lr, best_epoch, best_val, grid}]}
 """
 
@@ -141,7 +148,26 @@ def evaluate_model(model: MultiExitModel, splits: Any, cfg: RunConfig, device: t
     statics = metrics.static_points(logits, labels, costs)
     for s in statics:
         s["stage"] = model.exit_after[s["index"]]
-    return {"base_flops": base, "exits": statics, "curve": curve, "budgets": metrics.budget_table(curve, statics, base)}
+    out = {"base_flops": base, "exits": statics, "curve": curve, "budgets": metrics.budget_table(curve, statics, base)}
+    if cfg.eval.criterion in ("confidence", "entropy") and len(costs) > 1:
+        # thresholds chosen on validation data for each target cost, then applied unchanged to the test set
+        val_logits, _ = metrics.evaluate(model, splits.val.batches(cfg.eval.batch_size), device=device)
+        for mode in metrics.CALIBRATION_MODES:
+            cal = metrics.calibrated_curve(val_logits, logits, labels, costs, criterion=cfg.eval.criterion, mode=mode)
+            out[f"calibrated_{mode}"] = _finite(cal)
+        out["calibrated_budgets"] = metrics.budget_table(out["calibrated_geometric"], [], base)
+    return out
+
+
+def _finite(obj: Any) -> Any:
+    """Strict JSON: infinite thresholds (an exit that always or never fires) become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bool = False,
@@ -238,12 +264,12 @@ def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str 
     return res
 
 
-def maybe_plot(run_dirs: list[Path], out_file: Path, *, required: bool = False) -> bool:
+def maybe_plot(run_dirs: list[Path], out_file: Path, *, required: bool = False, curve: str = "curve") -> bool:
     """Accuracy-vs-FLOPs curves of runs, with their static exit points; False when matplotlib is missing."""
     from .plot import plot_runs
 
     try:
-        plot_runs(run_dirs, out_file)
+        plot_runs(run_dirs, out_file, curve=curve)
     except ImportError:
         if required:
             raise EarlyExitError("plotting needs matplotlib: pip install 'earlyexit[plot]'") from None
