@@ -1,6 +1,18 @@
-"""earlyexit: early-exit (multi-exit) networks and their training regimes."""
+"""earlyexit: early-exit (multi-exit) networks and their joint, disjoint and mixed training regimes.
 
+The public API, re-exported from the modules that hold it.
+"""
+
+from .config import PhaseConfig, RunConfig, TrainConfig
+from .data import load_dataset
+from .experiment import load_run
+from .metrics import backbone_cost, budget_table, evaluate, exit_costs, static_points, threshold_curve
 from .models import MultiExitModel, build_model, list_models
+from .train import train
 
 __version__ = "0.1.0"
-__all__ = ["MultiExitModel", "build_model", "list_models"]
+__all__ = [
+    "MultiExitModel", "build_model", "list_models", "load_dataset", "train", "evaluate", "exit_costs",
+    "backbone_cost", "threshold_curve", "static_points", "budget_table", "load_run", "PhaseConfig", "TrainConfig",
+    "RunConfig",
+]

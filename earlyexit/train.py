@@ -24,8 +24,6 @@ same weights, bit for bit on CPU, as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -38,6 +36,7 @@ from torch import nn
 
 from . import distributed as dist
 from .config import PhaseConfig, TrainConfig, parse_regime
+from .metrics import autocast_context as autocast, to_device
 from .io import CheckpointError, EarlyExitError, atomic_torch_save, atomic_write_text, load_checkpoint, load_state_strict
 from .models.multiexit import MultiExitModel
 from .weighting import get_weighting
@@ -95,23 +94,6 @@ def set_mode(model: MultiExitModel, phase: int) -> None:
 
 def _seed_for(seed: int, phase: int, grid: int, epoch: int) -> int:
     return (seed * 1_000_003 + phase * 10_007 + grid * 101 + epoch) % (2**31 - 1)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, nothing elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_device(tree: Any, device: torch.device) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return tree.to(device, non_blocking=True)
-    if isinstance(tree, dict):
-        return {k: to_device(v, device) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_device(v, device) for v in tree)
-    return tree
 
 
 def make_optimizer(params: Sequence[nn.Parameter], pc: PhaseConfig, lr: float) -> torch.optim.Optimizer:
@@ -262,6 +244,9 @@ def train(
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros(len(exits), dtype=torch.float64, device=device)
         seen = 0
+        # schemes that act on gradients inside the backbone (gradient equilibrium) hook the model per epoch
+        prepare = getattr(weighting, "prepare", None)
+        hooks = prepare(model, exits) if (prepare is not None and p != 1) else None
         for s, (x, y) in enumerate(data.train.batches(cfg.batch_size, shuffle=True, seed=seed, epoch=e, augment=augment,
                                                        rank=rank, world_size=ws, drop_last=True)):
             step = e * steps_per_epoch + s
@@ -288,6 +273,8 @@ def train(
                     correct[i] += (o.argmax(-1) == y).sum()
             seen += y.numel()
             emit("step", phase=p, epoch=e + 1, step=s + 1, steps=steps_per_epoch, loss=float(loss.detach()))
+        if hooks is not None:
+            hooks.remove()
         n = dist.all_reduce_sum(torch.tensor(float(seen), dtype=torch.float64, device=device))
         train_loss = float(dist.all_reduce_sum(loss_sum) / n)
         train_acc = (dist.all_reduce_sum(correct) / n).tolist()

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import re
 import unicodedata
 from dataclasses import dataclass

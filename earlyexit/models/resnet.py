@@ -19,7 +19,6 @@ from __future__ import annotations
 import re
 from typing import Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from .heads import PoolLinearHead, sdn_head
