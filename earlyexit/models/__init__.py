@@ -73,11 +73,11 @@ def feature_info_for(stem: nn.Module, stages: Sequence[nn.Module], input_shape: 
 
 
 @torch.no_grad()
-def stage_costs(stem: nn.Module, stages: Sequence[nn.Module], input_shape: Sequence[int]) -> list[int]:
-    """FLOPs of each stage (stage 0 includes the stem) on one input of ``input_shape``."""
+def stage_costs(stem: nn.Module, stages: Sequence[nn.Module], example: Any) -> list[int]:
+    """FLOPs of each stage (stage 0 includes the stem) on ``example``: an input, or the shape of a zero tensor."""
     from ..flops import count_flops
 
-    x = torch.zeros(*input_shape)
+    x = torch.zeros(*example) if isinstance(example, (tuple, list)) else example
     costs = []
     for i, s in enumerate(stages):
         fn = (lambda t, s=s: s(stem(t))) if i == 0 else s
@@ -87,8 +87,11 @@ def stage_costs(stem: nn.Module, stages: Sequence[nn.Module], input_shape: Seque
 
 
 def resolve_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head: nn.Module,
-                  input_shape: Sequence[int], *, default: Sequence[int]) -> list[int]:
-    """Turn an exit specification into sorted IC stage indices (see the module docstring)."""
+                  example: Any, *, default: Sequence[int]) -> list[int]:
+    """Turn an exit specification into sorted IC stage indices (see the module docstring).
+
+    ``example`` (an input, or the shape of a zero image batch) is only run for ``"sdn"``, which needs stage costs.
+    """
     n = len(stages)
     if spec is None or spec == "default":
         return list(default)
@@ -105,7 +108,7 @@ def resolve_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head:
                 raise ValueError(f"bad exits spec {spec!r}: N must be >= 1")
             return list(range(step - 1, n - 1, step))
         if s == "sdn":
-            costs = stage_costs(stem, stages, input_shape)
+            costs = stage_costs(stem, stages, example)
             total, cum, out = sum(costs), 0, []
             cums = []
             for c in costs:

@@ -326,24 +326,11 @@ def _init_bert_weights(m: nn.Module) -> None:
 
 def _resolve_bert_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head: nn.Module,
                         cfg: BertConfig) -> list[int]:
-    """Exit placement; ``"sdn"`` is computed here because the registry's cost helper feeds image tensors."""
+    """Exit placement (``"sdn"`` measures stage costs on a batch of one 64-token sequence)."""
     from . import resolve_exits
-    from ..flops import count_flops
 
-    n = len(stages)
-    if isinstance(spec, str) and spec.strip().lower() == "sdn":
-        state, cums, total = _example_batch(cfg, 1, 64, None), [], 0
-        for i, s in enumerate(stages):
-            c, state = count_flops((lambda t, s=s: s(stem(t))) if i == 0 else s, state)
-            total += c
-            cums.append(total)
-        out: list[int] = []
-        for f in (0.15, 0.30, 0.45, 0.60, 0.75, 0.90):
-            i = next(i for i, c in enumerate(cums) if c >= f * total)
-            if i < n - 1 and i not in out:
-                out.append(i)
-        return out
-    return resolve_exits(spec, stem, stages, head, (1, 1), default=list(range(n - 1)))
+    example = _example_batch(cfg, 1, 64, None) if isinstance(spec, str) and spec.strip().lower() == "sdn" else None
+    return resolve_exits(spec, stem, stages, head, example, default=list(range(len(stages) - 1)))
 
 
 # --- pretrained weights ------------------------------------------------------
