@@ -1,0 +1,274 @@
+"""Batched early-exit inference that really skips work, and its wall-clock benchmark.
+
+Follows the inference rule of "Joint or Disjoint: Mixing Training Regimes for
+Early-Exit Models": a sample leaves at the first exit whose criterion fires
+(``confidence``: max softmax >= t; ``entropy``: softmax entropy in nats <= t;
+``patience``: the same arg-max at ``p`` consecutive exits, as in
+``earlyexit.metrics``), and at the last exit otherwise.
+
+``predict`` runs the model stage by stage. After each exit the samples that
+left are dropped from the state (``slice_state``, tensors and pytrees alike),
+so the deeper stages run only on the samples still in flight. The criteria
+are computed with the same formulas as ``earlyexit.metrics`` (float32
+log-sum-exp for the confidence, float32 softmax entropy, compared in float64),
+so on the same logits the decisions equal ``metrics.exit_decisions`` exactly.
+The logits themselves come from smaller batches than an offline ``model(x)``
+and may differ from it by float rounding (~1e-7 on CPU), which can flip a
+decision only for a score within that distance of the threshold.
+
+Exits that need more than the state: a model may define
+``exit_step(k, state, memory) -> (logits, memory)``, where ``memory`` is a
+per-sample pytree (``None`` before the first exit) carried from exit to exit,
+such as the previous IC's logits of a cascade (Zero Time Waste) or the past
+states of Global Past-Future. ``run_exit`` calls it when present and
+``model.head(k, state)`` otherwise; the memory is sliced with the state.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .metrics import CRITERIA, autocast_context, backbone_cost, exit_costs, to_device
+from .models import MultiExitModel, slice_state, state_batch_size
+
+
+def run_exit(model: MultiExitModel, k: int, state: Any, memory: Any) -> tuple[Tensor, Any]:
+    """Logits of exit ``k`` and the memory passed on to the next exit.
+
+    Args:
+        model: the multi-exit model.
+        k: exit index.
+        state: the state after stage ``model.exit_after[k]``.
+        memory: what the previous exits left (``None`` before the first one).
+    Returns:
+        ``(logits (B, C), memory)``; models without ``exit_step`` pass ``memory`` through.
+    """
+    step = getattr(model, "exit_step", None)
+    if step is None:
+        return model.head(k, state), memory
+    return step(k, state, memory)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def _check_criterion(criterion: str, threshold: float) -> float:
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ValueError(f"threshold must be a number, got {threshold!r}")
+    if criterion == "patience" and (threshold < 1 or threshold != int(threshold)):
+        raise ValueError(f"the patience must be an integer >= 1, got {threshold}")
+    return float(threshold)
+
+
+def _fires(logits: Tensor, criterion: str, threshold: float) -> Tensor:
+    """(B,) bool for the confidence and entropy criteria, with the formulas of ``earlyexit.metrics``."""
+    x = logits.float()
+    if criterion == "confidence":
+        score = (x.amax(-1) - x.logsumexp(-1)).exp().double()  # (B,) max softmax
+        return score >= threshold
+    entropy = torch.special.entr(torch.softmax(x, dim=-1)).sum(-1).double()  # (B,)
+    return entropy <= threshold
+
+
+@torch.inference_mode()
+def _predict(model: MultiExitModel, x: Any, criterion: str, threshold: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    E = model.num_exits
+    n = state_batch_size(x)
+    if n <= 0:
+        raise ValueError("the input holds no tensor with a non-empty batch dimension")
+    preds = torch.zeros(n, dtype=torch.long, device=device)  # (N,)
+    exits = torch.full((n,), E - 1, dtype=torch.long, device=device)  # (N,)
+    alive = torch.arange(n, device=device)  # (B,) original indices of the samples still in flight
+    run = prev = None  # patience: (B,) length of the current run of equal predictions, (B,) last prediction
+    state, memory = x, None
+    k = 0
+    for i in range(len(model.stages)):
+        state = model.stage(i, state)
+        while k < E and model.exit_after[k] == i:
+            logits, memory = run_exit(model, k, state, memory)
+            logits = logits.float()  # (B, C)
+            pred = logits.argmax(-1)  # (B,)
+            if k == E - 1:
+                preds[alive] = pred
+                return preds, exits
+            if criterion == "patience":
+                run = torch.ones_like(pred) if run is None else torch.where(pred == prev, run + 1, 1)  # (B,)
+                fire = run >= threshold
+            else:
+                fire = _fires(logits, criterion, threshold)  # (B,)
+            left = alive[fire]
+            preds[left] = pred[fire]
+            exits[left] = k
+            keep = (~fire).nonzero().squeeze(1)  # (B',)
+            if keep.numel() == 0:
+                return preds, exits
+            if keep.numel() < alive.numel():
+                alive, state, memory = alive[keep], slice_state(state, keep), slice_state(memory, keep)
+                if run is not None:
+                    run = run[keep]
+                pred = pred[keep]
+            prev = pred
+            k += 1
+    raise ValueError(f"the model's exits {model.exit_after} do not end at its last stage")
+
+
+def predict(model: MultiExitModel, x: Any, *, criterion: str = "confidence", threshold: float) -> tuple[Tensor, Tensor]:
+    """Early-exit predictions of one batch, each sample running only as deep as its exit.
+
+    Runs in eval mode under ``torch.inference_mode`` (the training flag is
+    restored), with bf16 autocast on CUDA as ``metrics.evaluate`` does.
+
+    Args:
+        model: the multi-exit model (its device is used; ``x`` is moved there).
+        x: an input batch, a tensor or a pytree such as a dict of tensors.
+        criterion: ``"confidence"``, ``"entropy"`` or ``"patience"``.
+        threshold: ``t`` of the criterion (the patience ``p >= 1`` for ``"patience"``).
+    Returns:
+        ``(predictions, exit_indices)``: two ``(N,)`` long tensors on the model's device.
+    """
+    if not isinstance(model, MultiExitModel):
+        raise TypeError(f"expected a MultiExitModel, got {type(model).__name__}")
+    t = _check_criterion(criterion, threshold)
+    device = _device_of(model)
+    was_training = model.training
+    if was_training:  # switching modes walks every module: only when needed (it costs ~1 ms at batch 1)
+        model.eval()
+    try:
+        with autocast_context(device):
+            return _predict(model, to_device(x, device), criterion, t, device)
+    finally:
+        if was_training:
+            model.train()
+
+
+def predict_batches(model: MultiExitModel, batches: Iterable[Any], *, criterion: str = "confidence",
+                    threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``predict`` over ``(x, y)`` batches, concatenated on the CPU.
+
+    Args:
+        model: the multi-exit model.
+        batches: an iterable of ``(x, y)`` pairs (as for ``metrics.evaluate``).
+        criterion, threshold: as for ``predict``.
+    Returns:
+        ``(predictions, exit_indices, labels)``: three ``(N,)`` tensors on the CPU.
+    """
+    preds, exits, labels = [], [], []
+    for batch in batches:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError("each batch must be an (x, y) pair")
+        x, y = batch
+        p, e = predict(model, x, criterion=criterion, threshold=threshold)
+        preds.append(p.cpu())
+        exits.append(e.cpu())
+        labels.append(torch.as_tensor(y).reshape(-1).cpu())  # (B,)
+    if not preds:
+        raise ValueError("no batches to predict")
+    return torch.cat(preds), torch.cat(exits), torch.cat(labels)
+
+
+# --- benchmark ------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn: Callable[[], Any], device: torch.device, *, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def inference_bench(model: MultiExitModel, example_batch_fn: Callable[[int], Any], *, thresholds: Sequence[float],
+                    criterion: str = "confidence", batch_sizes: Sequence[int] = (1, 64, 256), repeats: int = 10,
+                    warmup: int = 2) -> list[dict]:
+    """Wall-clock time of ``predict`` against the plain backbone, next to the speed-up FLOPs predict.
+
+    The baseline is the backbone alone (``model(x, exits=[-1])``: stem, every
+    stage and the backbone's own classifier, no ICs), the fair reference for
+    an early-exit model; the forward through every exit is timed too. The
+    FLOP-predicted speed-up is ``backbone_cost / mean_n exit_costs[exit_n]``
+    over the exits the samples of the timed batch actually took
+    (``metrics.exit_costs``: stages plus every head passed). Times are medians
+    over ``repeats`` runs after ``warmup`` runs, in eval mode under
+    ``torch.inference_mode``, with CUDA synchronised around each run.
+
+    Args:
+        model: the multi-exit model, already on its device.
+        example_batch_fn: ``fn(batch_size) -> x``, an input batch (tensor or pytree).
+        thresholds: criterion thresholds to time.
+        criterion: ``"confidence"``, ``"entropy"`` or ``"patience"``.
+        batch_sizes: batch sizes to time.
+        repeats, warmup: timed and untimed runs per measurement.
+    Returns:
+        One dict per (batch size, threshold): ``batch_size``, ``criterion``,
+        ``threshold``, ``backbone_ms``, ``all_exits_ms``, ``predict_ms``,
+        ``measured_speedup`` (backbone / predict time), ``flops_speedup``,
+        ``avg_flops`` and ``backbone_flops`` (per sample), ``exit_counts`` (per exit).
+    """
+    if not isinstance(model, MultiExitModel):
+        raise TypeError(f"expected a MultiExitModel, got {type(model).__name__}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if not thresholds:
+        raise ValueError("thresholds must not be empty")
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    for t in thresholds:
+        _check_criterion(criterion, t)
+    device = _device_of(model)
+    was_training = model.training
+    rows = []
+    costs = base = None
+    try:
+        for bs in batch_sizes:
+            x = to_device(example_batch_fn(int(bs)), device)
+            if costs is None:  # per-sample FLOPs do not depend on the batch size
+                costs = torch.tensor(exit_costs(model, x), dtype=torch.float64)  # (E,)
+                base = backbone_cost(model, x)
+            model.eval()
+
+            def forward(exits: Sequence[int] | None) -> Callable[[], Any]:
+                def fn() -> Any:
+                    with torch.inference_mode(), autocast_context(device):
+                        return model(x, exits=exits)
+                return fn
+
+            backbone_s = _median_seconds(forward([-1]), device, repeats=repeats, warmup=warmup)
+            all_s = _median_seconds(forward(None), device, repeats=repeats, warmup=warmup)
+            for t in thresholds:
+                _, exits = predict(model, x, criterion=criterion, threshold=t)
+                model.eval()
+                pred_s = _median_seconds(lambda: predict(model, x, criterion=criterion, threshold=t), device,
+                                         repeats=repeats, warmup=warmup)
+                counts = torch.bincount(exits.cpu(), minlength=model.num_exits)  # (E,)
+                avg = float(counts.double() @ costs / counts.sum())
+                rows.append({
+                    "batch_size": int(bs), "criterion": criterion, "threshold": float(t),
+                    "backbone_ms": backbone_s * 1e3, "all_exits_ms": all_s * 1e3, "predict_ms": pred_s * 1e3,
+                    "measured_speedup": backbone_s / pred_s, "flops_speedup": base / avg,
+                    "avg_flops": avg, "backbone_flops": float(base), "exit_counts": counts.tolist(),
+                })
+    finally:
+        model.train(was_training)
+    return rows
+
+
+__all__ = ["run_exit", "predict", "predict_batches", "inference_bench"]

@@ -1,0 +1,30 @@
+"""Shallow-Deep Networks (Kaya et al., ICML 2019) as a named method.
+
+SDN's ICs are independent: each reads only the backbone's state after its
+stage (for feature maps, SDN's mixed max/average pooling and a linear layer:
+``earlyexit.models.heads.SDNHead``, the heads the convolutional backbones
+here already carry). A sample leaves at the first IC whose maximum softmax
+probability reaches the threshold (``confidence``). Trained jointly, SDN
+weighs the ICs' losses with its ramped schedule (weighting ``sdn``); trained
+IC-only (the disjoint regime), the ICs' losses are summed.
+"""
+
+from __future__ import annotations
+
+from ..models.multiexit import MultiExitModel
+
+CRITERION = "confidence"
+WEIGHTING = "sdn"
+
+
+def apply(model: MultiExitModel) -> MultiExitModel:
+    """SDN needs no rewiring: the model's independent ICs are SDN's.
+
+    Args:
+        model: a multi-exit model.
+    Returns:
+        ``model`` itself.
+    """
+    if not isinstance(model, MultiExitModel):
+        raise TypeError(f"expected a MultiExitModel, got {type(model).__name__}")
+    return model
