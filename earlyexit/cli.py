@@ -116,8 +116,11 @@ def main() -> None:
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True, help="LR schedule per phase.")
 @click.option("--patience", default=None, type=int, help="Early stopping: epochs without validation improvement.")
 @click.option("--batch-size", default=128, show_default=True, type=int, help="Global batch size.")
-@click.option("--weighting", default="uniform", show_default=True, help="Loss weights over exits.")
-@click.option("--criterion", default="confidence", show_default=True, help="Exit criterion of the threshold curve.")
+@click.option("--method", default=None, help="Early-exit method: sdn, pbee, ztw, gpf (default: plain ICs).")
+@click.option("--weighting", default=None, help="Loss weights over exits: uniform, sdn, han, pabee, gradient-equilibrium "
+              "(default: the method's, else uniform).")
+@click.option("--criterion", default=None, help="Exit criterion of the threshold curve: confidence, entropy, patience "
+              "(default: the method's, else confidence).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of init, data order and augmentation.")
 @click.option("--init", default=None, help="Start from these weights: a run folder or a weights file "
               "(a pretrained backbone instead of phase 1; required by '--+').")
@@ -127,7 +130,7 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
 @_user_errors
 def run(regime, model_name, exits, weights, dataset, data_dir, train_size, epochs, lr, optimizer, weight_decay, schedule,
-        patience, batch_size, weighting, criterion, seed, init, device, out, resume, force) -> None:
+        patience, batch_size, method, weighting, criterion, seed, init, device, out, resume, force) -> None:
     """Train one model in one regime, evaluate it, write a run folder."""
     from .experiment import default_out_dir, run_experiment
 
@@ -142,6 +145,12 @@ def run(regime, model_name, exits, weights, dataset, data_dir, train_size, epoch
         raise EarlyExitError(f"--train-size must be > 0, got {train_size}")
     if patience is not None and patience <= 0:
         raise EarlyExitError(f"--patience must be > 0, got {patience}")
+    if method is not None:
+        from .methods import get_method
+
+        m = get_method(method)
+        weighting, criterion = weighting or m.weighting, criterion or m.criterion
+    weighting, criterion = weighting or "uniform", criterion or "confidence"
     phases = tuple(PhaseConfig(optimizer=optimizer, lr=lrs, weight_decay=weight_decay, schedule=schedule, epochs=e,
                                patience=patience) for e in ep)
     kwargs = {"weights": weights} if weights else {}
@@ -150,7 +159,7 @@ def run(regime, model_name, exits, weights, dataset, data_dir, train_size, epoch
                     data=DataConfig(name=dataset, data_dir=data_dir, train_size=train_size),
                     train=TrainConfig(regime=regime, phases=phases, batch_size=batch_size, weighting=weighting, seed=seed,
                                       device=device),
-                    eval=EvalConfig(criterion=criterion), init=init)
+                    eval=EvalConfig(criterion=criterion), init=init, method=method)
     _check_names(cfg)
     out_dir = Path(out) if out else default_out_dir(cfg)
     t0 = time.time()

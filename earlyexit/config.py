@@ -78,6 +78,7 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     init: str | None = None         # weights or run folder to start from
+    method: str | None = None       # early-exit method (earlyexit.methods): sdn, pbee, ztw, gpf; None = plain ICs
 
 
 def to_dict(cfg: Any) -> dict:
@@ -93,4 +94,4 @@ def run_config_from_dict(d: dict) -> RunConfig:
     if isinstance(m.get("exits"), list):
         m["exits"] = tuple(m["exits"])
     return RunConfig(model=ModelConfig(**m), data=DataConfig(**d["data"]), train=TrainConfig(**t),
-                     eval=EvalConfig(**d["eval"]), init=d.get("init"))
+                     eval=EvalConfig(**d["eval"]), init=d.get("init"), method=d.get("method"))

@@ -71,14 +71,23 @@ def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def make_model(cfg: RunConfig, splits: Any) -> MultiExitModel:
+def make_model(cfg: RunConfig, splits: Any, *, staged: bool = False) -> MultiExitModel:
+    """The run's model: the backbone with ICs, rewired by its method; ``staged``: as after the method's own stage."""
     kw = dict(cfg.model.kwargs)
     if getattr(splits, "image_size", None) is not None:
         kw.setdefault("image_size", splits.image_size)
     in_chans = getattr(splits, "in_chans", None)
     exits = list(cfg.model.exits) if isinstance(cfg.model.exits, tuple) else cfg.model.exits
-    return build_model(cfg.model.name, num_classes=splits.num_classes, in_chans=in_chans if in_chans is not None else 3,
-                       exits=exits, **kw)
+    model = build_model(cfg.model.name, num_classes=splits.num_classes, in_chans=in_chans if in_chans is not None else 3,
+                        exits=exits, **kw)
+    if cfg.method is not None:
+        from .methods import get_method
+
+        method = get_method(cfg.method)
+        model = method.apply(model)
+        if staged and method.staged is not None:
+            model = method.staged(model)
+    return model
 
 
 def load_data(cfg: RunConfig) -> Any:
@@ -198,12 +207,23 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
     t0 = time.time()
     record: TrainRecord = train(model, splits, config=cfg.train, out_dir=out, resume=resume, augment=cfg.data.augment, log=log,
                                 eval_batch_size=cfg.eval.batch_size)
+    stage_rec = None
+    if cfg.method is not None:
+        from .methods import get_method
+
+        method = get_method(cfg.method)
+        if method.stage is not None:  # e.g. ZTW's ensembles, trained on the frozen ICs
+            model, stage_rec = method.stage(model, splits, cfg.train, log=log, augment=cfg.data.augment,
+                                            eval_batch_size=cfg.eval.batch_size)
     if not main:
         return {}
     save_weights(model, out)
     res = {"regime": phases, "regime_name": cfg.train.regime, "model": cfg.model.name, "dataset": cfg.data.name,
            "seed": cfg.train.seed, **evaluate_model(model, splits, cfg),
+           "method": cfg.method,
            "train": {"seconds": time.time() - t0, "phases": [vars(r) for r in record.phases]}}
+    if stage_rec is not None:
+        res["train"]["method_stage"] = [vars(r) for r in stage_rec.phases]
     atomic_write_json(out / "results.json", res)
     maybe_plot([out], out / "curve.png")
     return res
@@ -222,7 +242,7 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[M
     except (ValueError, KeyError, TypeError) as e:
         raise EarlyExitError(f"{cfg_file} is not a valid run config: {e}") from None
     splits_meta = _data_meta(cfg)
-    model = make_model(cfg, splits_meta)
+    model = make_model(cfg, splits_meta, staged=True)
     load_state_strict(model, load_weights(find_weights(path)), source=str(find_weights(path)))
     return model.to(device).eval(), cfg
 
@@ -257,7 +277,7 @@ def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str 
         except ValueError:
             old = {}
     res = {"regime": parse_regime(cfg.train.regime), "regime_name": cfg.train.regime, "model": cfg.model.name,
-           "dataset": cfg.data.name, "seed": cfg.train.seed, **evaluate_model(model, splits, cfg, dev)}
+           "dataset": cfg.data.name, "seed": cfg.train.seed, **evaluate_model(model, splits, cfg, dev), "method": cfg.method}
     if "train" in old:
         res["train"] = old["train"]
     atomic_write_json(path / "results.json", res)
