@@ -73,7 +73,8 @@ class Progress:
         elif event == "step" and self.tty:
             n, total = k["step"], k["steps"]
             bar = "#" * int(24 * n / total)
-            self.stream.write(f"\r  p{k['phase']} e{k['epoch']} [{bar:<24}] {n}/{total} loss {k['loss']:.4f}")
+            self.stream.write(f"\r  p{k['phase']} e{k['epoch']} [{bar:<24}] {n}/{total} loss {k['loss']:.4f} "
+                              f"acc {k['acc'] * 100:.1f}")
             self.stream.flush()
         elif event == "epoch":
             if self.tty:
@@ -108,7 +109,7 @@ def main() -> None:
 @click.option("--dataset", default="fashion-mnist", show_default=True, help="Dataset name (see `earlyexit datasets`).")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Local data root searched first.")
 @click.option("--train-size", default=None, type=int, help="Use only the first N training samples (train + validation).")
-@click.option("--epochs", default="4,4,4", show_default=True, help="Max epochs: one value, or three (phases 1,2,3).")
+@click.option("--epochs", default="3,3,3", show_default=True, help="Max epochs: one value, or three (phases 1,2,3).")
 @click.option("--lr", default=None, help="Learning rate(s) for every phase; a comma list is a grid (best by val acc). "
               "Default 0.1 (SGD) or 1e-3 (AdamW).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True, help="Optimizer of every phase.")
@@ -244,6 +245,35 @@ def summary(run_dirs) -> None:
         click.echo("  exits:   " + "  ".join(f"{e['mean'] * 100:.2f}+-{e['std'] * 100:.2f}" for e in g["exits"]))
         click.echo("  budgets: " + "  ".join(f"{k}: " + ("-" if v is None else f"{v['mean'] * 100:.2f}+-{v['std'] * 100:.2f}")
                                            for k, v in g["budgets"].items()))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--what", default="rank,gradients,information", show_default=True,
+              help="Comma list of: rank, gradients, information, landscape, connectivity.")
+@click.option("--other", default=None, type=click.Path(file_okay=False), help="Second run folder (connectivity).")
+@click.option("--max-samples", default=512, show_default=True, type=int, help="Samples used by each analysis.")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True, help="Data split.")
+@click.option("--mi-method", type=click.Choice(["knn", "binning"]), default="knn", show_default=True,
+              help="Mutual-information estimator.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N.")
+@click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@_user_errors
+def analyze(run_dir, what, other, max_samples, split, mi_method, device, out_file) -> None:
+    """The paper's analyses of a trained run: numerical rank, gradient dominance, mutual information, ..."""
+    import json
+
+    from .analysis import analyze_run, to_jsonable
+    from .io import atomic_write_json
+
+    kinds = tuple(w.strip() for w in what.split(",") if w.strip())
+    res = to_jsonable(analyze_run(run_dir, what=kinds, max_samples=max_samples, split=split, other=other,
+                                  device=device, mi_method=mi_method))
+    if out_file:
+        atomic_write_json(out_file, res)
+        click.echo(f"wrote {out_file}")
+    else:
+        click.echo(json.dumps(res, indent=1))
 
 
 @main.command()

@@ -43,7 +43,8 @@ results.json
               geometric exit distribution, or one global threshold), applied unchanged to the test
               set; flops/accuracy are test figures; a null threshold never/always fires
   calibrated_budgets  the budget table of calibrated_geometric
-  train       {seconds, phases: [{phase, lr, best_epoch, best_val, grid}]}
+  method, weighting   the early-exit method (null: plain ICs) and the loss weighting used
+  train       {seconds, phases: [{phase, lr, best_epoch, best_val, grid}], method_stage (ZTW's ensembles)}
 """
 
 WEIGHTS_FILES = ("model.safetensors", "model.pt")
@@ -220,7 +221,7 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
     save_weights(model, out)
     res = {"regime": phases, "regime_name": cfg.train.regime, "model": cfg.model.name, "dataset": cfg.data.name,
            "seed": cfg.train.seed, **evaluate_model(model, splits, cfg),
-           "method": cfg.method,
+           "method": cfg.method, "weighting": cfg.train.weighting,
            "train": {"seconds": time.time() - t0, "phases": [vars(r) for r in record.phases]}}
     if stage_rec is not None:
         res["train"]["method_stage"] = [vars(r) for r in stage_rec.phases]
@@ -277,7 +278,8 @@ def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str 
         except ValueError:
             old = {}
     res = {"regime": parse_regime(cfg.train.regime), "regime_name": cfg.train.regime, "model": cfg.model.name,
-           "dataset": cfg.data.name, "seed": cfg.train.seed, **evaluate_model(model, splits, cfg, dev), "method": cfg.method}
+           "dataset": cfg.data.name, "seed": cfg.train.seed, **evaluate_model(model, splits, cfg, dev), "method": cfg.method,
+           "weighting": cfg.train.weighting}
     if "train" in old:
         res["train"] = old["train"]
     atomic_write_json(path / "results.json", res)

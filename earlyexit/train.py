@@ -274,7 +274,8 @@ def train(
                         correct[i] += (o.argmax(-1) == y).sum()
                 seen += y.numel()
                 if log is not None and main:
-                    emit("step", phase=p, epoch=e + 1, step=s + 1, steps=steps_per_epoch, loss=float(loss.detach()))
+                    emit("step", phase=p, epoch=e + 1, step=s + 1, steps=steps_per_epoch, loss=float(loss.detach()),
+                         acc=float(correct[-1]) / max(seen, 1))
         finally:
             if hooks is not None:
                 hooks.remove()
@@ -319,7 +320,7 @@ def train(
 
 def _non_finite(loss: torch.Tensor, phase: int, epoch: int, step: int, lr: float, ckpt_path: Path | None) -> None:
     last = f"; the last good checkpoint is kept at {ckpt_path}" if ckpt_path is not None and ckpt_path.exists() else ""
-    raise TrainingError(f"non-finite loss ({float(loss)}) in phase {phase}, epoch {epoch + 1}, step {step + 1} at lr {lr}{last}")
+    raise TrainingError(f"non-finite loss ({float(loss.detach())}) in phase {phase}, epoch {epoch + 1}, step {step + 1} at lr {lr}{last}")
 
 
 # --- state ------------------------------------------------------------------

@@ -10,7 +10,7 @@ normalised by the sum of the weights (weighting ``pabee``).
 
 from __future__ import annotations
 
-from ..models.multiexit import MultiExitModel
+from .sdn import apply as _keep_model
 
 CRITERION = "patience"
 WEIGHTING = "pabee"
@@ -29,14 +29,5 @@ def patience_threshold(patience: int) -> int:
     return patience + 1
 
 
-def apply(model: MultiExitModel) -> MultiExitModel:
-    """PABEE keeps the model's ICs as they are (only the exit rule and the loss weights change).
-
-    Args:
-        model: a multi-exit model.
-    Returns:
-        ``model`` itself.
-    """
-    if not isinstance(model, MultiExitModel):
-        raise TypeError(f"expected a MultiExitModel, got {type(model).__name__}")
-    return model
+# PABEE keeps the model's independent ICs as they are: only the exit rule and the loss weights change.
+apply = _keep_model

@@ -1,0 +1,158 @@
+"""Loss landscapes of every exit around the trained weights.
+
+One of the analyses of "Joint or Disjoint: Mixing Training Regimes for
+Early-Exit Models", which compares the regimes' loss landscapes. Slices
+follow Li et al., "Visualizing the Loss Landscape of Neural Nets" (NeurIPS
+2018): the loss is evaluated at ``theta + a * d1 + b * d2`` for random
+Gaussian directions ``d1, d2`` that are filter-normalised, i.e. each filter
+(the slice of a weight along its output dimension: a convolution's output
+channel, a linear layer's output unit) of a direction is rescaled to the norm
+of the same filter of ``theta``. Parameters with one dimension or none
+(biases, normalisation scales and shifts, SDN's pooling mix) get a zero
+direction, Li et al.'s setting for them.
+
+Every exit's loss is measured on the same points, in eval mode: BatchNorm
+uses the model's running statistics, which stay untouched, and the weights
+are restored bit for bit afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..metrics import autocast_context, to_device
+from ..models.multiexit import MultiExitModel
+
+
+def exit_losses(model: MultiExitModel, batches: Iterable[Any], *, exits: Sequence[int] | None = None,
+                autocast: bool = False) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and accuracy of each exit over ``batches``, in eval mode.
+
+    Args:
+        model: the multi-exit model (its training flag is restored).
+        batches: ``(x, y)`` pairs.
+        exits: exit indices to measure (negative allowed); None = all.
+        autocast: bf16 autocast on CUDA; off by default so that nearby points compare in float32.
+    Returns:
+        ``(loss, accuracy)``, each ``(len(exits),)`` float64 on the CPU.
+    Raises:
+        ValueError: if there are no batches.
+    """
+    E = model.num_exits
+    wanted = list(range(E)) if exits is None else sorted({k % E for k in exits})
+    device = next(model.parameters()).device
+    loss = torch.zeros(len(wanted), dtype=torch.float64, device=device)
+    correct = torch.zeros(len(wanted), dtype=torch.float64, device=device)
+    n = 0
+    was = model.training
+    model.eval()
+    ctx = autocast_context(device) if autocast else contextlib.nullcontext()
+    try:
+        with torch.inference_mode(), ctx:
+            for x, y in batches:
+                y = torch.as_tensor(y).reshape(-1).to(device)
+                outs = model(to_device(x, device), exits=wanted)
+                for i, o in enumerate(outs):
+                    loss[i] += F.cross_entropy(o.float(), y, reduction="sum").double()
+                    correct[i] += (o.argmax(-1) == y).sum()
+                n += y.numel()
+    finally:
+        model.train(was)
+    if n == 0:
+        raise ValueError("no batches to evaluate")
+    return (loss / n).cpu(), (correct / n).cpu()
+
+
+def filter_normalized_direction(model: nn.Module, *, generator: torch.Generator) -> dict[str, Tensor]:
+    """A random direction in weight space, filter-normalised (Li et al., 2018).
+
+    Args:
+        model: the model whose parameters set the shapes and filter norms.
+        generator: a CPU generator (the direction does not depend on the device).
+    Returns:
+        ``{name: tensor}`` for every parameter, on the parameter's device;
+        zero for parameters with fewer than two dimensions.
+    """
+    out = {}
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            out[name] = torch.zeros_like(p)
+            continue
+        d = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
+        w = p.detach()
+        d_norm = d.flatten(1).norm(dim=1).clamp_min(1e-12)  # (out,) one norm per filter
+        w_norm = w.flatten(1).norm(dim=1)  # (out,)
+        out[name] = d * (w_norm / d_norm).view(-1, *([1] * (p.dim() - 1)))
+    return out
+
+
+def _grid(steps: int, span: float) -> Tensor:
+    """``steps`` points evenly spaced over ``[-span, span]``; the middle one is exactly 0 when ``steps`` is odd."""
+    if steps == 1:
+        return torch.zeros(1, dtype=torch.float64)
+    half = (steps - 1) / 2
+    return span * (torch.arange(steps, dtype=torch.float64) - half) / half
+
+
+def loss_surface(model: MultiExitModel, batches: Iterable[Any], *, steps: int | Sequence[int] = (21, 21),
+                 span: float = 1.0, seed: int = 0, exits: Sequence[int] | None = None) -> dict:
+    """Loss and accuracy of every exit on a 1-D or 2-D slice around the trained weights.
+
+    Args:
+        model: the multi-exit model (its weights are restored exactly afterwards).
+        batches: ``(x, y)`` pairs; iterated once per grid point, so pass a list
+            (a one-shot iterator is materialised first).
+        steps: points along each direction: ``(S1, S2)``, or ``S1`` / ``(S1,)`` /
+            ``(S1, 1)`` for a 1-D slice along ``d1`` only.
+        span: the slice covers ``[-span, span]`` along each direction (in units
+            of the filter-normalised direction, i.e. of the weights' own norms).
+        seed: seed of the directions.
+        exits: exits to measure; None = all.
+    Returns:
+        ``{"alphas": [S1], "betas": [S2], "exits": [E'], "loss": (E', S1, S2),
+        "accuracy": (E', S1, S2)}``, tensors float64 on the CPU; with odd
+        ``S1, S2`` the centre ``[:, S1 // 2, S2 // 2]`` is the unperturbed model.
+    Raises:
+        ValueError: on bad steps or span.
+    """
+    if isinstance(steps, int):
+        steps = (steps,)
+    steps = tuple(int(s) for s in steps)
+    if len(steps) == 1:
+        steps = (steps[0], 1)
+    if len(steps) != 2 or min(steps) < 1:
+        raise ValueError(f"steps must be one or two positive counts, got {steps}")
+    if not span > 0:
+        raise ValueError(f"span must be > 0, got {span}")
+    batches = batches if isinstance(batches, (list, tuple)) else list(batches)
+    E = model.num_exits
+    wanted = list(range(E)) if exits is None else sorted({k % E for k in exits})
+    g = torch.Generator().manual_seed(seed)
+    d1 = filter_normalized_direction(model, generator=g)
+    d2 = filter_normalized_direction(model, generator=g) if steps[1] > 1 else None
+    alphas, betas = _grid(steps[0], span), _grid(steps[1], span)
+    params = dict(model.named_parameters())
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    loss = torch.zeros(len(wanted), *steps, dtype=torch.float64)
+    acc = torch.zeros(len(wanted), *steps, dtype=torch.float64)
+    try:
+        for i, a in enumerate(alphas.tolist()):
+            for j, b in enumerate(betas.tolist()):
+                with torch.no_grad():
+                    for n, p in params.items():
+                        # From the saved weights every time: no drift accumulates over the grid.
+                        w = saved[n] + a * d1[n]
+                        if d2 is not None:
+                            w = w + b * d2[n]
+                        p.copy_(w)
+                loss[:, i, j], acc[:, i, j] = exit_losses(model, batches, exits=wanted)
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+    return {"alphas": alphas.tolist(), "betas": betas.tolist(), "exits": wanted, "loss": loss, "accuracy": acc}
