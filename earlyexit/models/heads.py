@@ -17,9 +17,12 @@ class SDNHead(nn.Module):
     """SDN internal classifier for a ``(B, C, H, W)`` feature map.
 
     When the map is larger than ``pool_to`` x ``pool_to`` it is pooled down to
-    that size with ``alpha * maxpool + (1 - alpha) * avgpool`` (``alpha`` a
-    learned scalar, initialised at 0.5); the result is flattened into a linear
-    layer.
+    that size with ``alpha * maxpool + (1 - alpha) * avgpool``; the result is
+    flattened into a linear layer. ``alpha = sigmoid(mix)`` with a learned
+    scalar ``mix`` (initialised at 0, so ``alpha = 0.5``): SDN learns ``alpha``
+    itself, unbounded, which at learning rate 0.1 can run away (|alpha| in the
+    millions within tens of steps) and turn the loss into NaN; the sigmoid keeps
+    it a convex mix of the two poolings.
 
     Args:
         num_chs: channels of the feature map.
@@ -34,14 +37,15 @@ class SDNHead(nn.Module):
         self.out_size = (min(h, pool_to), min(w, pool_to))
         self.reduce = (h, w) != self.out_size
         if self.reduce:
-            self.alpha = nn.Parameter(torch.tensor(0.5))
+            self.mix = nn.Parameter(torch.tensor(0.0))
         self.linear = nn.Linear(num_chs * self.out_size[0] * self.out_size[1], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.reduce:
             mx = F.adaptive_max_pool2d(x, self.out_size)  # (B, C, h, w)
             av = F.adaptive_avg_pool2d(x, self.out_size)  # (B, C, h, w)
-            x = self.alpha * mx + (1 - self.alpha) * av
+            alpha = torch.sigmoid(self.mix)
+            x = alpha * mx + (1 - alpha) * av
         return self.linear(x.flatten(1))  # (B, num_classes)
 
 
