@@ -294,7 +294,7 @@ def permutation_spec(model: MultiExitModel) -> PermutationSpec:
             views[pre + "linear.weight"] = (w.shape[0], sizes[p], w.shape[1] // sizes[p])
             axes[pre + "linear.weight"], axes[pre + "linear.bias"] = (None, p, None), (None,)
             if h.reduce:
-                axes[pre + "alpha"] = ()
+                axes[pre + "mix"] = ()
         else:
             raise ValueError(f"weight matching does not know the head type {type(h).__name__} (exit {k})")
     missing = [key for key in model.state_dict() if key not in axes]
