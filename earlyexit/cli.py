@@ -65,6 +65,7 @@ class Progress:
     def __init__(self, stream=None) -> None:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
+        self.wants_steps = self.tty  # the per-step bar is drawn on a terminal only
         self.t_epoch = time.time()
 
     def __call__(self, event: str, **k) -> None:
@@ -116,6 +117,9 @@ def main() -> None:
 @click.option("--weight-decay", default=5e-4, show_default=True, type=float, help="Weight decay.")
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True, help="LR schedule per phase.")
 @click.option("--patience", default=None, type=int, help="Early stopping: epochs without validation improvement.")
+@click.option("--val-metric", type=click.Choice(["mean", "final"]), default="mean", show_default=True,
+              help="Validation accuracy that picks the best epoch and lr in phases 2 and 3: mean over exits, or the "
+              "final exit (phase 1 always uses the final exit).")
 @click.option("--batch-size", default=128, show_default=True, type=int, help="Global batch size.")
 @click.option("--method", default=None, help="Early-exit method: sdn, pbee, ztw, gpf (default: plain ICs).")
 @click.option("--weighting", default=None, help="Loss weights over exits: uniform, sdn, han, pabee, gradient-equilibrium "
@@ -131,7 +135,7 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
 @_user_errors
 def run(regime, model_name, exits, weights, dataset, data_dir, train_size, epochs, lr, optimizer, weight_decay, schedule,
-        patience, batch_size, method, weighting, criterion, seed, init, device, out, resume, force) -> None:
+        patience, val_metric, batch_size, method, weighting, criterion, seed, init, device, out, resume, force) -> None:
     """Train one model in one regime, evaluate it, write a run folder."""
     from .experiment import default_out_dir, run_experiment
 
@@ -153,7 +157,7 @@ def run(regime, model_name, exits, weights, dataset, data_dir, train_size, epoch
         weighting, criterion = weighting or m.weighting, criterion or m.criterion
     weighting, criterion = weighting or "uniform", criterion or "confidence"
     phases = tuple(PhaseConfig(optimizer=optimizer, lr=lrs, weight_decay=weight_decay, schedule=schedule, epochs=e,
-                               patience=patience) for e in ep)
+                               patience=patience, metric=val_metric) for e in ep)
     kwargs = {"weights": weights} if weights else {}
     exits_v = tuple(int(t) for t in exits.split(",")) if exits and exits.replace(",", "").strip().isdigit() else exits
     cfg = RunConfig(model=ModelConfig(name=model_name, exits=exits_v, kwargs=kwargs),
@@ -164,7 +168,12 @@ def run(regime, model_name, exits, weights, dataset, data_dir, train_size, epoch
     _check_names(cfg)
     out_dir = Path(out) if out else default_out_dir(cfg)
     t0 = time.time()
-    res = run_experiment(cfg, out_dir, resume=resume, force=force, log=Progress())
+    from . import distributed as dist
+
+    try:
+        res = run_experiment(cfg, out_dir, resume=resume, force=force, log=Progress())
+    finally:
+        dist.cleanup()
     if res:
         print_summary(res)
         click.echo(f"total time {time.time() - t0:.0f}s; results in {out_dir}")

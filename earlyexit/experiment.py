@@ -58,7 +58,7 @@ def default_out_dir(cfg: RunConfig) -> Path:
 
 
 def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
-    """Refuse to overwrite a finished or started run unless told to."""
+    """Refuse to overwrite a finished or started run unless told to (nothing is deleted here)."""
     started = (out / CHECKPOINT).exists() or (out / "results.json").exists()
     if resume:
         if not (out / CHECKPOINT).exists():
@@ -66,9 +66,12 @@ def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
         return
     if started and not force:
         raise EarlyExitError(f"{out} already holds a run; pass --force to overwrite it or --resume to continue it")
-    if started and force:
-        for name in ("results.json", CHECKPOINT, "history.jsonl", "curve.png", *WEIGHTS_FILES):
-            (out / name).unlink(missing_ok=True)
+
+
+def clear_out_dir(out: Path) -> None:
+    """Remove a previous run's files (``--force``), once the new run is known to start."""
+    for name in ("results.json", CHECKPOINT, "history.jsonl", "curve.png", *WEIGHTS_FILES):
+        (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -81,6 +84,10 @@ def make_model(cfg: RunConfig, splits: Any, *, staged: bool = False) -> MultiExi
     exits = list(cfg.model.exits) if isinstance(cfg.model.exits, tuple) else cfg.model.exits
     model = build_model(cfg.model.name, num_classes=splits.num_classes, in_chans=in_chans if in_chans is not None else 3,
                         exits=exits, **kw)
+    text_data, text_model = in_chans is None, model.input_shape is None
+    if text_data != text_model:
+        kind = "text" if text_data else "image"
+        raise EarlyExitError(f"model {cfg.model.name!r} does not take the {kind} inputs of dataset {cfg.data.name!r}")
     if cfg.method is not None:
         from .methods import get_method
 
@@ -94,8 +101,20 @@ def make_model(cfg: RunConfig, splits: Any, *, staged: bool = False) -> MultiExi
 def load_data(cfg: RunConfig) -> Any:
     from .data import load_dataset
 
+    options = {}
+    weights = cfg.model.kwargs.get("weights")
+    if cfg.model.name.startswith("bert") and weights and _is_text_dataset(cfg.data.name):
+        from .models.bert import vocab_for
+
+        options["vocab"] = vocab_for(weights)  # token ids must come from the checkpoint's own vocabulary
     return load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, val_fraction=cfg.data.val_fraction,
-                        seed=cfg.train.seed, train_size=cfg.data.train_size)
+                        seed=cfg.train.seed, train_size=cfg.data.train_size, **options)
+
+
+def _is_text_dataset(name: str) -> bool:
+    from . import textdata
+
+    return name in textdata.DATASETS
 
 
 def save_weights(model: torch.nn.Module, out: Path) -> Path:
@@ -119,9 +138,11 @@ def find_weights(run_dir: Path) -> Path:
 
 
 def load_init(model: MultiExitModel, path: str | Path) -> None:
-    """Initialise ``model`` from a run folder or a weights file (ours, or torchvision's for ResNets).
+    """Initialise ``model`` from a run folder or a weights file (ours, or torchvision's ResNet / ViT).
 
-    The backbone must be covered entirely; IC heads missing from the file keep their initialisation.
+    The backbone must be covered entirely; IC heads missing from the file keep their initialisation,
+    and so does the final classifier when the file's is for another number of classes (e.g.
+    ImageNet weights for a 10-class task). Nothing is loaded when the file does not fit.
     """
     from .io import load_state_strict
 
@@ -129,22 +150,35 @@ def load_init(model: MultiExitModel, path: str | Path) -> None:
     if not path.exists():
         raise CheckpointError(f"--init: {path} does not exist")
     sd = load_weights(find_weights(path) if path.is_dir() else path)
-    if "fc.weight" in sd and "conv1.weight" in sd:  # a torchvision ResNet state_dict
-        from .models.resnet import convert_torchvision_state_dict
-
-        try:
-            sd = convert_torchvision_state_dict(model, sd)
-        except KeyError as e:
-            raise CheckpointError(f"--init: {path} does not fit the model: {e.args[0]}") from None
     ours = model.state_dict()
-    head_prefixes = tuple(f"heads.{k}." for k in range(model.num_exits - 1))
+    final = f"heads.{model.num_exits - 1}."
+    replaced: set[str] = set()  # final-classifier keys left at their initialisation (another number of classes)
+    try:
+        if "fc.weight" in sd and "conv1.weight" in sd:  # a torchvision ResNet state_dict
+            from .models.resnet import convert_torchvision_state_dict
+
+            sd = convert_torchvision_state_dict(model, sd)
+        elif "conv_proj.weight" in sd and "class_token" in sd:  # a torchvision ViT state_dict
+            from .models.vit import convert_torchvision_vit_state_dict
+
+            same = sd.get("heads.head.weight", torch.empty(0)).shape[:1] == (model.num_classes,)
+            conv = convert_torchvision_vit_state_dict(model, sd, load_head=same)
+            replaced = {k for k in ours if k.startswith(final) and k not in conv}
+            sd = conv
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"--init: {path} does not fit the model: {e.args[0] if e.args else e}") from None
+    mismatched = {k for k in sd if k.startswith(final) and k in ours and sd[k].shape != ours[k].shape}
+    if mismatched and all(sd[k].shape[0] != ours[k].shape[0] for k in mismatched):
+        replaced |= mismatched
+        sd = {k: v for k, v in sd.items() if k not in mismatched}
+    head_prefixes = tuple(f"heads.{k}." for k in range(model.num_exits - 1)) + tuple(replaced)
     missing = [k for k in ours if k not in sd and not k.startswith(head_prefixes)]
     if missing:
         raise CheckpointError(f"--init: {path} does not fit the model: missing backbone weights such as {missing[0]}")
-    load_state_strict(model, {k: v for k, v in sd.items() if k in ours}, source=f"--init {path}", strict=False)
     unexpected = [k for k in sd if k not in ours]
     if unexpected:
         raise CheckpointError(f"--init: {path} does not fit the model: unexpected weights such as {unexpected[0]}")
+    load_state_strict(model, sd, source=f"--init {path}", strict=False)
 
 
 def evaluate_model(model: MultiExitModel, splits: Any, cfg: RunConfig, device: torch.device | None = None) -> dict:
@@ -189,40 +223,49 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
     for p, pc in enumerate(cfg.train.phases, 1):
         if phases[p - 1] == "+" and pc.epochs <= 0:
             raise EarlyExitError(f"epochs must be > 0 (phase {p} has {pc.epochs})")
+    method = None
+    if cfg.method is not None:
+        from .methods import get_method
+
+        method = get_method(cfg.method)
+        if method.stage is not None and cfg.train.phases[2].epochs <= 0:
+            raise EarlyExitError(f"method {cfg.method!r} trains a stage of its own with phase 3's settings: "
+                                 f"epochs must be > 0 (phase 3 has {cfg.train.phases[2].epochs})")
     from . import distributed as dist
 
+    dist.local_device(cfg.train.device)  # a bad --device fails here, before anything is read or written
     main = dist.world()[0] == 0
     if main:
         prepare_out_dir(out, resume=resume, force=force)
     if resume and (out / "config.json").is_file():
-        saved = run_config_from_dict(json.loads((out / "config.json").read_text()))
-        if to_dict(saved) != to_dict(cfg):
+        saved = json.loads((out / "config.json").read_text())
+        if to_dict(run_config_from_dict(saved)) != to_dict(cfg):
             raise EarlyExitError(f"--resume: the options differ from those of the run in {out} (see its config.json)")
+    # everything that can fail on bad input happens before a previous run's files are touched
     splits = load_data(cfg)
     torch.manual_seed(cfg.train.seed)
     model = make_model(cfg, splits)
     if cfg.init is not None and not resume:
         load_init(model, cfg.init)
-    if not resume and main:
-        atomic_write_json(out / "config.json", to_dict(cfg))
-    t0 = time.time()
+    if main and not resume:
+        clear_out_dir(out)
+        shapes = {"num_classes": splits.num_classes, "in_chans": splits.in_chans, "image_size": splits.image_size}
+        atomic_write_json(out / "config.json", {**to_dict(cfg), "shapes": shapes})
     record: TrainRecord = train(model, splits, config=cfg.train, out_dir=out, resume=resume, augment=cfg.data.augment, log=log,
                                 eval_batch_size=cfg.eval.batch_size)
-    stage_rec = None
-    if cfg.method is not None:
-        from .methods import get_method
-
-        method = get_method(cfg.method)
-        if method.stage is not None:  # e.g. ZTW's ensembles, trained on the frozen ICs
-            model, stage_rec = method.stage(model, splits, cfg.train, log=log, augment=cfg.data.augment,
-                                            eval_batch_size=cfg.eval.batch_size)
+    stage_rec, t_stage = None, time.time()
+    if method is not None and method.stage is not None:  # e.g. ZTW's ensembles, trained on the frozen ICs
+        model, stage_rec = method.stage(model, splits, cfg.train, log=log, augment=cfg.data.augment,
+                                        eval_batch_size=cfg.eval.batch_size)
+    stage_seconds = time.time() - t_stage
     if not main:
         return {}
     save_weights(model, out)
     res = {"regime": phases, "regime_name": cfg.train.regime, "model": cfg.model.name, "dataset": cfg.data.name,
            "seed": cfg.train.seed, **evaluate_model(model, splits, cfg),
            "method": cfg.method, "weighting": cfg.train.weighting,
-           "train": {"seconds": time.time() - t0, "phases": [vars(r) for r in record.phases]}}
+           "train": {"seconds": record.seconds + stage_seconds,
+                     "phases": [vars(r) for r in record.phases]}}
     if stage_rec is not None:
         res["train"]["method_stage"] = [vars(r) for r in stage_rec.phases]
     atomic_write_json(out / "results.json", res)
@@ -239,24 +282,27 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[M
     if not cfg_file.is_file():
         raise EarlyExitError(f"{path} is not a run folder (no config.json)")
     try:
-        cfg = run_config_from_dict(json.loads(cfg_file.read_text()))
+        raw = json.loads(cfg_file.read_text())
+        cfg = run_config_from_dict(raw)
     except (ValueError, KeyError, TypeError) as e:
         raise EarlyExitError(f"{cfg_file} is not a valid run config: {e}") from None
-    splits_meta = _data_meta(cfg)
-    model = make_model(cfg, splits_meta, staged=True)
+    if isinstance(raw.get("shapes"), dict):  # the dataset's shapes, saved by the run: no need to read the data
+        from types import SimpleNamespace
+
+        meta = SimpleNamespace(**raw["shapes"])
+    else:
+        meta = _data_meta(cfg)
+    model = make_model(cfg, meta, staged=True)
     load_state_strict(model, load_weights(find_weights(path)), source=str(find_weights(path)))
     return model.to(device).eval(), cfg
 
 
 def _data_meta(cfg: RunConfig) -> Any:
-    """Shapes of the dataset (classes, channels, size) without reading it when it can be avoided."""
+    """Shapes of the dataset (classes, channels, size), read from the data (runs without saved shapes)."""
     from types import SimpleNamespace
 
-    from .data import load_dataset
-
-    s = load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
-                     train_size=cfg.data.train_size)
-    return SimpleNamespace(num_classes=s.num_classes, in_chans=s.in_chans, image_size=s.image_size, splits=s)
+    s = load_data(cfg)
+    return SimpleNamespace(num_classes=s.num_classes, in_chans=s.in_chans, image_size=s.image_size)
 
 
 def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str | None = None) -> dict:
@@ -270,7 +316,7 @@ def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str 
     model, cfg = load_run(path, device=dev)
     if criterion is not None:
         cfg = replace(cfg, eval=replace(cfg.eval, criterion=criterion))
-    splits = _data_meta(cfg).splits
+    splits = load_data(cfg)
     old = {}
     if (path / "results.json").is_file():
         try:

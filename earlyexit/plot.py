@@ -46,7 +46,9 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve")
         r = read_results(d)
         base = r["base_flops"]
         label = f"{r['model']} {r.get('regime_name', r['regime'])} (seed {r['seed']})"
-        c = r.get(curve) or r["curve"]
+        c = r.get(curve)
+        if c is None:
+            raise EarlyExitError(f"{d} has no {curve} in results.json (calibrated curves need the confidence or entropy criterion)")
         line, = ax.plot([f / base * 100 for f in c["flops"]], [a * 100 for a in c["accuracy"]], label=label)
         ax.scatter([e["flops"] / base * 100 for e in r["exits"]], [e["accuracy"] * 100 for e in r["exits"]],
                    color=line.get_color(), s=18, zorder=3)

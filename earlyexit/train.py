@@ -65,7 +65,7 @@ class TrainRecord:
     phases: list[PhaseRecord]
     history: list[dict]          # one dict per epoch, as in history.jsonl
     checkpoint: str | None       # path of the last checkpoint, if any
-    seconds: float               # wall-clock time of this call
+    seconds: float               # wall-clock training time, summed over the calls of a resumed run
 
 
 # --- phase semantics --------------------------------------------------------
@@ -166,7 +166,8 @@ def train(
         resume: continue from ``out_dir/checkpoint.pt``.
         augment: use the dataset's training augmentation.
         log: progress hook ``log(event, **info)``, called on rank 0 only with
-            events ``phase``, ``step``, ``epoch`` and ``done``.
+            events ``phase``, ``step``, ``epoch`` and ``done`` (``step`` is skipped
+            when the hook has ``wants_steps = False``).
         eval_batch_size: batch size of the per-epoch validation.
     Returns:
         A ``TrainRecord``: per-phase choice of lr and best epoch, the history, the checkpoint path.
@@ -188,12 +189,13 @@ def train(
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {ws} processes")
     main = rank == 0
     emit: LogHook = (log if (log is not None and main) else (lambda *a, **k: None))
+    # per-step events read the loss (a host sync on CUDA): only for hooks that want them
+    want_steps = log is not None and main and getattr(log, "wants_steps", True)
     model.to(device)
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / CHECKPOINT if out is not None else None
     if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
 
     st = _fresh_state(phases)
     if resume:
@@ -273,7 +275,7 @@ def train(
                     for i, o in enumerate(outs):
                         correct[i] += (o.argmax(-1) == y).sum()
                 seen += y.numel()
-                if log is not None and main:
+                if want_steps:
                     emit("step", phase=p, epoch=e + 1, step=s + 1, steps=steps_per_epoch, loss=float(loss.detach()),
                          acc=float(correct[-1]) / max(seen, 1))
         finally:
@@ -289,6 +291,7 @@ def train(
         rec = {"phase": p, "lr": lr, "epoch": e + 1, "train_loss": train_loss, "train_acc": train_acc,
                "val_acc": val_acc, "val_metric": metric, "seconds": time.time() - te}
         st["history"].append(rec)
+        st["seconds"] = st.get("seconds", 0.0) + (time.time() - te)
         if st["run_best"] is None or metric > st["run_best"]["val"]:
             st["run_best"] = {"val": metric, "epoch": e + 1, "state": _cpu_state(model)}
             st["bad"] = 0
@@ -315,7 +318,8 @@ def train(
     model.eval()
     emit("done")
     return TrainRecord(regime=phases, phases=[PhaseRecord(**r) for r in st["records"]], history=list(st["history"]),
-                       checkpoint=str(ckpt_path) if (ckpt_path is not None and main) else None, seconds=time.time() - t0)
+                       checkpoint=str(ckpt_path) if (ckpt_path is not None and main) else None,
+                       seconds=st.get("seconds", 0.0))
 
 
 def _non_finite(loss: torch.Tensor, phase: int, epoch: int, step: int, lr: float, ckpt_path: Path | None) -> None:
@@ -326,7 +330,7 @@ def _non_finite(loss: torch.Tensor, phase: int, epoch: int, step: int, lr: float
 # --- state ------------------------------------------------------------------
 
 def _fresh_state(phases: str) -> dict:
-    return {"version": 1, "phases": phases, "phase": 1, "grid": 0, "epoch": 0, "phase_start": None, "run_best": None,
+    return {"version": 1, "phases": phases, "seconds": 0.0, "phase": 1, "grid": 0, "epoch": 0, "phase_start": None, "run_best": None,
             "grid_best": None, "grid_log": [], "bad": 0, "optimizer": None, "records": [], "history": [], "model": None}
 
 

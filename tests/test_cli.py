@@ -64,9 +64,10 @@ def test_load_run_and_eval_reproduce_results(finished_run, tmp_path):
 
 def _expect_error(args, pattern, code=2):
     r = CliRunner().invoke(main, args)
-    assert r.exit_code == code, (r.exit_code, r.output)
+    assert r.exit_code == code, (r.exit_code, r.output, r.exc_info)
+    assert isinstance(r.exception, SystemExit), r.exc_info  # a clean exit, not an exception escaping the command
     assert pattern in r.output, r.output
-    assert "Traceback" not in r.output
+    assert r.output.strip().count("\n") == 0, r.output  # one line
     return r
 
 
@@ -80,6 +81,14 @@ def _expect_error(args, pattern, code=2):
     (["--epochs", "0"], "epochs must be > 0"),
     (["--epochs", "-1,2,2"], "epochs must be > 0"),
     (["--weighting", "heavy"], "unknown weighting 'heavy'"),
+    (["--method", "magic"], "unknown method 'magic'"),
+    (["--criterion", "vibes"], "unknown criterion 'vibes'"),
+    (["--weights", "somewhere"], "does not take the option 'weights'"),
+    (["--device", "tpu:3"], "device 'tpu:3'"),
+    (["--device", "cuda:7"], "device 'cuda:7'"),
+    (["--model", "bert_tiny"], "does not take the image inputs"),
+    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--method", "ztw", "--epochs", "1,1,0"], "phase 3 has 0"),
 ])
 def test_bad_input(args, pattern, tmp_path):
     base = ["run", "--dataset", "synthetic", "--model", "mlp", "--out", str(tmp_path / "o")]
@@ -114,11 +123,67 @@ def test_mismatched_init_weights(tmp_path):
     _expect_error(["run", *QUICK, "--out", str(tmp_path / "o2"), "--init", str(pickle)], "cannot read checkpoint")
 
 
-def test_nan_loss_is_one_line_and_keeps_checkpoint(tmp_path):
-    # a learning rate this large overflows the weights during the first phase
-    out = tmp_path / "nan"
-    r = _expect_error(["run", *QUICK, "--epochs", "3", "--lr", "1e30", "--out", str(out)], "non-finite loss")
-    assert r.output.count("\n") <= 8
+def test_nan_loss_is_a_one_line_error(tmp_path):
+    # a learning rate this large overflows the weights during the first epoch (the library test checks the
+    # checkpoint of an earlier epoch is kept)
+    _run_nan = CliRunner().invoke(main, ["run", *QUICK, "--epochs", "3", "--lr", "1e30", "--out", str(tmp_path / "nan")])
+    assert _run_nan.exit_code == 2 and isinstance(_run_nan.exception, SystemExit)
+    assert _run_nan.output.strip().splitlines()[-1].startswith("error: non-finite loss")
+
+
+def test_force_keeps_the_old_run_when_the_new_one_cannot_start(finished_run, tmp_path):
+    out = tmp_path / "kept"
+    import shutil
+
+    shutil.copytree(finished_run[0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    _expect_error(["run", *QUICK, "--out", str(out), "--force", "--init", str(tmp_path / "missing.pt")], "does not exist")
+    _expect_error(["run", "--model", "mlp", "--dataset", "synthetic", "--out", str(out), "--force", "--exits", "9"],
+                  "IC block indices")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    r = _run(["run", *QUICK, "--epochs", "1", "--out", str(out), "--force"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["train"]["phases"][0]["epochs"] == 1
+
+
+def test_resume_with_other_options_or_foreign_checkpoint(finished_run, tmp_path):
+    src, _ = finished_run
+    _expect_error(["run", *QUICK, "--epochs", "3", "--out", str(src), "--resume"], "the options differ")
+    out = tmp_path / "foreign"
+    out.mkdir()
+    (out / "config.json").write_text((src / "config.json").read_text())
+    torch.save({"version": 1, "phase": 2, "phases": "+-+"}, out / "checkpoint.pt")
+    _expect_error(["run", *QUICK, "--epochs", "2", "--out", str(out), "--resume"], "was written by regime")
+    torch.save({"weights": torch.zeros(2)}, out / "checkpoint.pt")
+    _expect_error(["run", *QUICK, "--epochs", "2", "--out", str(out), "--resume"], "not a training checkpoint")
+
+
+def test_plot_refuses_missing_curve(finished_run, tmp_path):
+    src, _ = finished_run
+    res = json.loads((src / "results.json").read_text())
+    other = tmp_path / "patience"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({k: v for k, v in res.items() if not k.startswith("calibrated")}))
+    _expect_error(["plot", str(other), "--curve", "geometric", "-o", str(tmp_path / "x.png")], "has no calibrated_geometric")
+
+
+def test_init_from_torchvision_weights_for_another_number_of_classes(tmp_path):
+    import torchvision
+
+    from earlyexit import build_model
+    from earlyexit.experiment import load_init
+
+    tv = torchvision.models.resnet18()
+    torch.save(tv.state_dict(), tmp_path / "r18.pt")
+    m = build_model("resnet18", num_classes=10, image_size=32)
+    load_init(m, tmp_path / "r18.pt")
+    assert torch.equal(m.stem.conv1.weight, tv.conv1.weight) and m.heads[-1].fc.weight.shape == (10, 512)
+    vt = torchvision.models.vision_transformer.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                                 hidden_dim=32, mlp_dim=64)
+    torch.save(vt.state_dict(), tmp_path / "vit.pt")
+    m = build_model("vit", num_classes=10, image_size=32, patch_size=8, depth=2, num_heads=2, width=32, mlp_dim=64)
+    load_init(m, tmp_path / "vit.pt")
+    assert torch.equal(m.stem.conv_proj.weight, vt.conv_proj.weight)
 
 
 def test_disjoint_from_init_run(finished_run, tmp_path):

@@ -48,7 +48,13 @@ def build_model(name: str, *, num_classes: int, in_chans: int = 3, exits: Any = 
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
-    model = _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, exits=exits, **kwargs)
+    try:
+        model = _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, exits=exits, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        bad = str(e).split("argument")[-1].strip()
+        raise ValueError(f"model {name!r} does not take the option {bad}") from None
     model.arch = name
     return model
 
