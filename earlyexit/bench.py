@@ -27,8 +27,6 @@ piece on CUDA, where the model runs under bf16 autocast (float32 on CPU).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import statistics
 import time
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 
 from . import metrics
 from .config import ModelConfig, PhaseConfig, RunConfig
+from .inference import inference_bench
 from .models import MultiExitModel
 from .train import TrainingError, lr_at, make_optimizer, phase_exits, set_mode, set_trainable
 from .weighting import get_weighting
@@ -241,13 +240,6 @@ def time_sweep(model: MultiExitModel, split: Any, costs: Sequence[float], *, dev
     return {"forward_s": forward_s, "sweep_s": statistics.median(sweeps)}
 
 
-def _inference_hook() -> Callable[..., Any] | None:
-    """``earlyexit.inference.inference_bench`` when that module offers it, else None."""
-    if importlib.util.find_spec("earlyexit.inference") is None:
-        return None
-    return getattr(importlib.import_module("earlyexit.inference"), "inference_bench", None)
-
-
 def _input_batches(split: Any) -> Callable[[int], Any]:
     """``fn(batch_size) -> x``: the first ``batch_size`` samples of ``split`` (cycled when it is smaller)."""
     def fn(batch_size: int) -> Any:
@@ -367,11 +359,7 @@ def run_bench(*, model: str = "resnet20", dataset: str = "fashion-mnist", data_d
     echo(f"{'d) loading share of a step (worst phase)':<40}{res['load_share'] * 100:>8.1f}%  {'< 10%':<22}"
          f"{mark('load_share')}")
 
-    # Inference: a hook on earlyexit.inference.inference_bench, run only when that function exists.
-    fn = _inference_hook()
-    if fn is None:
-        echo("inference: skipped (earlyexit.inference.inference_bench is not available)")
-        return res
+    # Inference: early-exit predict against full forward passes, on real test samples.
     test_split = splits.test
     if run_dir is not None:
         from .experiment import load_run
@@ -381,7 +369,7 @@ def run_bench(*, model: str = "resnet20", dataset: str = "fashion-mnist", data_d
             test_split = load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, train_size=cfg.data.train_size).test
     else:
         inf_model = net
-    flat, lines = _inference_section(fn, inf_model, test_split, repeats=steps, warmup=warmup,
+    flat, lines = _inference_section(inference_bench, inf_model, test_split, repeats=steps, warmup=warmup,
                                      trained=run_dir is not None)
     for line in lines:
         echo(line)

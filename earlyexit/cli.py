@@ -22,11 +22,9 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .data import DataError
-
         try:
             return fn(*args, **kwargs)
-        except (EarlyExitError, DataError, ValueError) as e:
+        except (EarlyExitError, ValueError) as e:  # DataError and CheckpointError are EarlyExitErrors
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             click.echo(f"error: {msg}", err=True)
             sys.exit(2)

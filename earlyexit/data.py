@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import importlib
-import importlib.util
 import inspect
 import io
 import os
@@ -46,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .io import EarlyExitError
+
 # System folders holding datasets installed by a package manager.
 SYSTEM_ROOTS: tuple[str, ...] = ("/usr/share/datasets", "/usr/local/share/datasets")
 # Seconds a download may wait on a silent socket before it counts as failed.
@@ -58,7 +58,7 @@ _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-imag
                 "t10k-labels-idx1-ubyte")
 
 
-class DataError(Exception):
+class DataError(EarlyExitError):
     """A dataset cannot be found, read or split; the message is one line meant for the user."""
 
 
@@ -845,12 +845,11 @@ def register_dataset(name: str, loader_fn: Callable[..., Splits], *, arg: str | 
 
 
 def _ensure_registered() -> None:
-    """Import ``earlyexit.textdata`` when it exists, so that its datasets register themselves.
+    """Import ``earlyexit.textdata`` so that its datasets register themselves.
 
-    A missing module is fine; an error raised inside an existing one is not hidden.
+    Imported here rather than at the top because ``textdata`` itself imports this module.
     """
-    if importlib.util.find_spec("earlyexit.textdata") is not None:
-        importlib.import_module("earlyexit.textdata")
+    from . import textdata  # noqa: F401
 
 
 def list_datasets() -> list[str]:

@@ -65,6 +65,8 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, truncated zip, foreign pickle
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only load failed" in msg.lower():
+            msg = "it holds objects other than tensors, and only weights are loaded"
         raise CheckpointError(f"cannot read checkpoint {path}: {msg[:200]}") from None
 
 

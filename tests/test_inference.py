@@ -19,8 +19,7 @@ MODELS = {
 
 
 def _model(name):
-    if name not in list_models():
-        pytest.skip(f"{name} is not registered")
+    assert name in list_models(), f"{name} is not registered"
     torch.manual_seed(0)
     return build_model(name, **MODELS[name]).eval()
 

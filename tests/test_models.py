@@ -116,9 +116,28 @@ def test_slice_state_pytree():
     assert out["h"].tolist() == [[0, 1], [4, 5]] and out["m"][0].tolist() == [0, 2] and out["m"][1] is None
 
 
+def _randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm non-trivial affine params and running stats.
+
+    A fresh torchvision model has weight 1, bias 0, mean 0, var 1 everywhere, so its BNs are near-identities
+    and a BN (or downsample) key copied into the wrong slot would still produce matching outputs.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)  # (C,)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.5)  # (C,)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)  # (C,)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)  # (C,) positive
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
 def test_torchvision_parity(name):
-    tv = getattr(torchvision.models, name)(num_classes=1000).eval()
+    tv = getattr(torchvision.models, name)(num_classes=1000)
+    _randomise_batchnorm(tv)
+    tv.eval()
     ours = build_model(name, num_classes=1000, image_size=64).eval()
     load_torchvision(ours, tv.state_dict())
     x = torch.randn(2, 3, 64, 64)

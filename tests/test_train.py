@@ -117,6 +117,75 @@ def test_freezing_semantics(data, kind, depth, every, phases):
             assert ids == {id(q) for q in ic_params} and not (ids & backbone_ids)
 
 
+def _backbone_state(model):
+    """Params and buffers (BN running stats, num_batches_tracked) of the backbone, cloned, keyed by module."""
+    return {f"{i}.{k}": v.detach().clone() for i, m in enumerate(model.backbone_modules()) for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("regime", ["+-+", "++-", "+++"])
+@pytest.mark.parametrize("kind", ["mlp", "resnet"])
+def test_freezing_across_phases_in_one_call(data, kind, regime):
+    """Phase transitions inside one ``train`` call: what each phase starts from, freezes and optimises."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = build_model("mlp", num_classes=10, in_chans=1, image_size=8, width=8, depth=3, exits="every:1")
+    else:
+        model = cifar_resnet(8, num_classes=10, in_chans=1, image_size=8, exits="every:1")
+    assert model.num_exits > 1
+    ic_params = list(model.head_parameters())
+    ic_start = _snapshot(ic_params)
+    phase = [0]  # the phase being run, as announced by the log hook
+    seen = {}  # what the log hook captured at each phase start
+
+    def log(event, **info):
+        if event != "phase":
+            return
+        phase[0] = info["phase"]
+        seen[info["phase"]] = {"backbone": _backbone_state(model), "ics": _snapshot(ic_params)}
+
+    log.wants_steps = False  # only phase starts matter here
+    ic_calls = []
+    for h in model.heads[:-1]:
+        h.register_forward_pre_hook(lambda m, a: ic_calls.append(phase[0]))
+    opts = []
+    real_make = tr.make_optimizer
+
+    def spy(params, pc, lr):
+        opts.append(list(params))
+        return real_make(params, pc, lr)
+
+    lrs = (0.05, 0.02)
+    tr.make_optimizer = spy
+    try:
+        tr.train(model, _small_data(data), regime=regime, config=_cfg(lr=lrs), log=log)
+    finally:
+        tr.make_optimizer = real_make
+
+    assert sorted(seen) == [i + 1 for i, c in enumerate(regime) if c == "+"]
+    # phase 1: the ICs are never run and leave it exactly as they entered it
+    assert 1 not in ic_calls, "phase 1 computed an IC head"
+    after_1 = seen[min(q for q in seen if q > 1)]["ics"]
+    assert _same(ic_start, after_1), "phase 1 changed an IC head"
+    if 3 in seen:
+        # phase 3: the backbone (weights and BN buffers) ends bit-identical to how phase 3 started
+        start_3, final = seen[3]["backbone"], _backbone_state(model)
+        assert start_3.keys() == final.keys()
+        assert any(k.endswith("num_batches_tracked") for k in final) == (kind == "resnet")
+        for k in final:
+            assert torch.equal(start_3[k], final[k]), f"phase 3 changed backbone entry {k}"
+        assert not _same(seen[3]["ics"], ic_params), "phase 3 did not train the ICs"
+    # every optimizer holds exactly the phase's trainable set
+    backbone_ids = {id(q) for q in model.backbone_parameters()}
+    ic_ids = {id(q) for q in ic_params}
+    want = {1: backbone_ids, 2: backbone_ids | ic_ids, 3: ic_ids}
+    # one optimizer per grid point, made in order (the first of a phase before its "phase" event)
+    order = [q for q in sorted(seen) for _ in lrs]
+    assert len(opts) == len(order)
+    for q, params in zip(order, opts):
+        ids = [id(x) for x in params]
+        assert len(ids) == len(set(ids)) and set(ids) == want[q], f"phase {q} optimizer holds the wrong parameters"
+
+
 def test_regime_names():
     assert parse_regime("joint") == "-+-" and parse_regime("disjoint") == "+-+" and parse_regime("mixed") == "++-"
     assert parse_regime("+++") == "+++"

