@@ -102,10 +102,10 @@ def main() -> None:
 @main.command()
 @click.option("--regime", default="mixed", show_default=True,
               help="joint (-+-), disjoint (+-+), mixed (++-), or any 3-character phase string over +/-.")
-@click.option("--model", "model_name", default="resnet20", show_default=True, help="Backbone (see `earlyexit models`).")
+@click.option("--model", "model_name", default="resnet20", show_default=True, help="Backbone (see `python -m earlyexit models`).")
 @click.option("--exits", default=None, help="IC placement: block indices '4,6,8', 'every:N', 'sdn' or 'default'.")
 @click.option("--weights", default=None, help="Pretrained weights the model builder reads (BERT: a folder or 'minilm-l6').")
-@click.option("--dataset", default="fashion-mnist", show_default=True, help="Dataset name (see `earlyexit datasets`).")
+@click.option("--dataset", default="fashion-mnist", show_default=True, help="Dataset name (see `python -m earlyexit datasets`).")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Local data root searched first.")
 @click.option("--train-size", default=None, type=int, help="Use only the first N training samples (train + validation).")
 @click.option("--epochs", default="3,3,3", show_default=True, help="Max epochs: one value, or three (phases 1,2,3).")

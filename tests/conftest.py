@@ -10,3 +10,10 @@ torch.set_num_threads(int(os.environ.get("EARLYEXIT_TEST_THREADS", "1")))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Timing varies on shared CI machines: property tests are about correctness, not speed.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", deadline=None, print_blob=True)
+settings.load_profile("ci")
