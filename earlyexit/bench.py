@@ -253,7 +253,7 @@ def _input_batches(split: Any) -> Callable[[int], Any]:
 
 
 def _inference_section(fn: Callable[..., Any], model: MultiExitModel, split: Any, *, repeats: int, warmup: int,
-                       trained: bool) -> tuple[dict[str, float], list[str]]:
+                       trained: bool, label: str = "") -> tuple[dict[str, float], list[str]]:
     """Time early-exit ``predict`` against full forward passes; numeric results and table lines.
 
     Args:
@@ -262,21 +262,23 @@ def _inference_section(fn: Callable[..., Any], model: MultiExitModel, split: Any
         split: the test split its inputs are taken from (real samples: exits depend on the data).
         repeats, warmup: timed and untimed runs per measurement.
         trained: whether the model comes from a trained run (else the table says nothing exits early).
+        label: a note on the model variant, shown in the table's title.
     Returns:
         ``({"inference_b{B}_{figure}": value}, lines)``.
     """
     rows = fn(model, _input_batches(split), thresholds=[INFERENCE_THRESHOLD], criterion="confidence",
               batch_sizes=INFERENCE_BATCHES, repeats=repeats, warmup=warmup)
     who = "trained run" if trained else "untrained model: almost nothing leaves early, expect no speed-up"
-    lines = [f"inference, confidence >= {INFERENCE_THRESHOLD} ({who}):",
+    lines = [f"inference, confidence >= {INFERENCE_THRESHOLD} ({who}{', ' + label if label else ''}):",
              f"{'batch':>6}{'predict ms':>12}{'backbone ms':>13}{'all exits ms':>14}{'speed-up':>10}"
-             f"{'FLOPs speed-up':>16}{'left early':>12}"]
+             f"{'FLOPs speed-up':>16}{'measured/FLOPs':>16}{'left early':>12}"]
     flat: dict[str, float] = {}
     for r in rows:
         counts = r["exit_counts"]
         early = 1.0 - counts[-1] / max(sum(counts), 1)
         lines.append(f"{r['batch_size']:>6}{r['predict_ms']:>12.2f}{r['backbone_ms']:>13.2f}{r['all_exits_ms']:>14.2f}"
-                     f"{r['measured_speedup']:>9.2f}x{r['flops_speedup']:>15.2f}x{early * 100:>11.1f}%")
+                     f"{r['measured_speedup']:>9.2f}x{r['flops_speedup']:>15.2f}x"
+                     f"{r['measured_speedup'] / r['flops_speedup']:>16.2f}{early * 100:>11.1f}%")
         for k in ("predict_ms", "backbone_ms", "all_exits_ms", "measured_speedup", "flops_speedup"):
             flat[f"inference_b{r['batch_size']}_{k}"] = float(r[k])
         flat[f"inference_b{r['batch_size']}_early_share"] = early
@@ -371,6 +373,14 @@ def run_bench(*, model: str = "resnet20", dataset: str = "fashion-mnist", data_d
         inf_model = net
     flat, lines = _inference_section(inference_bench, inf_model, test_split, repeats=steps, warmup=warmup,
                                      trained=run_dir is not None)
+    if any(isinstance(m, torch.nn.BatchNorm2d) for m in inf_model.modules()):
+        # the same with BatchNorm folded into the convolutions (memory-bound work that FLOPs do not count)
+        from .inference import fuse_batchnorm
+
+        fused, fused_lines = _inference_section(inference_bench, fuse_batchnorm(inf_model), test_split, repeats=steps,
+                                                warmup=warmup, trained=run_dir is not None, label="BatchNorm folded")
+        flat.update({k.replace("inference_", "inference_fused_"): v for k, v in fused.items()})
+        lines += fused_lines
     for line in lines:
         echo(line)
     res.update({k: v for k, v in flat.items() if math.isfinite(v)})

@@ -142,3 +142,31 @@ def test_inference_bench_rows():
     # Everyone at the first exit: FLOPs predict a speed-up; nobody early: a slow-down (every IC was paid for).
     assert rows[2]["flops_speedup"] > 1 > rows[3]["flops_speedup"]
     assert rows[2]["exit_counts"][0] == 8 and rows[3]["exit_counts"][-1] == 8
+
+
+@pytest.mark.parametrize("name,kw", [("resnet20", dict(in_chans=1, image_size=16)), ("resnet50", dict(image_size=32)),
+                                     ("msdnet_cifar", dict(image_size=32))])
+def test_fuse_batchnorm_keeps_the_function_and_the_original(name, kw):
+    from earlyexit import build_model
+    from earlyexit.inference import fuse_batchnorm
+
+    model = build_model(name, num_classes=5, **kw)
+    for m in model.modules():  # non-trivial statistics, so that folding has something to fold
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fuse_batchnorm(model)
+    n_bn = lambda m: sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # noqa: E731
+    if name.startswith("resnet"):
+        assert n_bn(fused) == 0
+    else:
+        assert n_bn(fused) <= n_bn(model)
+    x = model.example_input(4)
+    with torch.no_grad():
+        for a, b in zip(model(x), fused(x)):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
