@@ -397,7 +397,7 @@ def _load_20newsgroups(*, data_dir: Any = None, val_fraction: float = 0.1, seed:
                         tokenizer=_tokenizer(tokenizer, vocab, do_lower_case), max_length=max_length)
 
 
-register_dataset("sst2", _load_sst2)
-register_dataset("rotten-tomatoes", _load_rotten_tomatoes)
-register_dataset("bbc-news", _load_bbc_news)
-register_dataset("20newsgroups", _load_20newsgroups)
+DATASETS = {"sst2": _load_sst2, "rotten-tomatoes": _load_rotten_tomatoes, "bbc-news": _load_bbc_news,
+            "20newsgroups": _load_20newsgroups}
+for _name, _loader in DATASETS.items():
+    register_dataset(_name, _loader)

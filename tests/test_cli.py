@@ -246,3 +246,32 @@ def test_ddp_matches_single_process(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
     wa, wb = load_weights(_weights(one)), load_weights(_weights(two))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
+
+
+def test_bert_run_end_to_end_with_its_vocabulary(tmp_path):
+    """`run --model bert --weights DIR --dataset sst2`: a tiny checkpoint folder with its own vocabulary."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie", "fun", "dull", ".", "a", "the"]
+    ckpt = tmp_path / "tiny-bert"
+    ckpt.mkdir()
+    (ckpt / "vocab.txt").write_text("\n".join(words) + "\n")
+    cfg = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+           "max_position_embeddings": 64, "vocab_size": len(words), "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+           "hidden_act": "gelu"}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.BertModel(transformers.BertConfig(**cfg))
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(ckpt / "model.safetensors"))
+    data = tmp_path / "data" / "sst2"
+    data.mkdir(parents=True)
+    rows = ["good fun movie .\t1", "a dull movie .\t0", "the good movie\t1", "bad , dull\t0"] * 16
+    for name in ("train.tsv", "dev.tsv", "test.tsv"):
+        (data / name).write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    r = _run(["run", "--model", "bert", "--weights", str(ckpt), "--dataset", "sst2", "--data-dir", str(tmp_path / "data"),
+              "--optimizer", "adamw", "--lr", "1e-3", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+              "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["exits"]) == 2 and res["model"] == "bert"
