@@ -3,6 +3,7 @@
 # over several seeds, with accuracy-vs-FLOPs curves and the budget table (mean +- std over seeds).
 #
 #   ./reproduce.sh quick   ResNet-20 on Fashion-MNIST, 2 seeds, short schedules (CPU, about an hour)
+#   ./reproduce.sh smoke   a toy MLP on synthetic data, 2 seeds, one epoch per phase (seconds; checks the pipeline)
 #   ./reproduce.sh full    ResNet-56 on CIFAR-10 (needs the CIFAR files in $EARLYEXIT_DATA), ViT on CIFAR-10,
 #                          BERT (MiniLM-L6) on SST-2; 3 seeds, paper-length schedules (a GPU)
 #
@@ -35,6 +36,9 @@ experiment() {  # experiment TAG SEEDS ARGS...: the three regimes over the seeds
 
 mkdir -p "$OUT"
 case "$PRESET" in
+    smoke)
+        experiment mlp-synthetic "0 1" --model mlp --dataset synthetic --epochs 1,1,1 --batch-size 32
+        ;;
     quick)
         experiment resnet20-fmnist "0 1" --model resnet20 --dataset fashion-mnist --train-size 20000 --epochs 4,4,4
         ;;
@@ -44,5 +48,5 @@ case "$PRESET" in
         experiment bert-sst2 "0 1 2" --model bert --weights minilm-l6 --dataset sst2 --optimizer adamw --lr 5e-5,3e-5 \
             --weight-decay 0.01 --epochs 5,5,5 --batch-size 32
         ;;
-    *) echo "usage: $0 [quick|full]" >&2; exit 2 ;;
+    *) echo "usage: $0 [smoke|quick|full]" >&2; exit 2 ;;
 esac

@@ -275,3 +275,17 @@ def test_bert_run_end_to_end_with_its_vocabulary(tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     assert len(res["exits"]) == 2 and res["model"] == "bert"
+
+
+@pytest.mark.slow
+def test_reproduce_script_smoke_preset(tmp_path):
+    script = Path(__file__).parents[1] / "reproduce.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", str(script), "smoke"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "runs" / "smoke"
+    assert len(list(out.glob("mlp-synthetic-*-s*/results.json"))) == 6
+    summary = (out / "mlp-synthetic-summary.txt").read_text()
+    assert summary.count("seeds [0, 1]") == 3  # joint, disjoint, mixed: mean +- std over both seeds
+    bad = subprocess.run(["bash", str(script), "nonsense"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2
