@@ -105,6 +105,8 @@ def main() -> None:
 @click.option("--model", "model_name", default="resnet20", show_default=True, help="Backbone (see `python -m earlyexit models`).")
 @click.option("--exits", default=None, help="IC placement: block indices '4,6,8', 'every:N', 'sdn' or 'default'.")
 @click.option("--weights", default=None, help="Pretrained weights the model builder reads (BERT: a folder or 'minilm-l6').")
+@click.option("--model-opt", "model_opts", multiple=True, metavar="KEY=VALUE",
+              help="A model builder option, repeatable, e.g. head_pool=mean (BERT), head=mlp1024 (ViT), width=128.")
 @click.option("--dataset", default="fashion-mnist", show_default=True, help="Dataset name (see `python -m earlyexit datasets`).")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Local data root searched first.")
 @click.option("--train-size", default=None, type=int, help="Use only the first N training samples (train + validation).")
@@ -132,7 +134,7 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
 @_user_errors
-def run(regime, model_name, exits, weights, dataset, data_dir, train_size, epochs, lr, optimizer, weight_decay, schedule,
+def run(regime, model_name, exits, weights, model_opts, dataset, data_dir, train_size, epochs, lr, optimizer, weight_decay, schedule,
         patience, val_metric, batch_size, method, weighting, criterion, seed, init, device, out, resume, force) -> None:
     """Train one model in one regime, evaluate it, write a run folder."""
     from .experiment import default_out_dir, run_experiment
@@ -157,6 +159,7 @@ def run(regime, model_name, exits, weights, dataset, data_dir, train_size, epoch
     phases = tuple(PhaseConfig(optimizer=optimizer, lr=lrs, weight_decay=weight_decay, schedule=schedule, epochs=e,
                                patience=patience, metric=val_metric) for e in ep)
     kwargs = {"weights": weights} if weights else {}
+    kwargs.update(_model_options(model_opts))
     exits_v = tuple(int(t) for t in exits.split(",")) if exits and exits.replace(",", "").strip().isdigit() else exits
     cfg = RunConfig(model=ModelConfig(name=model_name, exits=exits_v, kwargs=kwargs),
                     data=DataConfig(name=dataset, data_dir=data_dir, train_size=train_size),
@@ -175,6 +178,22 @@ def run(regime, model_name, exits, weights, dataset, data_dir, train_size, epoch
     if res:
         print_summary(res)
         click.echo(f"total time {time.time() - t0:.0f}s; results in {out_dir}")
+
+
+def _model_options(items: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` pairs; values are read as JSON where they parse (numbers, true, lists), else as strings."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise EarlyExitError(f"--model-opt expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def _check_names(cfg: RunConfig) -> None:

@@ -369,3 +369,18 @@ def test_truncated_tokenization_is_a_prefix(tokenizer, words, k):
     """Long texts are tokenized from a growing prefix; the result must equal cutting the full tokenization."""
     text = " ".join(words)
     assert tokenizer.tokenize_ids(text, k) == tokenizer.tokenize_ids(text)[:k]
+
+
+def test_mean_pooling_heads_ignore_padding():
+    from earlyexit import build_model
+
+    model = build_model("bert_tiny", num_classes=3, head_pool="mean").eval()
+    x = model.example_input(2)
+    padded = {"input_ids": torch.cat([x["input_ids"], torch.zeros(2, 5, dtype=torch.long)], 1),
+              "attention_mask": torch.cat([x["attention_mask"], torch.zeros(2, 5, dtype=x["attention_mask"].dtype)], 1)}
+    with torch.no_grad():
+        a, b = model(x), model(padded)
+    assert model.heads[0].pooler.pool == "mean" and model.heads[-1].pooler.pool == "cls"
+    assert torch.allclose(a[0], b[0], atol=1e-5)  # the mean runs over real tokens only
+    with pytest.raises(ValueError, match="unknown pooling"):
+        build_model("bert_tiny", num_classes=3, head_pool="max")

@@ -89,6 +89,8 @@ def _expect_error(args, pattern, code=2):
     (["--model", "bert_tiny"], "does not take the image inputs"),
     (["--batch-size", "0"], "--batch-size must be > 0"),
     (["--method", "ztw", "--epochs", "1,1,0"], "phase 3 has 0"),
+    (["--model-opt", "width"], "--model-opt expects KEY=VALUE"),
+    (["--model-opt", "colour=blue"], "does not take the option 'colour'"),
 ])
 def test_bad_input(args, pattern, tmp_path):
     base = ["run", "--dataset", "synthetic", "--model", "mlp", "--out", str(tmp_path / "o")]
@@ -269,12 +271,15 @@ def test_bert_run_end_to_end_with_its_vocabulary(tmp_path):
     for name in ("train.tsv", "dev.tsv", "test.tsv"):
         (data / name).write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
-    r = _run(["run", "--model", "bert", "--weights", str(ckpt), "--dataset", "sst2", "--data-dir", str(tmp_path / "data"),
+    r = _run(["run", "--model", "bert", "--weights", str(ckpt), "--model-opt", "head_pool=mean", "--dataset", "sst2",
+              "--data-dir", str(tmp_path / "data"),
               "--optimizer", "adamw", "--lr", "1e-3", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
               "--out", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     assert len(res["exits"]) == 2 and res["model"] == "bert"
+    model, cfg = load_run(out)
+    assert cfg.model.kwargs["head_pool"] == "mean" and model.heads[0].pooler.pool == "mean"
 
 
 @pytest.mark.slow

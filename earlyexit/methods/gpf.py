@@ -54,7 +54,7 @@ class BertStateHead(nn.Module):
         self.pooler = pooler
 
     def forward(self, state: dict) -> Tensor:
-        return self.pooler(state["hidden"])  # (B, D)
+        return self.pooler(state["hidden"], state.get("mask"))  # (B, D)
 
 
 def _resized(head: nn.Module, dim: int) -> nn.Module:

@@ -281,14 +281,25 @@ class BertLayer(nn.Module):
 
 
 class BertPooler(nn.Module):
-    """Dense + tanh on the first (``[CLS]``) position."""
+    """Dense + tanh on the first (``[CLS]``) position, or (``pool="mean"``) on the mean of the real tokens.
 
-    def __init__(self, hidden_size: int) -> None:
+    Mean pooling suits checkpoints trained as sentence encoders (MiniLM-L6 of sentence-transformers),
+    whose ``[CLS]`` state hardly varies between inputs in the early layers.
+    """
+
+    def __init__(self, hidden_size: int, *, pool: str = "cls") -> None:
         super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"unknown pooling {pool!r}; valid: cls, mean")
+        self.pool = pool
         self.dense = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        return torch.tanh(self.dense(hidden[:, 0]))  # (B, D)
+    def forward(self, hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.pool == "cls" or mask is None:
+            return torch.tanh(self.dense(hidden[:, 0]))  # (B, D)
+        m = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+        mean = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, D)
+        return torch.tanh(self.dense(mean))
 
 
 class BertHead(nn.Module):
@@ -300,14 +311,14 @@ class BertHead(nn.Module):
         dropout: dropout probability before the classifier.
     """
 
-    def __init__(self, hidden_size: int, num_classes: int, *, dropout: float = 0.1) -> None:
+    def __init__(self, hidden_size: int, num_classes: int, *, dropout: float = 0.1, pool: str = "cls") -> None:
         super().__init__()
-        self.pooler = BertPooler(hidden_size)
+        self.pooler = BertPooler(hidden_size, pool=pool)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_classes)
 
     def forward(self, state: Mapping[str, Tensor]) -> Tensor:
-        return self.classifier(self.dropout(self.pooler(state["hidden"])))  # (B, num_classes)
+        return self.classifier(self.dropout(self.pooler(state["hidden"], state.get("mask"))))  # (B, num_classes)
 
 
 class BertMultiExit(MultiExitModel):
@@ -325,20 +336,22 @@ class BertMultiExit(MultiExitModel):
         tokenizer_path: the ``vocab.txt`` that matches the embeddings (None: the default vocabulary).
         cost_seq_len: tokens per sequence of ``example_input`` by default, hence of the reported
             exit costs and of the ``"sdn"`` exit placement (capped at ``max_position_embeddings``).
+        head_pool: what the IC poolers read: ``"cls"`` (the ``[CLS]`` state, as the final head) or
+            ``"mean"`` (the mean of the real tokens).
     """
 
     def __init__(self, cfg: BertConfig, *, num_classes: int, exits: Any = None, head_dropout: float | None = None,
-                 tokenizer_path: Path | None = None, cost_seq_len: int = 64) -> None:
+                 tokenizer_path: Path | None = None, cost_seq_len: int = 64, head_pool: str = "cls") -> None:
         if isinstance(cost_seq_len, bool) or not isinstance(cost_seq_len, int) or cost_seq_len < 1:
             raise ValueError(f"cost_seq_len must be a positive integer, got {cost_seq_len!r}")
         stem = BertEmbeddings(cfg)
         stages = [BertLayer(cfg) for _ in range(cfg.num_hidden_layers)]
         p = cfg.hidden_dropout_prob if head_dropout is None else head_dropout
-        final = BertHead(cfg.hidden_size, num_classes, dropout=p)
+        final = BertHead(cfg.hidden_size, num_classes, dropout=p)  # the backbone's own head: [CLS], as pretrained
         info = [{"num_chs": cfg.hidden_size, "size": None, "module": f"encoder.layer.{i}"} for i in range(len(stages))]
         chosen = _resolve_bert_exits(exits, stem, stages, final, cfg, cost_seq_len)
         super().__init__(stem=stem, stages=stages, head=final, exits=chosen,
-                         make_head=lambda fi, c: BertHead(fi["num_chs"], c, dropout=p),
+                         make_head=lambda fi, c: BertHead(fi["num_chs"], c, dropout=p, pool=head_pool),
                          feature_info=info, num_classes=num_classes, input_shape=None)
         self.config = cfg
         self.tokenizer_path = tokenizer_path
@@ -549,7 +562,7 @@ def load_hf_weights(model: BertMultiExit, sd: Mapping[str, Tensor]) -> BertMulti
 
 def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, weights: str | Path | None = None,
          config: BertConfig | Mapping[str, Any] | str | Path | None = None, head_dropout: float | None = None,
-         image_size: Any = None, cost_seq_len: int = 64, **overrides: Any) -> BertMultiExit:
+         image_size: Any = None, cost_seq_len: int = 64, head_pool: str = "cls", **overrides: Any) -> BertMultiExit:
     """Build a multi-exit BERT, optionally with pretrained encoder weights.
 
     Args:
@@ -564,6 +577,7 @@ def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, we
         image_size: ignored (text input).
         cost_seq_len: tokens per sequence of ``model.example_input()``, so exit costs are FLOPs per
             sequence of this length (default 64).
+        head_pool: IC poolers on ``"cls"`` (default) or on the ``"mean"`` of the real tokens.
         **overrides: ``BertConfig`` fields to change, e.g. ``hidden_dropout_prob=0.0``.
     Returns:
         A ``BertMultiExit``; ``model.tokenizer_path`` names the weights' ``vocab.txt`` (None without weights
@@ -592,7 +606,7 @@ def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, we
         folder = _weights_folder(path)
         vocab = folder / "vocab.txt" if (folder / "vocab.txt").is_file() else None
     model = BertMultiExit(cfg, num_classes=num_classes, exits=exits, head_dropout=head_dropout, tokenizer_path=vocab,
-                          cost_seq_len=cost_seq_len)
+                          cost_seq_len=cost_seq_len, head_pool=head_pool)
     if path is not None:
         load_hf_weights(model, read_checkpoint(path))
     return model
