@@ -210,6 +210,8 @@ def train(
             atomic_torch_save(st, ckpt_path)
             atomic_write_text(out / HISTORY, "".join(_json_line(h) for h in st["history"]))
 
+    net: nn.Module = model  # DistributedDataParallel around it under torchrun
+    ddp_phase = 0
     while st["phase"] <= 3:
         p = st["phase"]
         if phases[p - 1] != "+":
@@ -223,11 +225,12 @@ def train(
         params = [q for q in model.parameters() if q.requires_grad]
         if not params:
             raise TrainingError(f"phase {p} has nothing to train (the model has no IC heads)")
-        net: nn.Module = model
-        if ws > 1:
+        if ws > 1 and ddp_phase != p:  # one wrapper per phase: its trainable set is fixed within the phase
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+            ddp_phase = p
         gi = st["grid"]
         lr = pc.lr[gi]
+        # rebuilt every epoch from the saved state: a resumed run takes exactly the same path
         opt = make_optimizer(params, pc, lr)
         if st["epoch"] == 0:
             load_state_strict(model, st["phase_start"], source="phase start")
