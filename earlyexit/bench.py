@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from . import metrics
 from .config import ModelConfig, PhaseConfig, RunConfig
-from .inference import inference_bench
+from .inference import cuda_sync, inference_bench
 from .models import MultiExitModel
 from .train import TrainingError, lr_at, make_optimizer, phase_exits, set_mode, set_trainable
 from .weighting import get_weighting
@@ -55,11 +55,6 @@ EVAL_BATCH_SIZE = 512      # batch size of the forward pass that stores the logi
 INFERENCE_BATCHES = (1, 64, 256)
 INFERENCE_THRESHOLD = 0.9  # confidence threshold of the inference section
 BENCH_LR = 1e-3            # learning rate of the timed steps (see _PhaseStep)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _passes(key: str, value: float) -> bool:
@@ -128,14 +123,14 @@ def _train_batches(split: Any, batch_size: int, device: torch.device) -> Iterato
     while True:
         it = split.batches(batch_size, shuffle=True, seed=0, epoch=epoch, augment=True, drop_last=True)
         while True:
-            _sync(device)
+            cuda_sync(device)
             t0 = time.perf_counter()
             try:
                 x, y = next(it)
             except StopIteration:
                 break
             x, y = metrics.to_device(x, device), y.to(device)
-            _sync(device)
+            cuda_sync(device)
             yield time.perf_counter() - t0, x, y
         epoch += 1
 
@@ -164,10 +159,10 @@ def time_phases(model: MultiExitModel, split: Any, *, batch_size: int, steps: in
             ph = phases[(r + j) % 3]  # rotate the order so no phase always follows the same one
             ph.enter()
             t_load, x, y = next(draws)
-            _sync(device)
+            cuda_sync(device)
             t0 = time.perf_counter()
             ph(x, y)
-            _sync(device)
+            cuda_sync(device)
             if r >= warmup:
                 times[ph.phase].append(time.perf_counter() - t0)
                 loads.append(t_load)
@@ -226,10 +221,10 @@ def time_sweep(model: MultiExitModel, split: Any, costs: Sequence[float], *, dev
     """
     batches = _sample_batches(split, samples, EVAL_BATCH_SIZE)
     metrics.evaluate(model, batches[:1], device=device)  # warm-up
-    _sync(device)
+    cuda_sync(device)
     t0 = time.perf_counter()
     logits, labels = metrics.evaluate(model, batches, device=device)  # (E, N, C), (N,)
-    _sync(device)
+    cuda_sync(device)
     forward_s = time.perf_counter() - t0
     metrics.threshold_curve(logits, labels, costs, thresholds=thresholds)  # warm-up
     sweeps = []

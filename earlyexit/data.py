@@ -225,7 +225,25 @@ def _normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor
 # --------------------------------------------------------------------------- split objects
 
 
-class TensorSplit:
+class Split:
+    """What every split offers besides ``batches(...)``: its size, its labels ``y`` and batches per epoch."""
+
+    y: Tensor  # (N,) int64 labels, set by the subclass
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def labels(self) -> Tensor:
+        """Labels ``(N,)`` int64."""
+        return self.y
+
+    def num_batches(self, batch_size: int, *, world_size: int = 1, drop_last: bool = False) -> int:
+        """Batches per epoch that ``batches`` yields with these arguments (on every rank)."""
+        return count_batches(len(self), batch_size, world_size=world_size, drop_last=drop_last)
+
+
+class TensorSplit(Split):
     """A split held in memory: images ``x`` and integer labels ``y``.
 
     Args:
@@ -248,16 +266,8 @@ class TensorSplit:
         self.std = tuple(float(s) for s in std)
         self.augment = augment
 
-    def __len__(self) -> int:
-        return len(self.y)
-
     def __repr__(self) -> str:
         return f"TensorSplit(n={len(self)}, shape={tuple(self.x.shape[1:])}, dtype={self.x.dtype})"
-
-    @property
-    def labels(self) -> Tensor:
-        """Labels ``(N,)`` int64."""
-        return self.y
 
     def subset(self, index: Tensor | Sequence[int]) -> "TensorSplit":
         """The samples at ``index`` (a new split sharing mean, std and augmentation)."""
@@ -271,10 +281,6 @@ class TensorSplit:
         """
         return TensorSplit(self.x.to(device), self.y.to(device), mean=self.mean, std=self.std,
                            augment=self.augment)
-
-    def num_batches(self, batch_size: int, *, world_size: int = 1, drop_last: bool = False) -> int:
-        """Batches per epoch that ``batches`` yields with these arguments (on every rank)."""
-        return count_batches(len(self), batch_size, world_size=world_size, drop_last=drop_last)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                 augment: bool = False, rank: int = 0, world_size: int = 1,
@@ -332,7 +338,7 @@ class _ImageFiles(torch.utils.data.Dataset):
         return TF.pil_to_tensor(img), label  # (3, S, S) uint8
 
 
-class ImageFolderSplit:
+class ImageFolderSplit(Split):
     """A split of image files, decoded by a ``DataLoader``; same ``batches`` contract as ``TensorSplit``.
 
     The plan (order, rank slices, augmentation parameters) is drawn in the main
@@ -358,26 +364,14 @@ class ImageFolderSplit:
         self.num_workers = num_workers
         self.y = torch.tensor([label for _, label in self.samples], dtype=torch.int64)  # (N,)
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def __repr__(self) -> str:
         return f"ImageFolderSplit(n={len(self)}, image_size={self.image_size})"
-
-    @property
-    def labels(self) -> Tensor:
-        """Labels ``(N,)`` int64."""
-        return self.y
 
     def subset(self, index: Tensor | Sequence[int]) -> "ImageFolderSplit":
         """The samples at ``index`` (a new split with the same settings)."""
         index = torch.as_tensor(index, dtype=torch.long).tolist()
         return ImageFolderSplit([self.samples[i] for i in index], image_size=self.image_size, mean=self.mean,
                                 std=self.std, augment=self.augment, num_workers=self.num_workers)
-
-    def num_batches(self, batch_size: int, *, world_size: int = 1, drop_last: bool = False) -> int:
-        """Batches per epoch that ``batches`` yields with these arguments (on every rank)."""
-        return count_batches(len(self), batch_size, world_size=world_size, drop_last=drop_last)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                 augment: bool = False, rank: int = 0, world_size: int = 1,

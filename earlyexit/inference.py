@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .metrics import CRITERIA, autocast_context, backbone_cost, exit_costs, to_device
+from .metrics import CRITERIA, autocast_context, backbone_cost, exit_costs, exit_scores, model_device, to_device
 from .models import MultiExitModel, slice_state, state_batch_size
 
 
@@ -54,12 +54,6 @@ def run_exit(model: MultiExitModel, k: int, state: Any, memory: Any) -> tuple[Te
     return step(k, state, memory)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
-
-
 def _check_criterion(criterion: str, threshold: float) -> float:
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
@@ -71,13 +65,9 @@ def _check_criterion(criterion: str, threshold: float) -> float:
 
 
 def _fires(logits: Tensor, criterion: str, threshold: float) -> Tensor:
-    """(B,) bool for the confidence and entropy criteria, with the formulas of ``earlyexit.metrics``."""
-    x = logits.float()
-    if criterion == "confidence":
-        score = (x.amax(-1) - x.logsumexp(-1)).exp().double()  # (B,) max softmax
-        return score >= threshold
-    entropy = torch.special.entr(torch.softmax(x, dim=-1)).sum(-1).double()  # (B,)
-    return entropy <= threshold
+    """(B,) bool for the confidence and entropy criteria, scored by ``metrics.exit_scores`` as offline."""
+    score = exit_scores(logits[None], criterion)[0]  # (B,)
+    return score >= threshold if criterion == "confidence" else score <= threshold
 
 
 @torch.inference_mode()
@@ -139,7 +129,7 @@ def predict(model: MultiExitModel, x: Any, *, criterion: str = "confidence", thr
     if not isinstance(model, MultiExitModel):
         raise TypeError(f"expected a MultiExitModel, got {type(model).__name__}")
     t = _check_criterion(criterion, threshold)
-    device = _device_of(model)
+    device = model_device(model)
     was_training = model.training
     if was_training:  # switching modes walks every module: only when needed (it costs ~1 ms at batch 1)
         model.eval()
@@ -208,7 +198,8 @@ def fuse_batchnorm(model: MultiExitModel) -> MultiExitModel:
 
 # --- benchmark ------------------------------------------------------------------
 
-def _sync(device: torch.device) -> None:
+def cuda_sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA only), so that wall-clock timings are complete."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -218,10 +209,10 @@ def _median_seconds(fn: Callable[[], Any], device: torch.device, *, repeats: int
         fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        cuda_sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        cuda_sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -263,7 +254,7 @@ def inference_bench(model: MultiExitModel, example_batch_fn: Callable[[int], Any
         raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
     for t in thresholds:
         _check_criterion(criterion, t)
-    device = _device_of(model)
+    device = model_device(model)
     was_training = model.training
     rows = []
     costs = base = None

@@ -79,7 +79,8 @@ def autocast_context(device: torch.device | str) -> ContextManager:
     return contextlib.nullcontext()
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model without tensors."""
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -102,7 +103,7 @@ def _part_costs(model: MultiExitModel, example_input: Any, *, ic_heads: bool) ->
     was_training = model.training
     model.eval()  # BatchNorm and dropout as at inference; the counts do not depend on it, the state does
     try:
-        state = to_device(example_input, _model_device(model))
+        state = to_device(example_input, model_device(model))
         k = 0
         for i in range(len(model.stages)):
             c, state = count_flops(model.stage, i, state)
@@ -178,11 +179,10 @@ def evaluate(model: MultiExitModel, batches: Iterable[Any], *, device: torch.dev
     Returns:
         ``(logits, labels)``: ``(E, N, C)`` float32 logits and ``(N,)`` labels, on the CPU.
     """
-    model_device = _model_device(model)
-    device = model_device if device is None else torch.device(device)
-    if device.type != model_device.type or (device.index is not None and model_device.index is not None
-                                            and device.index != model_device.index):
-        raise ValueError(f"the model is on {model_device} but device={device}; move the model first")
+    home = model_device(model)
+    device = home if device is None else torch.device(device)
+    if device.type != home.type or (device.index is not None and home.index is not None and device.index != home.index):
+        raise ValueError(f"the model is on {home} but device={device}; move the model first")
     logits, labels = [], []
     was_training = model.training
     model.eval()
@@ -252,12 +252,13 @@ def _fire_mask(logits: Tensor, criterion: str, thresholds: Tensor) -> Tensor:
         run = (k - last_change + 1).double()  # (E, N): length of the run of equal predictions ending at k
         return run[None] >= t  # (T, E, N)
     if criterion == "confidence":
-        return _criterion_values(logits, criterion)[None] >= t
-    return _criterion_values(logits, criterion)[None] <= t
+        return exit_scores(logits, criterion)[None] >= t
+    return exit_scores(logits, criterion)[None] <= t
 
 
-def _criterion_values(logits: Tensor, criterion: str) -> Tensor:
-    """(E, N) float64: the max softmax probability (``confidence``) or the entropy in nats (``entropy``)."""
+def exit_scores(logits: Tensor, criterion: str) -> Tensor:
+    """(E, N) float64 from (E, N, C) logits: the max softmax probability (``confidence``) or the entropy in
+    nats (``entropy``); the one formula behind every exit decision, offline and in ``inference.predict``."""
     if criterion == "confidence":
         x = logits.float()
         return (x.amax(-1) - x.logsumexp(-1)).exp().double()  # (E, N): max softmax without materialising it
@@ -425,7 +426,7 @@ def _leave_scores(logits: Tensor, criterion: str) -> Tensor:
     Confidence is its own score; entropy enters negated (``H <= t`` iff ``-H >= -t``, exactly in floating
     point), so one calibration routine serves both and thresholds convert back by one negation.
     """
-    values = _criterion_values(logits, criterion)  # (E, N)
+    values = exit_scores(logits, criterion)  # (E, N)
     return values if criterion == "confidence" else -values
 
 
@@ -615,7 +616,7 @@ def apply_thresholds(logits: Tensor, thresholds: Sequence[float] | Tensor, *, cr
     if isinstance(thresholds, Tensor):
         thresholds = thresholds.detach().cpu().reshape(-1).tolist()
     t = _thresholds_tensor([list(thresholds)], logits.shape[0])  # (1, E)
-    return _exits_under(_criterion_values(logits, criterion), criterion, t)[0]
+    return _exits_under(exit_scores(logits, criterion), criterion, t)[0]
 
 
 def calibrated_curve(val_logits: Tensor, test_logits: Tensor, test_labels: Tensor, costs: Sequence[float], *,
@@ -659,7 +660,7 @@ def calibrated_curve(val_logits: Tensor, test_logits: Tensor, test_labels: Tenso
     offsets = torch.arange(P)[:, None] * E  # (P, 1): one histogram row per target
 
     def counts_of(logits: Tensor) -> tuple[Tensor, Tensor]:
-        exits = _exits_under(_criterion_values(logits, criterion), criterion, t).cpu()  # (P, N)
+        exits = _exits_under(exit_scores(logits, criterion), criterion, t).cpu()  # (P, N)
         counts = torch.bincount((exits + offsets).flatten(), minlength=P * E).view(P, E)  # (P, E)
         return exits, counts
 
@@ -680,6 +681,6 @@ def calibrated_curve(val_logits: Tensor, test_logits: Tensor, test_labels: Tenso
     }
 
 
-__all__ = ["CRITERIA", "to_device", "autocast_context", "exit_costs", "backbone_cost", "evaluate", "exit_decisions",
+__all__ = ["CRITERIA", "to_device", "autocast_context", "model_device", "exit_scores", "exit_costs", "backbone_cost", "evaluate", "exit_decisions",
            "threshold_curve", "static_points", "accuracy_per_exit", "budget_table", "CALIBRATION_MODES",
            "geometric_fractions", "calibrate_thresholds", "apply_thresholds", "calibrated_curve"]

@@ -45,7 +45,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .data import DataError, Splits, count_batches, data_roots, plan_epoch, register_dataset, stratified_split
+from .data import DataError, Split, Splits, data_roots, plan_epoch, register_dataset, stratified_split
 from .io import EarlyExitError
 from .models.bert import WordPieceTokenizer, load_tokenizer
 
@@ -53,7 +53,7 @@ from .models.bert import WordPieceTokenizer, load_tokenizer
 TEST_SPLIT_SEED = 0
 
 
-class TextSplit:
+class TextSplit(Split):
     """A tokenized text split held in memory.
 
     Args:
@@ -91,16 +91,8 @@ class TextSplit:
         lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)  # (N,)
         return cls(ids, lengths, torch.as_tensor(labels, dtype=torch.int64))
 
-    def __len__(self) -> int:
-        return len(self.y)
-
     def __repr__(self) -> str:
         return f"TextSplit(n={len(self)}, max_len={self.ids.shape[1]})"
-
-    @property
-    def labels(self) -> Tensor:
-        """Labels ``(N,)`` int64."""
-        return self.y
 
     def subset(self, index: Tensor | Sequence[int]) -> "TextSplit":
         """The samples at ``index``."""
@@ -110,10 +102,6 @@ class TextSplit:
     def to(self, device: torch.device | str) -> "TextSplit":
         """The same split with its tensors on ``device``; batches then come out there."""
         return TextSplit(self.ids.to(device), self.lengths.to(device), self.y.to(device))
-
-    def num_batches(self, batch_size: int, *, world_size: int = 1, drop_last: bool = False) -> int:
-        """Batches per epoch that ``batches`` yields with these arguments (on every rank)."""
-        return count_batches(len(self), batch_size, world_size=world_size, drop_last=drop_last)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                 augment: bool = False, rank: int = 0, world_size: int = 1,

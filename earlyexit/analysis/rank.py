@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from ..metrics import to_device
+from ..metrics import model_device, to_device
 from ..models.multiexit import MultiExitModel, State, slice_state, state_batch_size
 
 POOLS = ("cls", "mean")
@@ -69,12 +69,6 @@ def state_features(state: State, *, pool: str = "cls") -> Tensor:
     raise ValueError(f"cannot take features of a state of type {type(state).__name__}")
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def stage_features(model: MultiExitModel, batches: Iterable[Any], *, max_samples: int = 1024,
                    pool: str = "cls") -> dict[str, Any]:
     """Features of the state after each exit's stage, in eval mode and float32.
@@ -94,7 +88,7 @@ def stage_features(model: MultiExitModel, batches: Iterable[Any], *, max_samples
         raise TypeError(f"expected a MultiExitModel, got {type(model).__name__}")
     if max_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")
-    device = _model_device(model)
+    device = model_device(model)
     stages = list(model.exit_after)
     wanted = sorted(set(stages))
     feats: dict[int, list[Tensor]] = {s: [] for s in wanted}

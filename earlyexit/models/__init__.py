@@ -78,6 +78,18 @@ def feature_info_for(stem: nn.Module, stages: Sequence[nn.Module], input_shape: 
     return info
 
 
+def init_conv_bn(model: nn.Module, *, zero_linear_bias: bool = False) -> None:
+    """He-normal (fan-out) convolutions and BatchNorm at identity, as ResNet and MSDNet initialise them."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif zero_linear_bias and isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
 @torch.no_grad()
 def stage_costs(stem: nn.Module, stages: Sequence[nn.Module], example: Any) -> list[int]:
     """FLOPs of each stage (stage 0 includes the stem) on ``example``: an input, or the shape of a zero tensor."""
@@ -142,4 +154,4 @@ for _m in (_resnet, _mlp, _vit, _msdnet, _bert):  # each architecture file ends 
     register(_m.MODELS)
 
 __all__ = ["MultiExitModel", "build_model", "list_models", "register", "slice_state", "state_batch_size",
-           "resolve_exits", "feature_info_for", "stage_costs"]
+           "resolve_exits", "feature_info_for", "stage_costs", "init_conv_bn"]

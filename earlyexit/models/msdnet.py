@@ -250,18 +250,6 @@ def scale_schedule(num_layers: int, n_scales: int) -> list[tuple[int, int]]:
     return out
 
 
-def _init_weights(model: nn.Module) -> None:
-    # the authors' init: He-normal (fan-out) convs, BN at identity, zero linear biases
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
-
-
 @torch.no_grad()
 def _feature_info(stem: nn.Module, stages: Sequence[nn.Module], input_shape: Sequence[int]) -> list[dict]:
     """Shapes of each stage's output list, in eval mode; ``num_chs``/``size`` describe the coarsest scale."""
@@ -327,7 +315,7 @@ def msdnet(
     Returns:
         A ``MultiExitModel`` whose states are lists of per-scale tensors.
     """
-    from . import resolve_exits  # registry helper
+    from . import init_conv_bn, resolve_exits  # registry helpers
 
     n_scales = len(gr_factor)
     if n_scales < 1 or len(bn_factor) != n_scales:
@@ -366,7 +354,7 @@ def msdnet(
     chosen = resolve_exits(exits, stem, stages, final, (1, *input_shape), default=list(range(num_blocks - 1)))
     model = MultiExitModel(stem=stem, stages=stages, head=final, exits=chosen, make_head=make_head,
                            feature_info=info, num_classes=num_classes, input_shape=input_shape)
-    _init_weights(model)
+    init_conv_bn(model, zero_linear_bias=True)  # the authors' init
     return model
 
 

@@ -120,15 +120,6 @@ def _make_blocks(block: type, widths: Sequence[int], depths: Sequence[int], cin:
     return blocks, where
 
 
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 def resnet(
     *,
     block: type,
@@ -142,7 +133,7 @@ def resnet(
     image_size: int = 32,
 ) -> MultiExitModel:
     """Build a ResNet with IC heads (see the module docstring)."""
-    from . import feature_info_for, resolve_exits  # registry helpers
+    from . import feature_info_for, init_conv_bn, resolve_exits  # registry helpers
 
     stem = (ImageNetStem if imagenet_stem else CifarStem)(in_chans, stem_width)
     blocks, where = _make_blocks(block, widths, depths, stem_width)
@@ -153,7 +144,7 @@ def resnet(
     chosen = resolve_exits(exits, stem, blocks, final, (1, in_chans, image_size, image_size), default=default_resnet_exits(len(blocks)))
     model = MultiExitModel(stem=stem, stages=blocks, head=final, exits=chosen, make_head=sdn_head, feature_info=info, num_classes=num_classes,
                            input_shape=(in_chans, image_size, image_size))
-    _init_weights(model)
+    init_conv_bn(model)
     return model
 
 
