@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
-from hypothesis.extra import numpy as hnp
 
 from earlyexit.metrics import (apply_thresholds, calibrate_thresholds, calibrated_curve, exit_decisions,
                                geometric_fractions, threshold_curve)
+
+from strategies import exit_outputs  # tests/strategies.py
 
 SETTINGS = settings(max_examples=40, deadline=None)
 CRITERIA = ["confidence", "entropy"]
@@ -41,16 +42,6 @@ def random_logits(E: int, N: int, C: int, seed: int) -> tuple[torch.Tensor, torc
     return 3 * torch.randn(E, N, C, generator=g), torch.randint(0, C, (N,), generator=g)
 
 
-@st.composite
-def exit_outputs(draw, max_exits: int = 5):
-    """(logits (E, N, C), labels (N,), costs) with strictly increasing positive costs; ties are likely."""
-    E = draw(st.integers(1, max_exits))
-    N = draw(st.integers(1, 12))
-    C = draw(st.integers(2, 5))
-    arr = draw(hnp.arrays(np.float32, (E, N, C), elements=st.floats(-5, 5, width=32)))
-    labels = draw(hnp.arrays(np.int64, (N,), elements=st.integers(0, C - 1)))
-    costs = list(np.cumsum(draw(st.lists(st.floats(0.1, 10), min_size=E, max_size=E))))
-    return torch.from_numpy(arr), torch.from_numpy(labels), costs
 
 
 def realised_cost(logits: torch.Tensor, thresholds, costs, criterion: str) -> tuple[float, list[int]]:
@@ -70,7 +61,7 @@ def scores(logits: torch.Tensor, criterion: str) -> torch.Tensor:
 # --- apply_thresholds ---------------------------------------------------------
 
 @SETTINGS
-@given(exit_outputs(), st.sampled_from(CRITERIA), st.floats(0, 2))
+@given(exit_outputs(max_classes=5), st.sampled_from(CRITERIA), st.floats(0, 2))
 def test_equal_thresholds_match_exit_decisions(out, criterion, t):
     logits, _, _ = out
     E = logits.shape[0]
@@ -80,7 +71,7 @@ def test_equal_thresholds_match_exit_decisions(out, criterion, t):
 
 
 @SETTINGS
-@given(exit_outputs(), st.sampled_from(CRITERIA), st.data())
+@given(exit_outputs(max_classes=5), st.sampled_from(CRITERIA), st.data())
 def test_apply_matches_naive_loop(out, criterion, data):
     logits, _, _ = out
     E, N, C = logits.shape
@@ -109,7 +100,7 @@ def test_apply_thresholds_hand_made():
 # --- global mode --------------------------------------------------------------
 
 @SETTINGS
-@given(exit_outputs(), st.sampled_from(CRITERIA), st.floats(0, 1.2))
+@given(exit_outputs(max_classes=5), st.sampled_from(CRITERIA), st.floats(0, 1.2))
 def test_global_is_the_best_single_threshold(out, criterion, frac):
     logits, labels, costs = out
     E = logits.shape[0]
@@ -223,7 +214,7 @@ def test_calibrated_on_validation_holds_on_test(mode):
 
 
 @SETTINGS
-@given(exit_outputs(), st.sampled_from(CRITERIA), st.lists(st.floats(0, 1.2), min_size=2, max_size=6))
+@given(exit_outputs(max_classes=5), st.sampled_from(CRITERIA), st.lists(st.floats(0, 1.2), min_size=2, max_size=6))
 def test_global_monotone_in_target(out, criterion, fracs):
     logits, labels, costs = out
     targets = sorted(costs[0] + f * (costs[-1] - costs[0]) for f in fracs)

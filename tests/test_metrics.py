@@ -10,11 +10,9 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
-from hypothesis.extra import numpy as hnp
 from torch import nn
 
 from earlyexit import build_model
@@ -23,22 +21,9 @@ from earlyexit.metrics import (accuracy_per_exit, autocast_context, backbone_cos
 from earlyexit.models import MultiExitModel
 from earlyexit.models.heads import PoolLinearHead
 
+from strategies import exit_outputs  # tests/strategies.py
+
 SETTINGS = settings(max_examples=60, deadline=None)
-
-
-# --- strategies ---------------------------------------------------------------
-
-@st.composite
-def exit_outputs(draw, max_exits: int = 5):
-    """(logits (E, N, C), labels (N,), costs) with strictly increasing positive costs."""
-    E = draw(st.integers(1, max_exits))
-    N = draw(st.integers(1, 12))
-    C = draw(st.integers(2, 6))
-    arr = draw(hnp.arrays(np.float32, (E, N, C), elements=st.floats(-5, 5, width=32)))
-    labels = draw(hnp.arrays(np.int64, (N,), elements=st.integers(0, C - 1)))
-    steps = draw(st.lists(st.floats(0.1, 10), min_size=E, max_size=E))
-    costs = list(np.cumsum(steps))
-    return torch.from_numpy(arr), torch.from_numpy(labels), costs
 
 
 # --- naive reference ----------------------------------------------------------
