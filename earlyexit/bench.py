@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from . import metrics
 from .config import ModelConfig, PhaseConfig, RunConfig
-from .inference import cuda_sync, inference_bench
+from .device import cuda_sync, local_device
+from .inference import inference_bench
 from .models import MultiExitModel
 from .train import TrainingError, lr_at, make_optimizer, phase_exits, set_mode, set_trainable
 from .weighting import get_weighting
@@ -308,13 +309,12 @@ def run_bench(*, model: str = "resnet20", dataset: str = "fashion-mnist", data_d
         ValueError: on bad arguments or a model without IC heads.
         DataError: when the dataset cannot be loaded.
     """
-    from . import distributed as dist
     from .data import load_dataset
     from .experiment import make_model
 
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0; got {batch_size}, {steps}, {warmup}")
-    dev = dist.local_device(device)
+    dev = local_device(device)
     splits = load_dataset(dataset, data_dir=data_dir)
     torch.manual_seed(0)
     net = make_model(RunConfig(model=ModelConfig(name=model)), splits).to(dev)

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from .config import DataConfig, EvalConfig, ModelConfig, PhaseConfig, RunConfig, TrainConfig, parse_regime
-from .io import EarlyExitError
+from .errors import EarlyExitError
 
 
 def _user_errors(fn):
@@ -289,7 +289,8 @@ def analyze(run_dir, what, other, max_samples, split, mi_method, device, out_fil
     """The paper's analyses of a trained run: numerical rank, gradient dominance, mutual information, ..."""
     import json
 
-    from .analysis import analyze_run, to_jsonable
+    from .analysis import analyze_run
+    from .tree import to_jsonable
     from .io import atomic_write_json
 
     kinds = tuple(w.strip() for w in what.split(",") if w.strip())

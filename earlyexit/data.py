@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .io import EarlyExitError
+from .errors import DataError
 
 # System folders holding datasets installed by a package manager.
 SYSTEM_ROOTS: tuple[str, ...] = ("/usr/share/datasets", "/usr/local/share/datasets")
@@ -56,10 +56,6 @@ _STREAM_ORDER, _STREAM_SPLIT, _STREAM_SYNTHETIC = 0, 1, 2
 
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                 "t10k-labels-idx1-ubyte")
-
-
-class DataError(EarlyExitError):
-    """A dataset cannot be found, read or split; the message is one line meant for the user."""
 
 
 # --------------------------------------------------------------------------- randomness and batch plans

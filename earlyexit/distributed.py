@@ -46,22 +46,3 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def local_device(device: str | None) -> torch.device:
-    """The device of this process: ``device`` if given, else this rank's GPU, else CPU."""
-    if device:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
-        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} does not exist ({torch.cuda.device_count()} GPUs)")
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"device {device!r} is not supported; valid: cpu, cuda, cuda:N")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")

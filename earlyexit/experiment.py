@@ -13,7 +13,6 @@ A run folder holds (all written atomically):
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +21,10 @@ import torch
 
 from . import metrics
 from .config import RunConfig, parse_regime, run_config_from_dict, to_dict
-from .io import CheckpointError, EarlyExitError, atomic_write_json, load_weights
+from .device import local_device
+from .errors import CheckpointError, EarlyExitError
+from .io import atomic_write_json, load_weights
+from .tree import to_jsonable
 from .models import MultiExitModel, build_model
 from .train import CHECKPOINT, TrainRecord, train
 
@@ -198,20 +200,9 @@ def evaluate_model(model: MultiExitModel, splits: Any, cfg: RunConfig, device: t
         val_logits, _ = metrics.evaluate(model, splits.val.batches(cfg.eval.batch_size), device=device)
         for mode in metrics.CALIBRATION_MODES:
             cal = metrics.calibrated_curve(val_logits, logits, labels, costs, criterion=cfg.eval.criterion, mode=mode)
-            out[f"calibrated_{mode}"] = _finite(cal)
+            out[f"calibrated_{mode}"] = to_jsonable(cal)
         out["calibrated_budgets"] = metrics.budget_table(out["calibrated_geometric"], [], base)
     return out
-
-
-def _finite(obj: Any) -> Any:
-    """Strict JSON: infinite thresholds (an exit that always or never fires) become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bool = False,
@@ -233,7 +224,7 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
                                  f"epochs must be > 0 (phase 3 has {cfg.train.phases[2].epochs})")
     from . import distributed as dist
 
-    dist.local_device(cfg.train.device)  # a bad --device fails here, before anything is read or written
+    local_device(cfg.train.device)  # a bad --device fails here, before anything is read or written
     main = dist.world()[0] == 0
     if main:
         prepare_out_dir(out, resume=resume, force=force)
@@ -309,10 +300,9 @@ def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str 
     """Re-evaluate a run folder on its test split and rewrite its results.json."""
     from dataclasses import replace
 
-    from . import distributed as dist
 
     path = Path(path)
-    dev = dist.local_device(device)
+    dev = local_device(device)
     model, cfg = load_run(path, device=dev)
     if criterion is not None:
         cfg = replace(cfg, eval=replace(cfg.eval, criterion=criterion))

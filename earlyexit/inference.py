@@ -33,8 +33,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .metrics import CRITERIA, autocast_context, backbone_cost, exit_costs, exit_scores, model_device, to_device
-from .models import MultiExitModel, slice_state, state_batch_size
+from .device import autocast_context, cuda_sync, model_device
+from .metrics import CRITERIA, backbone_cost, exit_costs, exit_scores
+from .models import MultiExitModel
+from .tree import slice_state, state_batch_size, to_device
 
 
 def run_exit(model: MultiExitModel, k: int, state: Any, memory: Any) -> tuple[Tensor, Any]:
@@ -197,12 +199,6 @@ def fuse_batchnorm(model: MultiExitModel) -> MultiExitModel:
 
 
 # --- benchmark ------------------------------------------------------------------
-
-def cuda_sync(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA only), so that wall-clock timings are complete."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def _median_seconds(fn: Callable[[], Any], device: torch.device, *, repeats: int, warmup: int) -> float:
     for _ in range(warmup):

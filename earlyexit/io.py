@@ -18,13 +18,7 @@ from typing import Any
 
 import torch
 
-
-class EarlyExitError(Exception):
-    """A user-facing error: its message is one line, shown without a traceback."""
-
-
-class CheckpointError(EarlyExitError):
-    """A checkpoint or weights file is missing, corrupt or does not fit the model."""
+from .errors import CheckpointError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -28,64 +28,18 @@ the last exit when none does):
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, ContextManager, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .flops import count_flops
-from .models import MultiExitModel, state_batch_size
+from .device import autocast_context, model_device
+from .models import MultiExitModel
+from .tree import state_batch_size, to_device
 
 CRITERIA = ("confidence", "entropy", "patience")
-
-
-# --- device helpers ---------------------------------------------------------
-
-def to_device(tree: Any, device: torch.device | str) -> Any:
-    """Move every tensor of a pytree (tensor, dict, list, tuple) to ``device``.
-
-    Args:
-        tree: a tensor, or a (nested) dict / list / tuple of tensors; other
-            leaves (``None``, numbers, strings) pass through unchanged.
-        device: target device.
-    Returns:
-        The same structure with its tensors on ``device``.
-    """
-    device = torch.device(device)
-    if isinstance(tree, Tensor):
-        # Asynchronous copies only towards CUDA; a non-blocking copy to the host may be read before it lands.
-        return tree.to(device, non_blocking=device.type == "cuda")
-    if isinstance(tree, dict):
-        return type(tree)((k, to_device(v, device)) for k, v in tree.items())
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # named tuple
-        return type(tree)(*(to_device(v, device) for v in tree))
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_device(v, device) for v in tree)
-    return tree
-
-
-def autocast_context(device: torch.device | str) -> ContextManager:
-    """bf16 autocast on CUDA, a null context elsewhere (CPU runs in float32).
-
-    Args:
-        device: the device the model runs on.
-    Returns:
-        A context manager.
-    """
-    if torch.device(device).type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model without tensors."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 # --- FLOPs ------------------------------------------------------------------

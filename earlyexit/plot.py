@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from .io import EarlyExitError, atomic_write_bytes
+from .errors import EarlyExitError
+from .io import atomic_write_bytes
 
 
 def read_results(run_dir: Path) -> dict:

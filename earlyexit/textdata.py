@@ -45,8 +45,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .data import DataError, Split, Splits, data_roots, plan_epoch, register_dataset, stratified_split
-from .io import EarlyExitError
+from .data import Split, Splits, data_roots, plan_epoch, register_dataset, stratified_split
+from .errors import DataError, EarlyExitError
 from .models.bert import WordPieceTokenizer, load_tokenizer
 
 # Seed of the seed-independent test splits of corpora that ship without one.

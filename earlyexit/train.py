@@ -36,18 +36,16 @@ from torch import nn
 
 from . import distributed as dist
 from .config import PhaseConfig, TrainConfig, parse_regime
-from .metrics import autocast_context as autocast, to_device
-from .io import CheckpointError, EarlyExitError, atomic_torch_save, atomic_write_text, load_checkpoint, load_state_strict
+from .device import autocast_context as autocast, local_device
+from .errors import CheckpointError, TrainingError
+from .io import atomic_torch_save, atomic_write_text, load_checkpoint, load_state_strict
 from .models.multiexit import MultiExitModel
+from .tree import to_device
 from .weighting import get_weighting
 
 LogHook = Callable[..., None]
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.jsonl"
-
-
-class TrainingError(EarlyExitError):
-    """Training cannot go on (e.g. a non-finite loss)."""
 
 
 @dataclass
@@ -183,7 +181,7 @@ def train(
                 raise ValueError(f"phase {p}: epochs must be > 0, got {pc.epochs}")
             if not pc.lr or any(lr <= 0 for lr in pc.lr):
                 raise ValueError(f"phase {p}: learning rates must be > 0, got {pc.lr}")
-    device = dist.local_device(cfg.device)
+    device = local_device(cfg.device)
     rank, ws = dist.init_distributed(device)
     if cfg.batch_size % ws:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {ws} processes")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from earlyexit.io import CheckpointError, EarlyExitError
+from earlyexit.errors import CheckpointError, EarlyExitError
 from earlyexit.metrics import exit_costs
 from earlyexit.models import build_model, slice_state
 from earlyexit.models.bert import (BertConfig, WordPieceTokenizer, bert, default_vocab_path, hf_key_to_ours,

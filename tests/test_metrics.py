@@ -16,8 +16,10 @@ from hypothesis import assume, given, settings, strategies as st
 from torch import nn
 
 from earlyexit import build_model
-from earlyexit.metrics import (accuracy_per_exit, autocast_context, backbone_cost, budget_table, evaluate, exit_costs,
-                               exit_decisions, static_points, threshold_curve, to_device)
+from earlyexit.device import autocast_context
+from earlyexit.metrics import (accuracy_per_exit, backbone_cost, budget_table, evaluate, exit_costs, exit_decisions,
+                               static_points, threshold_curve)
+from earlyexit.tree import to_device
 from earlyexit.models import MultiExitModel
 from earlyexit.models.heads import PoolLinearHead
 

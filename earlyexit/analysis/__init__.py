@@ -25,7 +25,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
+
+from ..tree import to_jsonable
 
 from .connectivity import (PermutationSpec, apply_permutation, interpolate, interpolate_state, interpolation_path,
                            loss_barrier, permutation_spec, reset_bn, weight_matching)
@@ -37,19 +38,6 @@ from .rank import effective_rank, numerical_rank, stage_features, stage_ranks, s
 
 ANALYSES = ("rank", "gradients", "information", "landscape", "connectivity")
 SPLITS = ("train", "val", "test")
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Tensors to (nested) lists, tuples to lists, non-finite floats to None: ready for strict JSON."""
-    if isinstance(obj, torch.Tensor):
-        return to_jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    return obj
 
 
 def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradients", "information"),
@@ -86,7 +74,6 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
     Raises:
         ValueError: on unknown analyses or split, or ``"connectivity"`` without ``other``.
     """
-    from .. import distributed as dist
     from ..config import parse_regime
     from ..experiment import load_data, load_run
 
@@ -100,7 +87,9 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
         raise ValueError("the connectivity analysis needs a second run folder (other=...)")
     if max_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")
-    dev = dist.local_device(device)
+    from ..device import local_device
+
+    dev = local_device(device)
     model, cfg = load_run(run_dir, device=dev)
     splits = load_data(cfg)
     data = getattr(splits, split)

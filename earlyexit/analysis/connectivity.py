@@ -63,7 +63,7 @@ def reset_bn(model: MultiExitModel, batches: Iterable[Any], num_batches: int | N
     Raises:
         ValueError: if there are BatchNorm layers but no batches.
     """
-    from ..metrics import to_device
+    from ..tree import to_device
 
     bns = _bn_modules(model)
     if not bns:

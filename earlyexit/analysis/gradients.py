@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..metrics import to_device
+from ..tree import to_device
 from ..models.multiexit import MultiExitModel
 
 

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..metrics import autocast_context, to_device
+from ..device import autocast_context
+from ..tree import to_device
 from ..models.multiexit import MultiExitModel
 
 

@@ -25,8 +25,9 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from ..metrics import model_device, to_device
-from ..models.multiexit import MultiExitModel, State, slice_state, state_batch_size
+from ..device import model_device
+from ..models.multiexit import MultiExitModel
+from ..tree import State, slice_state, state_batch_size, to_device
 
 POOLS = ("cls", "mean")
 RANK_KINDS = ("numerical", "effective")

@@ -98,7 +98,7 @@ class RewiredModel(MultiExitModel):
 
 def batch_of(state: Any) -> int:
     """Batch size of a state (dim 0 of its first tensor)."""
-    from ..models import state_batch_size
+    from ..tree import state_batch_size
 
     n = state_batch_size(state)
     if n < 0:

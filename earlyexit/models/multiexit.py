@@ -29,33 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-State = Any  # a Tensor, or a (nested) tuple / list / dict of Tensors
-
-
-def slice_state(state: State, index: Tensor) -> State:
-    """Select samples ``index`` (bool mask or int indices) along dim 0 of every tensor."""
-    if isinstance(state, Tensor):
-        return state[index]
-    if isinstance(state, dict):
-        return {k: slice_state(v, index) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(slice_state(v, index) for v in state)
-    return state  # non-tensor leaves (e.g. None) pass through
-
-
-def state_batch_size(state: State) -> int:
-    """Batch size of a state: dim 0 of its first tensor leaf."""
-    if isinstance(state, Tensor):
-        return state.shape[0]
-    if not isinstance(state, (dict, list, tuple)):
-        return -1  # non-tensor leaves (None, numbers, strings) carry no batch
-    values = state.values() if isinstance(state, dict) else state
-    for v in values:
-        n = state_batch_size(v)
-        if n >= 0:
-            return n
-    return -1
-
+from ..tree import State, slice_state, state_batch_size  # noqa: F401  (State: the type of a stage state)
 
 class MultiExitModel(nn.Module):
     """A backbone (stem + stages + final head) with IC heads after some stages.
