@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from .config import DataConfig, EvalConfig, ModelConfig, PhaseConfig, RunConfig, TrainConfig, parse_regime
+from .config import (OPTIMIZERS, SCHEDULES, VAL_METRICS, DataConfig, EvalConfig, ModelConfig, PhaseConfig, RunConfig,
+                     TrainConfig)
 from .errors import EarlyExitError
 
 
@@ -94,39 +95,43 @@ def print_summary(res: dict) -> None:
     click.echo(f"budgets (best accuracy at <= share of backbone cost, {res['curve']['criterion']}): {cells}")
 
 
+# The defaults shown and used are the config's own (one set of defaults for the library and the CLI).
+_P, _T, _M, _D = PhaseConfig(), TrainConfig(), ModelConfig(), DataConfig()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Early-exit networks trained jointly, disjointly or mixed."""
 
 
 @main.command()
-@click.option("--regime", default="mixed", show_default=True,
+@click.option("--regime", default=_T.regime, show_default=True,
               help="joint (-+-), disjoint (+-+), mixed (++-), or any 3-character phase string over +/-.")
-@click.option("--model", "model_name", default="resnet20", show_default=True, help="Backbone (see `python -m earlyexit models`).")
+@click.option("--model", "model_name", default=_M.name, show_default=True, help="Backbone (see `python -m earlyexit models`).")
 @click.option("--exits", default=None, help="IC placement: block indices '4,6,8', 'every:N', 'sdn' or 'default'.")
 @click.option("--weights", default=None, help="Pretrained weights the model builder reads (BERT: a folder or 'minilm-l6').")
 @click.option("--model-opt", "model_opts", multiple=True, metavar="KEY=VALUE",
               help="A model builder option, repeatable, e.g. head_pool=mean (BERT), head=mlp1024 (ViT), width=128.")
-@click.option("--dataset", default="fashion-mnist", show_default=True, help="Dataset name (see `python -m earlyexit datasets`).")
+@click.option("--dataset", default=_D.name, show_default=True, help="Dataset name (see `python -m earlyexit datasets`).")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Local data root searched first.")
 @click.option("--train-size", default=None, type=int, help="Use only the first N training samples (train + validation).")
-@click.option("--epochs", default="3,3,3", show_default=True, help="Max epochs: one value, or three (phases 1,2,3).")
+@click.option("--epochs", default=str(_P.epochs), show_default=True, help="Max epochs: one value, or three (phases 1,2,3).")
 @click.option("--lr", default=None, help="Learning rate(s) for every phase; a comma list is a grid (best by val acc). "
-              "Default 0.1 (SGD) or 1e-3 (AdamW).")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True, help="Optimizer of every phase.")
-@click.option("--weight-decay", default=5e-4, show_default=True, type=float, help="Weight decay.")
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True, help="LR schedule per phase.")
+              "Default 0.1 (SGD) or 1e-3 (AdamW): earlyexit.config.DEFAULT_LR.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_P.optimizer, show_default=True, help="Optimizer of every phase.")
+@click.option("--weight-decay", default=_P.weight_decay, show_default=True, type=float, help="Weight decay.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=_P.schedule, show_default=True, help="LR schedule per phase.")
 @click.option("--patience", default=None, type=int, help="Early stopping: epochs without validation improvement.")
-@click.option("--val-metric", type=click.Choice(["mean", "final"]), default="mean", show_default=True,
+@click.option("--val-metric", type=click.Choice(VAL_METRICS), default=_P.metric, show_default=True,
               help="Validation accuracy that picks the best epoch and lr in phases 2 and 3: mean over exits, or the "
               "final exit (phase 1 always uses the final exit).")
-@click.option("--batch-size", default=128, show_default=True, type=int, help="Global batch size.")
+@click.option("--batch-size", default=_T.batch_size, show_default=True, type=int, help="Global batch size.")
 @click.option("--method", default=None, help="Early-exit method: sdn, pbee, ztw, gpf (default: plain ICs).")
 @click.option("--weighting", default=None, help="Loss weights over exits: uniform, sdn, han, pabee, gradient-equilibrium "
               "(default: the method's, else uniform).")
 @click.option("--criterion", default=None, help="Exit criterion of the threshold curve: confidence, entropy, patience "
               "(default: the method's, else confidence).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of init, data order and augmentation.")
+@click.option("--seed", default=_T.seed, show_default=True, type=int, help="Seed of init, data order and augmentation.")
 @click.option("--init", default=None, help="Start from these weights: a run folder or a weights file "
               "(a pretrained backbone instead of phase 1; required by '--+').")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available).")
@@ -139,23 +144,12 @@ def run(regime, model_name, exits, weights, model_opts, dataset, data_dir, train
     """Train one model in one regime, evaluate it, write a run folder."""
     from .experiment import default_out_dir, run_experiment
 
-    parse_regime(regime)
     if resume and force:
         raise EarlyExitError("--resume and --force exclude each other")
     ep = _ints3(epochs, "--epochs")
-    lrs = _floats(lr, "--lr") if lr else ((0.1,) if optimizer == "sgd" else (1e-3,))
-    if batch_size <= 0:
+    lrs = _floats(lr, "--lr") if lr else None  # None: the optimizer's default
+    if batch_size <= 0:  # named by its flag here; the config checks every value again
         raise EarlyExitError(f"--batch-size must be > 0, got {batch_size}")
-    if train_size is not None and train_size <= 0:
-        raise EarlyExitError(f"--train-size must be > 0, got {train_size}")
-    if patience is not None and patience <= 0:
-        raise EarlyExitError(f"--patience must be > 0, got {patience}")
-    if method is not None:
-        from .methods import get_method
-
-        m = get_method(method)
-        weighting, criterion = weighting or m.weighting, criterion or m.criterion
-    weighting, criterion = weighting or "uniform", criterion or "confidence"
     phases = tuple(PhaseConfig(optimizer=optimizer, lr=lrs, weight_decay=weight_decay, schedule=schedule, epochs=e,
                                patience=patience, metric=val_metric) for e in ep)
     kwargs = {"weights": weights} if weights else {}
@@ -200,18 +194,11 @@ def _check_names(cfg: RunConfig) -> None:
     """Fail fast, before any data is read, on unknown names."""
     from .data import list_datasets
     from .models import list_models
-    from .weighting import list_weightings
 
     if cfg.model.name not in list_models():
         raise EarlyExitError(f"unknown model {cfg.model.name!r}; valid: {', '.join(list_models())}")
     if cfg.data.name not in list_datasets() and not cfg.data.name.startswith("imagefolder:"):
         raise EarlyExitError(f"unknown dataset {cfg.data.name!r}; valid: {', '.join(list_datasets())}")
-    if cfg.train.weighting not in list_weightings():
-        raise EarlyExitError(f"unknown weighting {cfg.train.weighting!r}; valid: {', '.join(list_weightings())}")
-    from .metrics import CRITERIA
-
-    if cfg.eval.criterion not in CRITERIA:
-        raise EarlyExitError(f"unknown criterion {cfg.eval.criterion!r}; valid: {', '.join(CRITERIA)}")
 
 
 @main.command("eval")
@@ -242,10 +229,10 @@ def plot(run_dirs, output, curve) -> None:
 
 
 @main.command()
-@click.option("--model", "model_name", default="resnet20", show_default=True, help="Backbone to time.")
-@click.option("--dataset", default="fashion-mnist", show_default=True, help="Dataset whose shapes and loader are timed.")
+@click.option("--model", "model_name", default=_M.name, show_default=True, help="Backbone to time.")
+@click.option("--dataset", default=_D.name, show_default=True, help="Dataset whose shapes and loader are timed.")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Local data root searched first.")
-@click.option("--batch-size", default=128, show_default=True, type=int, help="Training batch size.")
+@click.option("--batch-size", default=_T.batch_size, show_default=True, type=int, help="Training batch size.")
 @click.option("--steps", default=10, show_default=True, type=int, help="Timed steps per measurement.")
 @click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False),
               help="A trained run folder for the inference section (default: the untrained model).")

@@ -1,40 +1,123 @@
-"""Run configuration as frozen, typed dataclasses.
+"""Run configuration as frozen, typed, validated dataclasses: the one set of defaults.
 
-The command line only maps flags onto these fields; ``RunConfig`` is written
-to ``config.json`` and read back by ``load_run``.
+Every config checks itself when it is built (``__post_init__``): an unknown
+optimizer, schedule, validation metric, weighting, criterion, method or regime,
+or an out-of-range number, raises a one-line ``ConfigError`` before any data
+is read or any step is taken. The library and the command line share these
+defaults: the CLI maps only the flags a user gives onto fields.
+
+Policy resolved here, once:
+
+- the regime (a name or a phase string) is parsed when ``TrainConfig`` is
+  built; ``TrainConfig.phase_string`` is the parsed form;
+- a phase's learning rate defaults by optimizer (SGD 0.1, AdamW 1e-3);
+- ``RunConfig`` fills the loss weighting and the exit criterion from its
+  method's defaults (``METHOD_DEFAULTS``), else ``DEFAULT_WEIGHTING`` and
+  ``DEFAULT_CRITERION``, so ``RunConfig(method="pbee")`` trains and evaluates
+  exactly as ``run --method pbee`` does.
+
+``RunConfig`` is written to ``config.json`` (``to_dict``) and read back by
+``run_config_from_dict``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 REGIMES = {"joint": "-+-", "disjoint": "+-+", "mixed": "++-"}
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+VAL_METRICS = ("mean", "final")
+DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
+DEFAULT_WEIGHTING = "uniform"
+DEFAULT_CRITERION = "confidence"
+
+
+@dataclass(frozen=True)
+class MethodDefaults:
+    weighting: str                  # loss weighting over exits (earlyexit.weighting)
+    criterion: str                  # exit criterion of the threshold curve (earlyexit.metrics.CRITERIA)
+    paper: str = ""
+
+
+# The early-exit methods' own loss weighting and exit rule (earlyexit.methods implements them).
+METHOD_DEFAULTS: dict[str, MethodDefaults] = {
+    "sdn": MethodDefaults("sdn", "confidence", "Kaya et al., ICML 2019"),
+    "pbee": MethodDefaults("pabee", "patience", "Zhou et al., NeurIPS 2020"),
+    "ztw": MethodDefaults("uniform", "confidence", "Wołczyk et al., NeurIPS 2021"),
+    "gpf": MethodDefaults("pabee", "entropy", "Liao et al., NAACL 2021"),
+}
 
 
 def parse_regime(regime: str) -> str:
     """Return the phase string (3 characters over ``+``/``-``) of a regime name or phase string."""
-    if regime in REGIMES:
-        return REGIMES[regime]
-    if len(regime) == 3 and set(regime) <= {"+", "-"}:
-        if regime == "---":
-            raise ValueError("phase string '---' runs no phase; enable at least one of the three")
-        return regime
-    raise ValueError(
+    if isinstance(regime, str):
+        if regime in REGIMES:
+            return REGIMES[regime]
+        if len(regime) == 3 and set(regime) <= {"+", "-"}:
+            if regime == "---":
+                raise ConfigError("phase string '---' runs no phase; enable at least one of the three")
+            return regime
+    raise ConfigError(
         f"unknown regime {regime!r}; valid: {', '.join(REGIMES)} or a 3-character phase string over +/- (e.g. '+-+')")
+
+
+def _choice(value: Any, valid: Any, what: str) -> None:
+    if value not in valid:
+        raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(sorted(valid))}")
+
+
+def _number(value: Any, what: str, *, low: float | None = None, strict: bool = False, integer: bool = False) -> None:
+    """``value`` must be a finite number (an int if ``integer``) >= ``low`` (> when ``strict``)."""
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite {'integer' if integer else 'number'}, got {value!r}")
+    if low is not None and (value <= low if strict else value < low):
+        raise ConfigError(f"{what} must be {'>' if strict else '>='} {low}, got {value!r}")
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # frozen dataclasses normalise their own fields in __post_init__
 
 
 @dataclass(frozen=True)
 class PhaseConfig:
     optimizer: str = "sgd"          # "sgd" (with momentum) or "adamw"
-    lr: tuple[float, ...] = (0.1,)  # learning rate; several values = a grid, best by validation accuracy
+    lr: tuple[float, ...] | None = None  # learning rate; several = a grid, best by validation; None = DEFAULT_LR[optimizer]
     weight_decay: float = 5e-4      # decoupled for AdamW, L2 for SGD
     momentum: float = 0.9           # SGD momentum (ignored by AdamW)
     schedule: str = "cosine"        # "cosine" (to 0 over `epochs`) or "constant"
-    epochs: int = 10                # maximum epochs
+    epochs: int = 3                 # maximum epochs
     patience: int | None = None     # early stopping: epochs without validation improvement; None = off
     metric: str = "mean"            # validation metric of phases 2/3: "mean" over exits or "final" exit (phase 1: always final)
+
+    def __post_init__(self) -> None:
+        _choice(self.optimizer, OPTIMIZERS, "optimizer")
+        _choice(self.schedule, SCHEDULES, "schedule")
+        _choice(self.metric, VAL_METRICS, "validation metric")
+        lr = self.lr
+        if lr is None:
+            lr = (DEFAULT_LR[self.optimizer],)
+        elif isinstance(lr, (int, float)):
+            lr = (lr,)
+        lr = tuple(lr)
+        if not lr:
+            raise ConfigError("learning rates: give at least one")
+        for v in lr:
+            _number(v, "learning rate", low=0, strict=True)
+        _set(self, "lr", lr)
+        _number(self.weight_decay, "weight decay", low=0)
+        _number(self.momentum, "momentum", low=0)
+        _number(self.epochs, "epochs", integer=True)
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be > 0 (or 0 in a phase that does not run), got {self.epochs}")
+        if self.patience is not None:
+            _number(self.patience, "patience", low=1, integer=True)
 
 
 @dataclass(frozen=True)
@@ -42,10 +125,38 @@ class TrainConfig:
     regime: str = "mixed"           # joint | disjoint | mixed | phase string such as "+-+"
     phases: tuple[PhaseConfig, PhaseConfig, PhaseConfig] = (PhaseConfig(), PhaseConfig(), PhaseConfig())
     batch_size: int = 128           # global batch size (split over DDP ranks)
-    weighting: str = "uniform"      # loss weights alpha_k over exits (see earlyexit.weighting)
+    weighting: str | None = None    # loss weights alpha_k over exits (earlyexit.weighting); None = DEFAULT_WEIGHTING
     seed: int = 0                   # seeds model init, data order, augmentation and dropout
     device: str | None = None       # "cpu", "cuda", "cuda:1"; None = CUDA if available
     grad_clip: float | None = None  # max global gradient norm; None = off
+
+    def __post_init__(self) -> None:
+        phases = parse_regime(self.regime)
+        _set(self, "_phase_string", phases)
+        if len(self.phases) != 3 or not all(isinstance(p, PhaseConfig) for p in self.phases):
+            raise ConfigError("phases: expected three PhaseConfig, one per phase")
+        _set(self, "phases", tuple(self.phases))
+        for p, pc in enumerate(self.phases, 1):
+            if phases[p - 1] == "+" and pc.epochs <= 0:
+                raise ConfigError(f"epochs must be > 0 (phase {p} has {pc.epochs})")
+        _number(self.batch_size, "batch size", low=1, integer=True)
+        _number(self.seed, "seed", integer=True)
+        if self.weighting is not None:
+            from .weighting import list_weightings
+
+            _choice(self.weighting, list_weightings(), "weighting")
+        if self.grad_clip is not None:
+            _number(self.grad_clip, "gradient clipping norm", low=0, strict=True)
+
+    @property
+    def phase_string(self) -> str:
+        """The regime as a phase string over ``+``/``-`` (parsed once, when the config was built)."""
+        return self._phase_string  # type: ignore[attr-defined]
+
+    @property
+    def loss_weighting(self) -> str:
+        """The weighting's name, the default filled in."""
+        return self.weighting if self.weighting is not None else DEFAULT_WEIGHTING
 
 
 @dataclass(frozen=True)
@@ -53,6 +164,14 @@ class ModelConfig:
     name: str = "resnet20"          # registry name (earlyexit.list_models())
     exits: Any = None               # IC placement: None (model default), list of block indices, "every:N", "sdn"
     kwargs: dict = field(default_factory=dict)  # extra builder arguments
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"model name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.kwargs, dict):
+            raise ConfigError(f"model options must be a dict, got {type(self.kwargs).__name__}")
+        if isinstance(self.exits, list):
+            _set(self, "exits", tuple(self.exits))
 
 
 @dataclass(frozen=True)
@@ -63,12 +182,27 @@ class DataConfig:
     train_size: int | None = None   # use only the first N training samples (quick runs)
     augment: bool = True            # the dataset's usual training augmentation
 
+    def __post_init__(self) -> None:
+        _number(self.val_fraction, "validation fraction", low=0, strict=True)
+        if self.val_fraction >= 1:
+            raise ConfigError(f"validation fraction must be < 1, got {self.val_fraction!r}")
+        if self.train_size is not None:
+            _number(self.train_size, "train size", low=1, integer=True)
+
 
 @dataclass(frozen=True)
 class EvalConfig:
-    criterion: str = "confidence"   # exit criterion of the threshold curve
+    criterion: str | None = None    # exit criterion of the threshold curve; None = the method's, else DEFAULT_CRITERION
     thresholds: int = 100           # number of evenly spaced thresholds
     batch_size: int = 512           # evaluation batch size
+
+    def __post_init__(self) -> None:
+        if self.criterion is not None:
+            from .metrics import CRITERIA
+
+            _choice(self.criterion, CRITERIA, "criterion")
+        _number(self.thresholds, "number of thresholds", low=1, integer=True)
+        _number(self.batch_size, "evaluation batch size", low=1, integer=True)
 
 
 @dataclass(frozen=True)
@@ -80,6 +214,22 @@ class RunConfig:
     init: str | None = None         # weights or run folder to start from
     method: str | None = None       # early-exit method (earlyexit.methods): sdn, pbee, ztw, gpf; None = plain ICs
 
+    def __post_init__(self) -> None:
+        defaults = MethodDefaults(DEFAULT_WEIGHTING, DEFAULT_CRITERION)
+        if self.method is not None:
+            _choice(self.method, METHOD_DEFAULTS, "method")
+            defaults = METHOD_DEFAULTS[self.method]
+            if self.method == "ztw" and self.train.phases[2].epochs <= 0:
+                raise ConfigError(f"method {self.method!r} trains a stage of its own with phase 3's settings: "
+                                  f"epochs must be > 0 (phase 3 has {self.train.phases[2].epochs})")
+        if self.train.weighting is None:
+            _set(self, "train", dataclasses.replace(self.train, weighting=defaults.weighting))
+        if self.eval.criterion is None:
+            _set(self, "eval", dataclasses.replace(self.eval, criterion=defaults.criterion))
+        if self.train.phase_string[:2] == "--" and self.init is None:
+            raise ConfigError(f"regime {self.train.phase_string!r} trains only the ICs: it needs a trained backbone, "
+                              "pass --init RUN_OR_WEIGHTS")
+
 
 def to_dict(cfg: Any) -> dict:
     """JSON-ready dict of a (nested) config dataclass."""
@@ -87,7 +237,7 @@ def to_dict(cfg: Any) -> dict:
 
 
 def run_config_from_dict(d: dict) -> RunConfig:
-    """Inverse of ``to_dict`` for ``RunConfig``."""
+    """Inverse of ``to_dict`` for ``RunConfig`` (validated like any other config)."""
     t = dict(d["train"])
     t["phases"] = tuple(PhaseConfig(**{**p, "lr": tuple(p["lr"])}) for p in t["phases"])
     m = dict(d["model"])

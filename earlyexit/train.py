@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist
-from .config import PhaseConfig, TrainConfig, parse_regime
+from .config import PhaseConfig, TrainConfig
 from .device import autocast_context as autocast, local_device
 from .errors import CheckpointError, TrainingError
 from .io import atomic_torch_save, atomic_write_text, load_checkpoint, load_state_strict
@@ -173,8 +173,8 @@ def train(
     cfg = config or TrainConfig()
     if regime is not None:
         cfg = replace(cfg, regime=regime)
-    phases = parse_regime(cfg.regime)
-    weighting = get_weighting(cfg.weighting)
+    phases = cfg.phase_string
+    weighting = get_weighting(cfg.loss_weighting)
     for p, pc in enumerate(cfg.phases, 1):
         if phases[p - 1] == "+":
             if pc.epochs <= 0:

@@ -4,7 +4,7 @@ A method bundles
 
 - ``apply(model, **kw) -> MultiExitModel``: rewires the exits of a built
   model (or returns it as it is);
-- ``criterion``: its exit rule (``confidence``, ``entropy``, ``patience``);
+- ``criterion``: its exit rule (defaults in ``earlyexit.config.METHOD_DEFAULTS``) (``confidence``, ``entropy``, ``patience``);
 - ``weighting``: its loss weights over exits (``earlyexit.weighting``);
 - ``stage``: an optional training stage after the regime's phases,
   ``stage(model, data, config, **kw) -> (model, record)``; it may return a
@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..config import METHOD_DEFAULTS
+from ..errors import ConfigError
 from ..models.multiexit import MultiExitModel
 from . import gpf, pbee, sdn, ztw
 
@@ -40,12 +42,16 @@ class Method:
     staged: Callable[[MultiExitModel], MultiExitModel] | None = None  # the stage's model structure, untrained (to load weights)
 
 
+def _method(name: str, apply: Callable[..., MultiExitModel], **kw: Any) -> Method:
+    d = METHOD_DEFAULTS[name]  # the defaults live in the config, so the library and the CLI agree
+    return Method(name, apply, d.criterion, d.weighting, paper=d.paper, **kw)
+
+
 METHODS: dict[str, Method] = {
-    "sdn": Method("sdn", sdn.apply, sdn.CRITERION, sdn.WEIGHTING, paper="Kaya et al., ICML 2019"),
-    "pbee": Method("pbee", pbee.apply, pbee.CRITERION, pbee.WEIGHTING, paper="Zhou et al., NeurIPS 2020"),
-    "ztw": Method("ztw", ztw.apply, "confidence", "uniform", stage=ztw.train_ensembles,
-                  paper="Wołczyk et al., NeurIPS 2021", staged=ztw.add_ensembles),
-    "gpf": Method("gpf", gpf.apply, gpf.CRITERION, gpf.WEIGHTING, paper="Liao et al., NAACL 2021"),
+    "sdn": _method("sdn", sdn.apply),
+    "pbee": _method("pbee", pbee.apply),
+    "ztw": _method("ztw", ztw.apply, stage=ztw.train_ensembles, staged=ztw.add_ensembles),
+    "gpf": _method("gpf", gpf.apply),
 }
 
 
@@ -56,7 +62,7 @@ def list_methods() -> list[str]:
 def get_method(name: str) -> Method:
     """Look up a method by name."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join(list_methods())}")
+        raise ConfigError(f"unknown method {name!r}; valid: {', '.join(list_methods())}")
     return METHODS[name]
 
 

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 from .sdn import apply as _keep_model
 
-CRITERION = "patience"
-WEIGHTING = "pabee"
-
 
 def patience_threshold(patience: int) -> int:
     """The ``patience`` criterion's threshold ``p`` for PABEE's patience ``t`` (``p = t + 1``).

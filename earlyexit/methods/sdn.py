@@ -13,9 +13,6 @@ from __future__ import annotations
 
 from ..models.multiexit import MultiExitModel
 
-CRITERION = "confidence"
-WEIGHTING = "sdn"
-
 
 def apply(model: MultiExitModel) -> MultiExitModel:
     """SDN needs no rewiring: the model's independent ICs are SDN's.
