@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
-from earlyexit.flops import count_flops
+from earlyexit.metrics.costs import count_flops
 from earlyexit.models import build_model, slice_state
 from earlyexit.models.vit import (TokenHead, interpolate_pos_embedding, load_torchvision_vit, parse_head,
                                   torchvision_vit_key_map)
@@ -340,7 +340,7 @@ def _cpu_sdpa_counted() -> bool:
 
 
 @pytest.mark.xfail(not _cpu_sdpa_counted(), strict=True,
-                   reason="earlyexit.flops.count_flops does not count the CPU fused SDPA kernel yet")
+                   reason="earlyexit.metrics.costs.count_flops does not count the CPU fused SDPA kernel yet")
 def test_vit_b16_backbone_flops_default_sdpa_backend(b16_for_flops):
     model = b16_for_flops
     flops, _ = count_flops(lambda t: model(t, exits=[-1]), model.example_input())

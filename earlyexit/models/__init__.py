@@ -94,7 +94,7 @@ def init_conv_bn(model: nn.Module, *, zero_linear_bias: bool = False) -> None:
 @torch.no_grad()
 def stage_costs(stem: nn.Module, stages: Sequence[nn.Module], example: Any) -> list[int]:
     """FLOPs of each stage (stage 0 includes the stem) on ``example``: an input, or the shape of a zero tensor."""
-    from ..flops import count_flops
+    from ..metrics.costs import count_flops
 
     x = torch.zeros(*example) if isinstance(example, (tuple, list)) else example
     costs = []
