@@ -5,7 +5,7 @@ The public API, re-exported from the modules that hold it.
 
 from .config import PhaseConfig, RunConfig, TrainConfig
 from .data import load_dataset
-from .experiment import load_run
+from .runs import load_run
 from .inference import predict
 from .metrics import backbone_cost, budget_table, evaluate, exit_costs, static_points, threshold_curve
 from .models import MultiExitModel, build_model, list_models

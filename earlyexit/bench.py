@@ -310,7 +310,7 @@ def run_bench(*, model: str = "resnet20", dataset: str = "fashion-mnist", data_d
         DataError: when the dataset cannot be loaded.
     """
     from .data import load_dataset
-    from .experiment import make_model
+    from .runs import make_model
 
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0; got {batch_size}, {steps}, {warmup}")
@@ -359,7 +359,7 @@ def run_bench(*, model: str = "resnet20", dataset: str = "fashion-mnist", data_d
     # Inference: early-exit predict against full forward passes, on real test samples.
     test_split = splits.test
     if run_dir is not None:
-        from .experiment import load_run
+        from .runs import load_run
 
         inf_model, cfg = load_run(run_dir, device=dev)
         if cfg.data.name != dataset:  # the run's own test data

@@ -142,7 +142,7 @@ def main() -> None:
 def run(regime, model_name, exits, weights, model_opts, dataset, data_dir, train_size, epochs, lr, optimizer, weight_decay, schedule,
         patience, val_metric, batch_size, method, weighting, criterion, seed, init, device, out, resume, force) -> None:
     """Train one model in one regime, evaluate it, write a run folder."""
-    from .experiment import default_out_dir, run_experiment
+    from .runs import default_out_dir, run_experiment
 
     if resume and force:
         raise EarlyExitError("--resume and --force exclude each other")
@@ -160,7 +160,6 @@ def run(regime, model_name, exits, weights, model_opts, dataset, data_dir, train
                     train=TrainConfig(regime=regime, phases=phases, batch_size=batch_size, weighting=weighting, seed=seed,
                                       device=device),
                     eval=EvalConfig(criterion=criterion), init=init, method=method)
-    _check_names(cfg)
     out_dir = Path(out) if out else default_out_dir(cfg)
     t0 = time.time()
     from . import distributed as dist
@@ -190,17 +189,6 @@ def _model_options(items: tuple[str, ...]) -> dict:
     return out
 
 
-def _check_names(cfg: RunConfig) -> None:
-    """Fail fast, before any data is read, on unknown names."""
-    from .data import list_datasets
-    from .models import list_models
-
-    if cfg.model.name not in list_models():
-        raise EarlyExitError(f"unknown model {cfg.model.name!r}; valid: {', '.join(list_models())}")
-    if cfg.data.name not in list_datasets() and not cfg.data.name.startswith("imagefolder:"):
-        raise EarlyExitError(f"unknown dataset {cfg.data.name!r}; valid: {', '.join(list_datasets())}")
-
-
 @main.command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--criterion", default=None, help="Exit criterion (default: the run's).")
@@ -208,7 +196,7 @@ def _check_names(cfg: RunConfig) -> None:
 @_user_errors
 def eval_cmd(run_dir, criterion, device) -> None:
     """Re-evaluate a run folder on its test split (rewrites results.json)."""
-    from .experiment import evaluate_run
+    from .runs import evaluate_run
 
     print_summary(evaluate_run(run_dir, criterion=criterion, device=device))
 
@@ -221,7 +209,7 @@ def eval_cmd(run_dir, criterion, device) -> None:
 @_user_errors
 def plot(run_dirs, output, curve) -> None:
     """Overlay several runs' accuracy-vs-FLOPs curves with their static exit points."""
-    from .experiment import maybe_plot
+    from .reports import maybe_plot
 
     maybe_plot([Path(d) for d in run_dirs], Path(output), required=True,
                curve="curve" if curve == "test" else f"calibrated_{curve}")
@@ -251,7 +239,7 @@ def bench(model_name, dataset, data_dir, batch_size, steps, run_dir, device) -> 
 @_user_errors
 def summary(run_dirs) -> None:
     """Mean +- std over seeds of per-exit accuracy and budgets, grouped by model, dataset and regime."""
-    from .experiment import summarize_runs
+    from .reports import summarize_runs
 
     for g in summarize_runs([Path(d) for d in run_dirs]):
         click.echo(f"{g['model']} {g['dataset']} {g['regime']} (seeds {g['seeds']})")

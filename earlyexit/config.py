@@ -198,7 +198,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.criterion is not None:
-            from .metrics import CRITERIA
+            from .metrics.criteria import CRITERIA
 
             _choice(self.criterion, CRITERIA, "criterion")
         _number(self.thresholds, "number of thresholds", low=1, integer=True)

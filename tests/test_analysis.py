@@ -357,7 +357,7 @@ def test_filter_normalised_directions():
 def test_analyze_run_on_a_trained_run(tmp_path):
     from earlyexit.analysis import analyze_run
     from earlyexit.config import DataConfig, EvalConfig, ModelConfig, PhaseConfig, RunConfig, TrainConfig
-    from earlyexit.experiment import run_experiment
+    from earlyexit.runs import run_experiment
 
     pc = PhaseConfig(epochs=1, lr=(0.05,))
     cfg = RunConfig(model=ModelConfig(name="mlp", kwargs={"width": 16, "depth": 3}), data=DataConfig(name="synthetic"),

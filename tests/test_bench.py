@@ -79,7 +79,7 @@ def test_run_bench_bad_input():
 
 def test_run_bench_inference_on_a_run_folder(tmp_path):
     from earlyexit.config import DataConfig, ModelConfig, PhaseConfig, RunConfig, TrainConfig
-    from earlyexit.experiment import run_experiment
+    from earlyexit.runs import run_experiment
 
     pc = PhaseConfig(epochs=1, lr=(0.05,))
     cfg = RunConfig(model=ModelConfig(name="mlp"), data=DataConfig(name="synthetic"),

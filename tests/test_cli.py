@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from earlyexit.cli import main
-from earlyexit.experiment import load_run
+from earlyexit.runs import load_run
 from earlyexit.io import load_weights
 
 QUICK = ["--model", "mlp", "--dataset", "synthetic", "--batch-size", "32", "--device", "cpu"]
@@ -173,7 +173,7 @@ def test_init_from_torchvision_weights_for_another_number_of_classes(tmp_path):
     import torchvision
 
     from earlyexit import build_model
-    from earlyexit.experiment import load_init
+    from earlyexit.runs import load_init
 
     tv = torchvision.models.resnet18()
     torch.save(tv.state_dict(), tmp_path / "r18.pt")

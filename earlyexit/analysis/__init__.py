@@ -75,7 +75,7 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
         ValueError: on unknown analyses or split, or ``"connectivity"`` without ``other``.
     """
     from ..config import parse_regime
-    from ..experiment import load_data, load_run
+    from ..runs import load_data, load_run
 
     what = tuple(what)
     bad = [w for w in what if w not in ANALYSES]

@@ -1,12 +1,17 @@
-"""One experiment end to end: data, model, training, evaluation, results on disk.
+"""One experiment end to end, as a few named steps: check, data, model, train, evaluate, write.
+
+``run_experiment`` runs one ``RunConfig`` into a run folder; ``load_run``
+rebuilds a finished run's model; ``evaluate_run`` re-evaluates it. Nothing
+here asks which model or dataset it runs: the model registry and the dataset
+registry answer for them.
 
 A run folder holds (all written atomically):
 
-- ``config.json``: the ``RunConfig``;
+- ``config.json``: the ``RunConfig`` (and the dataset's shapes);
 - ``history.jsonl``: one line per training epoch;
 - ``checkpoint.pt``: the training state (for ``--resume``);
 - ``model.safetensors`` (or ``model.pt`` without safetensors): the final weights;
-- ``results.json``: see ``RESULTS_SCHEMA``;
+- ``results.json``: ``earlyexit.results.Results``;
 - ``curve.png`` when matplotlib is installed.
 """
 
@@ -19,35 +24,17 @@ from typing import Any, Callable
 
 import torch
 
+from . import distributed as dist
 from . import metrics
-from .config import RunConfig, parse_regime, run_config_from_dict, to_dict
+from .config import RunConfig, run_config_from_dict, to_dict
 from .device import local_device
 from .errors import CheckpointError, EarlyExitError
 from .io import atomic_write_json, load_weights
-from .tree import to_jsonable
 from .models import MultiExitModel, build_model
-from .train import CHECKPOINT, TrainRecord, train
-
-RESULTS_SCHEMA = """\
-results.json
-  regime      phase string actually run, e.g. "++-" (regime_name: the name given)
-  model, dataset, seed
-  base_flops  FLOPs per sample of the backbone alone with its own classifier (2 x multiply-adds)
-  exits       [{index, stage, flops, accuracy}]: leaving every test sample at exit `index`
-              (after stage `stage`); flops cumulative, ICs before it included
-  curve       {criterion, thresholds, flops, accuracy, exit_counts}: early exit on the test set
-              with each threshold (flops = average per sample)
-  budgets     {"25%", "50%", "75%", "100%", "max"}: best test accuracy at an average cost
-              <= that share of base_flops (null if none), and the best overall
-  calibrated_geometric, calibrated_global
-              {criterion, mode, targets, thresholds, flops, accuracy, val_flops, exit_counts}:
-              per-exit thresholds chosen on the validation split for each target cost (MSDNet's
-              geometric exit distribution, or one global threshold), applied unchanged to the test
-              set; flops/accuracy are test figures; a null threshold never/always fires
-  calibrated_budgets  the budget table of calibrated_geometric
-  method, weighting   the early-exit method (null: plain ICs) and the loss weighting used
-  train       {seconds, phases: [{phase, lr, best_epoch, best_val, grid}], method_stage (ZTW's ensembles)}
-"""
+from .reports import maybe_plot
+from .results import RESULTS, Results, TrainInfo
+from .train import CHECKPOINT, train
+from .tree import to_jsonable
 
 WEIGHTS_FILES = ("model.safetensors", "model.pt")
 
@@ -200,38 +187,72 @@ def evaluate_model(model: MultiExitModel, splits: Any, cfg: RunConfig, device: t
         val_logits, _ = metrics.evaluate(model, splits.val.batches(cfg.eval.batch_size), device=device)
         for mode in metrics.CALIBRATION_MODES:
             cal = metrics.calibrated_curve(val_logits, logits, labels, costs, criterion=cfg.eval.criterion, mode=mode)
-            out[f"calibrated_{mode}"] = to_jsonable(cal)
+            out[f"calibrated_{mode}"] = to_jsonable(cal)  # infinite thresholds (always / never fires) -> null
         out["calibrated_budgets"] = metrics.budget_table(out["calibrated_geometric"], [], base)
     return out
+
+
+def check_run(cfg: RunConfig) -> None:
+    """Fail fast, before any data is read or any file is touched: names the registries do not know, a bad device.
+
+    (Every other option was checked when ``cfg`` was built.)
+    """
+    from .data import list_datasets
+    from .models import list_models
+
+    if cfg.model.name not in list_models():
+        raise EarlyExitError(f"unknown model {cfg.model.name!r}; valid: {', '.join(list_models())}")
+    if cfg.data.name not in list_datasets() and not cfg.data.name.startswith("imagefolder:"):
+        raise EarlyExitError(f"unknown dataset {cfg.data.name!r}; valid: {', '.join(list_datasets())}")
+    local_device(cfg.train.device)
+
+
+def check_resume(cfg: RunConfig, out: Path) -> None:
+    """``--resume`` only with the options the run in ``out`` was started with."""
+    if (out / "config.json").is_file():
+        saved = json.loads((out / "config.json").read_text())
+        if to_dict(run_config_from_dict(saved)) != to_dict(cfg):
+            raise EarlyExitError(f"--resume: the options differ from those of the run in {out} (see its config.json)")
+
+
+def write_config(cfg: RunConfig, splits: Any, out: Path) -> None:
+    shapes = {"num_classes": splits.num_classes, "in_chans": splits.in_chans, "image_size": splits.image_size}
+    atomic_write_json(out / "config.json", {**to_dict(cfg), "shapes": shapes})
+
+
+def train_run(cfg: RunConfig, model: MultiExitModel, splits: Any, out: Path, *, resume: bool,
+              log: Callable[..., None] | None) -> tuple[MultiExitModel, TrainInfo]:
+    """The regime's phases, then the method's own stage (e.g. ZTW's ensembles on the frozen ICs) if it has one."""
+    record = train(model, splits, config=cfg.train, out_dir=out, resume=resume, augment=cfg.data.augment, log=log,
+                   eval_batch_size=cfg.eval.batch_size)
+    info = TrainInfo(seconds=record.seconds, phases=[vars(r) for r in record.phases])
+    method = _method(cfg)
+    if method is not None and method.stage is not None:
+        t = time.time()
+        model, stage_rec = method.stage(model, splits, cfg.train, log=log, augment=cfg.data.augment,
+                                        eval_batch_size=cfg.eval.batch_size)
+        info.method_stage = [vars(r) for r in stage_rec.phases]
+        info.seconds += time.time() - t
+    return model, info
+
+
+def results_of(cfg: RunConfig, evaluation: dict, train_info: TrainInfo | dict | None) -> Results:
+    """The run's ``Results``: its identity from the config, the rest from the evaluation."""
+    return Results.build(regime=cfg.train.phase_string, regime_name=cfg.train.regime, model=cfg.model.name,
+                         dataset=cfg.data.name, seed=cfg.train.seed, evaluation=evaluation, method=cfg.method,
+                         weighting=cfg.train.weighting, train=train_info)
 
 
 def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bool = False,
                    log: Callable[..., None] | None = None) -> dict:
     """Train and evaluate one configuration; write the run folder; return results.json's content."""
-    phases = parse_regime(cfg.train.regime)
-    if phases[0] == "-" and phases[1] == "-" and cfg.init is None:
-        raise EarlyExitError(f"regime {phases!r} trains only the ICs: it needs a trained backbone, pass --init RUN_OR_WEIGHTS")
-    for p, pc in enumerate(cfg.train.phases, 1):
-        if phases[p - 1] == "+" and pc.epochs <= 0:
-            raise EarlyExitError(f"epochs must be > 0 (phase {p} has {pc.epochs})")
-    method = None
-    if cfg.method is not None:
-        from .methods import get_method
-
-        method = get_method(cfg.method)
-        if method.stage is not None and cfg.train.phases[2].epochs <= 0:
-            raise EarlyExitError(f"method {cfg.method!r} trains a stage of its own with phase 3's settings: "
-                                 f"epochs must be > 0 (phase 3 has {cfg.train.phases[2].epochs})")
-    from . import distributed as dist
-
-    local_device(cfg.train.device)  # a bad --device fails here, before anything is read or written
+    out = Path(out)
+    check_run(cfg)
     main = dist.world()[0] == 0
     if main:
         prepare_out_dir(out, resume=resume, force=force)
-    if resume and (out / "config.json").is_file():
-        saved = json.loads((out / "config.json").read_text())
-        if to_dict(run_config_from_dict(saved)) != to_dict(cfg):
-            raise EarlyExitError(f"--resume: the options differ from those of the run in {out} (see its config.json)")
+    if resume:
+        check_resume(cfg, out)
     # everything that can fail on bad input happens before a previous run's files are touched
     splits = load_data(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -240,28 +261,23 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
         load_init(model, cfg.init)
     if main and not resume:
         clear_out_dir(out)
-        shapes = {"num_classes": splits.num_classes, "in_chans": splits.in_chans, "image_size": splits.image_size}
-        atomic_write_json(out / "config.json", {**to_dict(cfg), "shapes": shapes})
-    record: TrainRecord = train(model, splits, config=cfg.train, out_dir=out, resume=resume, augment=cfg.data.augment, log=log,
-                                eval_batch_size=cfg.eval.batch_size)
-    stage_rec, t_stage = None, time.time()
-    if method is not None and method.stage is not None:  # e.g. ZTW's ensembles, trained on the frozen ICs
-        model, stage_rec = method.stage(model, splits, cfg.train, log=log, augment=cfg.data.augment,
-                                        eval_batch_size=cfg.eval.batch_size)
-    stage_seconds = time.time() - t_stage
+        write_config(cfg, splits, out)
+    model, train_info = train_run(cfg, model, splits, out, resume=resume, log=log)
     if not main:
         return {}
     save_weights(model, out)
-    res = {"regime": phases, "regime_name": cfg.train.regime, "model": cfg.model.name, "dataset": cfg.data.name,
-           "seed": cfg.train.seed, **evaluate_model(model, splits, cfg),
-           "method": cfg.method, "weighting": cfg.train.weighting,
-           "train": {"seconds": record.seconds + stage_seconds,
-                     "phases": [vars(r) for r in record.phases]}}
-    if stage_rec is not None:
-        res["train"]["method_stage"] = [vars(r) for r in stage_rec.phases]
-    atomic_write_json(out / "results.json", res)
+    res = results_of(cfg, evaluate_model(model, splits, cfg), train_info)
+    res.save(out)
     maybe_plot([out], out / "curve.png")
-    return res
+    return res.to_dict()
+
+
+def _method(cfg: RunConfig) -> Any:
+    if cfg.method is None:
+        return None
+    from .methods import get_method
+
+    return get_method(cfg.method)
 
 
 def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[MultiExitModel, RunConfig]:
@@ -297,9 +313,8 @@ def _data_meta(cfg: RunConfig) -> Any:
 
 
 def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str | None = None) -> dict:
-    """Re-evaluate a run folder on its test split and rewrite its results.json."""
+    """Re-evaluate a run folder on its test split and rewrite its results.json (keeping its training record)."""
     from dataclasses import replace
-
 
     path = Path(path)
     dev = local_device(device)
@@ -307,59 +322,12 @@ def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str 
     if criterion is not None:
         cfg = replace(cfg, eval=replace(cfg.eval, criterion=criterion))
     splits = load_data(cfg)
-    old = {}
-    if (path / "results.json").is_file():
+    train_info = None
+    if (path / RESULTS).is_file():
         try:
-            old = json.loads((path / "results.json").read_text())
-        except ValueError:
-            old = {}
-    res = {"regime": parse_regime(cfg.train.regime), "regime_name": cfg.train.regime, "model": cfg.model.name,
-           "dataset": cfg.data.name, "seed": cfg.train.seed, **evaluate_model(model, splits, cfg, dev), "method": cfg.method,
-           "weighting": cfg.train.weighting}
-    if "train" in old:
-        res["train"] = old["train"]
-    atomic_write_json(path / "results.json", res)
-    return res
-
-
-def maybe_plot(run_dirs: list[Path], out_file: Path, *, required: bool = False, curve: str = "curve") -> bool:
-    """Accuracy-vs-FLOPs curves of runs, with their static exit points; False when matplotlib is missing."""
-    from .plot import plot_runs
-
-    try:
-        plot_runs(run_dirs, out_file, curve=curve)
-    except ImportError:
-        if required:
-            raise EarlyExitError("plotting needs matplotlib: pip install 'earlyexit[plot]'") from None
-        return False
-    return True
-
-
-def summarize_runs(run_dirs: list[Path]) -> list[dict]:
-    """Mean and standard deviation over seeds of runs that share model, dataset and regime.
-
-    Returns one dict per group: ``{model, dataset, regime, seeds, exits: [{index, mean, std}],
-    budgets: {name: {mean, std}}}``; accuracies in [0, 1], std with Bessel's correction (0 for one seed).
-    """
-    from .plot import read_results
-
-    groups: dict[tuple, list[dict]] = {}
-    for d in run_dirs:
-        r = read_results(Path(d))
-        groups.setdefault((r["model"], r["dataset"], r["regime"]), []).append(r)
-
-    def stats(vals: list[float]) -> dict:
-        t = torch.tensor(vals, dtype=torch.float64)
-        return {"mean": float(t.mean()), "std": float(t.std()) if len(vals) > 1 else 0.0}
-
-    out = []
-    for (model, dataset, regime), rs in groups.items():
-        n_exits = min(len(r["exits"]) for r in rs)
-        budgets = {}
-        for k in rs[0]["budgets"]:
-            vals = [r["budgets"][k] for r in rs if r["budgets"].get(k) is not None]
-            budgets[k] = stats(vals) if len(vals) == len(rs) else None
-        out.append({"model": model, "dataset": dataset, "regime": regime, "seeds": sorted(r["seed"] for r in rs),
-                    "exits": [{"index": i, **stats([r["exits"][i]["accuracy"] for r in rs])} for i in range(n_exits)],
-                    "budgets": budgets})
-    return out
+            train_info = Results.from_json(path).train
+        except EarlyExitError:
+            train_info = None
+    res = results_of(cfg, evaluate_model(model, splits, cfg, dev), train_info)
+    res.save(path)
+    return res.to_dict()

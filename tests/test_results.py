@@ -1,0 +1,58 @@
+"""results.json has one owner, ``earlyexit.results.Results``: it reads what the previous layout wrote."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from earlyexit.errors import EarlyExitError
+from earlyexit.results import CalibratedCurve, Curve, ExitResult, Results, TrainInfo, schema
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("name", ["results_previous_layout.json", "results_previous_layout_pbee.json"])
+def test_reads_results_of_the_previous_layout_and_writes_them_back_unchanged(name, tmp_path):
+    f = FIXTURES / name
+    r = Results.from_json(f)
+    assert isinstance(r.curve, Curve) and all(isinstance(e, ExitResult) for e in r.exits)
+    assert isinstance(r.train, TrainInfo) and r.regime == "++-" and r.model == "mlp"
+    assert r.to_dict() == json.loads(f.read_text())
+    out = tmp_path / "results.json"
+    r.save(out)
+    assert out.read_text() == f.read_text()  # byte for byte: key order and formatting too
+
+
+def test_optional_parts_are_absent_when_not_computed():
+    pbee = Results.from_json(FIXTURES / "results_previous_layout_pbee.json")
+    assert pbee.calibrated_geometric is None and "calibrated_geometric" not in pbee.to_dict()
+    mlp = Results.from_json(FIXTURES / "results_previous_layout.json")
+    assert isinstance(mlp.calibrated_geometric, CalibratedCurve) and mlp.calibrated_geometric.mode == "geometric"
+
+
+@pytest.mark.parametrize("content,pattern", [
+    ("{", "not valid JSON"),
+    ("[]", "JSON object"),
+    ("{}", "lack the field 'regime'"),
+    ('{"regime": "++-", "model": "m", "dataset": "d", "seed": 0, "base_flops": 1.0, "exits": [{"index": 0}],'
+     ' "curve": {}, "budgets": {}}', "do not fit the schema"),
+])
+def test_malformed_results_give_one_line(content, pattern, tmp_path):
+    f = tmp_path / "results.json"
+    f.write_text(content)
+    with pytest.raises(EarlyExitError, match=pattern) as e:
+        Results.from_json(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_results_file(tmp_path):
+    with pytest.raises(EarlyExitError, match="has no results.json"):
+        Results.from_json(tmp_path)
+
+
+def test_schema_names_every_field():
+    text = schema()
+    for cls in (Results, ExitResult, Curve, CalibratedCurve, TrainInfo):
+        for name in cls.__dataclass_fields__:
+            assert name in text
+    assert "base_flops" in text and "phase string actually run" in text
