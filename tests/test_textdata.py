@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 
 from earlyexit.data import DataError, list_datasets, load_dataset
 from earlyexit.models import build_model
-from earlyexit.models.bert import WordPieceTokenizer, vocab_for
+from earlyexit.models.bert import WordPieceTokenizer
+from earlyexit.models.bert_weights import vocab_for
 from earlyexit.textdata import TextSplit, read_sst2_tsv, sst2_has_labels
 
 SST2 = Path(__file__).parents[1].parent / "shared" / "data" / "sst2"
