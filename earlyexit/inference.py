@@ -171,8 +171,8 @@ def predict_batches(model: MultiExitModel, batches: Iterable[Any], *, criterion:
 def fuse_batchnorm(model: MultiExitModel) -> MultiExitModel:
     """A copy of ``model`` for inference with every BatchNorm folded into the convolution before it.
 
-    Folds ``convN``/``bnN`` attribute pairs (the ResNet blocks and stems) and ``Conv2d`` followed by
-    ``BatchNorm2d`` inside ``nn.Sequential`` (shortcuts and similar); the folded BatchNorms become
+    Folds the ``(conv, BatchNorm)`` pairs the model declares (``model.conv_bn_pairs()``: the ResNet
+    stems, blocks and shortcuts, the MSDNet convolutions); the folded BatchNorms become
     ``nn.Identity``. BatchNorm is memory-bound and uncounted by FLOPs, so folding it makes wall-clock
     time follow FLOPs more closely. The copy is in eval mode and meant for inference only (its
     outputs equal the original's in eval mode up to float rounding); the original is untouched.
@@ -182,19 +182,12 @@ def fuse_batchnorm(model: MultiExitModel) -> MultiExitModel:
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     fused = copy.deepcopy(model).eval()
-    for module in fused.modules():
-        for name, child in list(module.named_children()):
-            if not isinstance(child, nn.BatchNorm2d):
-                continue
-            if isinstance(module, nn.Sequential):
-                prev = module[int(name) - 1] if name.isdigit() and int(name) > 0 else None
-                if isinstance(prev, nn.Conv2d):
-                    module[int(name) - 1] = fuse_conv_bn_eval(prev, child)
-                    module[int(name)] = nn.Identity()
-            elif name.startswith("bn") and isinstance(getattr(module, "conv" + name[2:], None), nn.Conv2d):
-                conv_name = "conv" + name[2:]
-                setattr(module, conv_name, fuse_conv_bn_eval(getattr(module, conv_name), child))
-                setattr(module, name, nn.Identity())
+    for conv_name, bn_name in fused.conv_bn_pairs():
+        conv_parent, _, conv_child = conv_name.rpartition(".")
+        bn_parent, _, bn_child = bn_name.rpartition(".")
+        cp, bp = fused.get_submodule(conv_parent), fused.get_submodule(bn_parent)
+        setattr(cp, conv_child, fuse_conv_bn_eval(getattr(cp, conv_child), getattr(bp, bn_child)))
+        setattr(bp, bn_child, nn.Identity())
     return fused
 
 

@@ -89,13 +89,10 @@ def make_model(cfg: RunConfig, splits: Any, *, staged: bool = False) -> MultiExi
 
 def load_data(cfg: RunConfig) -> Any:
     from .data import load_dataset
+    from .models import data_options
 
-    options = {}
-    weights = cfg.model.kwargs.get("weights")
-    if cfg.model.name.startswith("bert") and weights and _is_text_dataset(cfg.data.name):
-        from .models.bert import vocab_for
-
-        options["vocab"] = vocab_for(weights)  # token ids must come from the checkpoint's own vocabulary
+    # e.g. pretrained BERT weights decide the text vocabulary
+    options = data_options(cfg.model.name, cfg.model.kwargs) if _is_text_dataset(cfg.data.name) else {}
     return load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, val_fraction=cfg.data.val_fraction,
                         seed=cfg.train.seed, train_size=cfg.data.train_size, **options)
 
@@ -127,13 +124,14 @@ def find_weights(run_dir: Path) -> Path:
 
 
 def load_init(model: MultiExitModel, path: str | Path) -> None:
-    """Initialise ``model`` from a run folder or a weights file (ours, or torchvision's ResNet / ViT).
+    """Initialise ``model`` from a run folder or a weights file (ours, or a foreign format its spec's adapter converts).
 
     The backbone must be covered entirely; IC heads missing from the file keep their initialisation,
     and so does the final classifier when the file's is for another number of classes (e.g.
     ImageNet weights for a 10-class task). Nothing is loaded when the file does not fit.
     """
     from .io import load_state_strict
+    from .models import adapt_foreign_weights
 
     path = Path(path)
     if not path.exists():
@@ -143,19 +141,12 @@ def load_init(model: MultiExitModel, path: str | Path) -> None:
     final = f"heads.{model.num_exits - 1}."
     replaced: set[str] = set()  # final-classifier keys left at their initialisation (another number of classes)
     try:
-        if "fc.weight" in sd and "conv1.weight" in sd:  # a torchvision ResNet state_dict
-            from .models.resnet import convert_torchvision_state_dict
-
-            sd = convert_torchvision_state_dict(model, sd)
-        elif "conv_proj.weight" in sd and "class_token" in sd:  # a torchvision ViT state_dict
-            from .models.vit import convert_torchvision_vit_state_dict
-
-            same = sd.get("heads.head.weight", torch.empty(0)).shape[:1] == (model.num_classes,)
-            conv = convert_torchvision_vit_state_dict(model, sd, load_head=same)
-            replaced = {k for k in ours if k.startswith(final) and k not in conv}
-            sd = conv
+        conv = adapt_foreign_weights(model, sd)  # e.g. a torchvision state_dict, in our names
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"--init: {path} does not fit the model: {e.args[0] if e.args else e}") from None
+    if conv is not None:
+        replaced = {k for k in ours if k.startswith(final) and k not in conv}
+        sd = conv
     mismatched = {k for k in sd if k.startswith(final) and k in ours and sd[k].shape != ours[k].shape}
     if mismatched and all(sd[k].shape[0] != ours[k].shape[0] for k in mismatched):
         replaced |= mismatched

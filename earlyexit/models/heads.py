@@ -4,9 +4,15 @@
 feature map is reduced by a learned mix of max and average pooling, then a
 linear layer maps it to logits. Heads are sized from the backbone's
 ``feature_info`` (channels and spatial size of the stage output), never by hand.
+
+Each head also declares how weight matching permutes it (``permutation_axes``,
+see ``earlyexit.analysis.connectivity``): its input features move with the
+permutation of the stage it reads; its outputs (the classes) stay in place.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +54,16 @@ class SDNHead(nn.Module):
             x = alpha * mx + (1 - alpha) * av
         return self.linear(x.flatten(1))  # (B, num_classes)
 
+    def permutation_axes(self, rules: Any, prefix: str, inp: str) -> None:
+        """Weight matching: the linear layer reads ``C x h x w`` flattened features, so whole ``h x w`` blocks
+        move with their channel (its weight is seen as ``(K, C, h*w)``)."""
+        w = self.linear.weight
+        n = rules.sizes[inp]
+        rules.views[prefix + "linear.weight"] = (w.shape[0], n, w.shape[1] // n)
+        rules.axes[prefix + "linear.weight"], rules.axes[prefix + "linear.bias"] = (None, inp, None), (None,)
+        if self.reduce:
+            rules.axes[prefix + "mix"] = ()
+
 
 class LinearHead(nn.Module):
     """A linear layer on a ``(B, D)`` vector state (used by the MLP toy backbone)."""
@@ -59,6 +75,10 @@ class LinearHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x)
 
+    def permutation_axes(self, rules: Any, prefix: str, inp: str) -> None:
+        """Weight matching: the linear layer's inputs move with the state's units."""
+        rules.axes[prefix + "linear.weight"], rules.axes[prefix + "linear.bias"] = (None, inp), (None,)
+
 
 class PoolLinearHead(nn.Module):
     """Global average pooling and a linear layer: the ResNet classifier (``fc`` keeps torchvision's name)."""
@@ -69,6 +89,10 @@ class PoolLinearHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))  # (B, num_classes)
+
+    def permutation_axes(self, rules: Any, prefix: str, inp: str) -> None:
+        """Weight matching: pooling keeps the channels, so ``fc``'s inputs move with them."""
+        rules.axes[prefix + "fc.weight"], rules.axes[prefix + "fc.bias"] = (None, inp), (None,)
 
 
 def sdn_head(info: dict, num_classes: int) -> nn.Module:

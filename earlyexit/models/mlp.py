@@ -2,28 +2,49 @@
 
 Stages are ``Linear + ReLU`` layers on flattened inputs; every exit is a
 linear layer. Small enough for property tests over random shapes, and free
-of BatchNorm, so data-parallel runs match a single process exactly.
+of BatchNorm, so data-parallel runs match a single process exactly. Weight
+matching permutes every hidden layer's units (``stageI``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
+from .common import resolve_exits
 from .heads import LinearHead
 from .multiexit import MultiExitModel
+from .registry import register_model
 
 
 class Flatten(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x.flatten(1)
 
+    def permutation_axes(self, rules: Any, prefix: str, inp: None) -> None:
+        """Weight matching: no parameters, and the input's units are not permuted."""
+        return None
 
+
+class MLPLayer(nn.Sequential):
+    """One stage: ``Linear`` (index 0) and ``ReLU``."""
+
+    def __init__(self, d_in: int, width: int) -> None:
+        super().__init__(nn.Linear(d_in, width), nn.ReLU())
+
+    def permutation_axes(self, rules: Any, prefix: str, inp: str | None) -> str:
+        """Weight matching: one permutation of the layer's units, which the next layer's inputs follow."""
+        p = rules.new(f"stage{rules.stage}", self[0].out_features)
+        rules.axes[prefix + "0.weight"], rules.axes[prefix + "0.bias"] = (p, inp), (p,)
+        return p
+
+
+@register_model("mlp", tiny=dict(in_chans=1, image_size=8))
 def mlp(*, num_classes: int, in_chans: int = 1, image_size: int = 28, width: int = 64, depth: int = 4, exits=None) -> MultiExitModel:
     """Build an MLP of ``depth`` hidden layers of ``width`` units; ICs after every layer by default."""
-    from . import resolve_exits
-
     d_in = in_chans * image_size * image_size
-    stages = [nn.Sequential(nn.Linear(d_in if i == 0 else width, width), nn.ReLU()) for i in range(depth)]
+    stages = [MLPLayer(d_in if i == 0 else width, width) for i in range(depth)]
     info = [{"num_chs": width, "size": None, "module": f"stages.{i}"} for i in range(depth)]
     head = LinearHead(width, num_classes)
     stem = Flatten()
@@ -31,6 +52,3 @@ def mlp(*, num_classes: int, in_chans: int = 1, image_size: int = 28, width: int
     return MultiExitModel(stem=stem, stages=stages, head=head, exits=chosen,
                           make_head=lambda fi, c: LinearHead(fi["num_chs"], c), feature_info=info, num_classes=num_classes,
                           input_shape=(in_chans, image_size, image_size))
-
-
-MODELS = {"mlp": mlp}

@@ -28,6 +28,9 @@ Every MSDNet block is one stage; the state between stages is a list of
 ``(B, C_s, H_s, W_s)`` tensors, one per active scale, finest first. The last
 block's classifier is the backbone's own head; by default every earlier block
 carries an IC (the paper's layout: a classifier after every block).
+
+Every convolution is followed by its BatchNorm (``ConvBNReLU``); the parts
+declare these pairs (``conv_bn_pairs``) for folding.
 """
 
 from __future__ import annotations
@@ -39,16 +42,23 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from .common import init_conv_bn, resolve_exits
 from .multiexit import MultiExitModel
+from .registry import register_model
 
 
-def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:
+class ConvBNReLU(nn.Sequential):
     """``kernel x kernel`` conv (padding keeps the size at stride 1), BN, ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        return [("0", "1")]
 
 
 class BottleneckConv(nn.Sequential):
@@ -67,9 +77,13 @@ class BottleneckConv(nn.Sequential):
         inner = cin
         if bn_width is not None:
             inner = min(cin, bn_width * cout)
-            layers += list(_conv_bn_relu(cin, inner, 1))
-        layers += list(_conv_bn_relu(inner, cout, 3, stride))
+            layers += list(ConvBNReLU(cin, inner, 1))
+        layers += list(ConvBNReLU(inner, cout, 3, stride))
         super().__init__(*layers)
+
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        # conv, BN, ReLU per convolution, laid out flat
+        return [(str(i), str(i + 1)) for i in range(0, len(self), 3)]
 
 
 class ScaleUnit(nn.Module):
@@ -142,7 +156,7 @@ class Transition(nn.Module):
 
     def __init__(self, nin: int, nout: int, factors: Sequence[int]) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(_conv_bn_relu(nin * f, nout * f, 1) for f in factors)
+        self.convs = nn.ModuleList(ConvBNReLU(nin * f, nout * f, 1) for f in factors)
 
     def forward(self, xs: list[Tensor]) -> list[Tensor]:
         return [conv(x) for conv, x in zip(self.convs, xs)]  # (B, nout * f_s, H_s, W_s) each
@@ -162,12 +176,12 @@ class FirstLayer(nn.Module):
         super().__init__()
         c0 = nchannels * gr_factor[0]
         if imagenet:
-            first = nn.Sequential(*_conv_bn_relu(in_chans, c0, 7, 2), nn.MaxPool2d(3, 2, 1))
+            first = ConvBNReLU(in_chans, c0, 7, 2).append(nn.MaxPool2d(3, 2, 1))
         else:
-            first = _conv_bn_relu(in_chans, c0, 3)
+            first = ConvBNReLU(in_chans, c0, 3)
         convs = [first]
         for s in range(1, len(gr_factor)):
-            convs.append(_conv_bn_relu(nchannels * gr_factor[s - 1], nchannels * gr_factor[s], 3, 2))
+            convs.append(ConvBNReLU(nchannels * gr_factor[s - 1], nchannels * gr_factor[s], 3, 2))
         self.convs = nn.ModuleList(convs)
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -190,7 +204,7 @@ class MSDClassifier(nn.Module):
     def __init__(self, num_chs: int, num_classes: int, *, width: int | None = None) -> None:
         super().__init__()
         width = num_chs if width is None else width
-        self.convs = nn.Sequential(_conv_bn_relu(num_chs, width, 3, 2), _conv_bn_relu(width, width, 3, 2))
+        self.convs = nn.Sequential(ConvBNReLU(num_chs, width, 3, 2), ConvBNReLU(width, width, 3, 2))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(width, num_classes)
 
@@ -315,8 +329,6 @@ def msdnet(
     Returns:
         A ``MultiExitModel`` whose states are lists of per-scale tensors.
     """
-    from . import init_conv_bn, resolve_exits  # registry helpers
-
     n_scales = len(gr_factor)
     if n_scales < 1 or len(bn_factor) != n_scales:
         raise ValueError(f"gr_factor and bn_factor need one entry per scale; "
@@ -364,19 +376,16 @@ _IMAGENET = dict(num_blocks=5, base=4, step=4, step_mode="even", nchannels=32, g
                  bn_factor=(1, 2, 4, 4), reduction=0.5, imagenet_stem=True, head_width=None)
 
 
+@register_model("msdnet_cifar", tiny=dict(image_size=32))
 def msdnet_cifar(*, num_classes: int, in_chans: int = 3, exits: Any = None, image_size: int = 32,
                  **kw: Any) -> MultiExitModel:
     """MSDNet for CIFAR (anytime setting: 7 blocks, step 2, 3 scales); ``kw`` overrides any ``msdnet`` option."""
     return msdnet(num_classes=num_classes, in_chans=in_chans, exits=exits, image_size=image_size, **{**_CIFAR, **kw})
 
 
+@register_model("msdnet_imagenet", tiny=dict(image_size=64))
 def msdnet_imagenet(*, num_classes: int, in_chans: int = 3, exits: Any = None, image_size: int = 224,
                     **kw: Any) -> MultiExitModel:
     """MSDNet for ImageNet (5 blocks, step 4, 4 scales); ``kw`` overrides any ``msdnet`` option."""
     return msdnet(num_classes=num_classes, in_chans=in_chans, exits=exits, image_size=image_size, **{**_IMAGENET, **kw})
 
-
-MODELS = {
-    "msdnet_cifar": msdnet_cifar,
-    "msdnet_imagenet": msdnet_imagenet,
-}

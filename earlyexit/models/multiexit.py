@@ -20,6 +20,11 @@ Contracts (relied on by training, metrics and inference):
 - When every backbone parameter is frozen (``requires_grad=False``), the
   stages run under ``torch.no_grad()``: phase 3 keeps no activations of the
   backbone, only of the heads.
+- Parts describe themselves: a block or head whose BatchNorm layers directly
+  follow a convolution declares ``conv_bn_pairs() -> [(conv name, BN name)]``
+  (names relative to the part), gathered by ``MultiExitModel.conv_bn_pairs``
+  for folding; a part that weight matching can permute declares
+  ``permutation_axes(rules, prefix, inp)`` (``earlyexit.analysis.connectivity``).
 """
 
 from __future__ import annotations
@@ -89,6 +94,20 @@ class MultiExitModel(nn.Module):
         """Parameters of the IC heads (not the backbone's own classifier)."""
         for h in self.heads[:-1]:
             yield from h.parameters()
+
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        """Names of the ``(Conv2d, BatchNorm2d)`` pairs in which the BatchNorm directly follows the convolution.
+
+        Gathered from the parts that declare ``conv_bn_pairs()`` (names relative to the part), in module order.
+        """
+        pairs = []
+        for name, m in self.named_modules():
+            declare = getattr(m, "conv_bn_pairs", None)
+            if declare is None or isinstance(m, MultiExitModel):
+                continue
+            pre = f"{name}." if name else ""
+            pairs += [(pre + conv, pre + bn) for conv, bn in declare()]
+        return pairs
 
     def example_input(self, batch_size: int = 1, device: torch.device | str | None = None) -> Any:
         """A deterministic input batch of the model's input shape (models with other inputs override this)."""

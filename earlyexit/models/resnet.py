@@ -12,17 +12,26 @@ Every residual block is one stage; ICs sit after blocks. The default
 placement follows the paper: an IC after every other block starting from
 the fifth (block indices 4, 6, 8, ...), the last block's exit being the
 backbone's own classifier.
+
+The stems and blocks declare their ``conv_bn_pairs`` (BatchNorm folding) and
+their ``permutation_axes`` (weight matching): every block adds its output to
+the residual stream, so all blocks between two projection shortcuts (a CIFAR
+ResNet's group) share one permutation of the stream (``streamN``), a
+projection shortcut starts a new one, and each block has its own
+permutation(s) of its inner channels (``blockI.convJ``).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 
+from .common import feature_info_for, init_conv_bn, resolve_exits
 from .heads import PoolLinearHead, sdn_head
 from .multiexit import MultiExitModel
+from .registry import register_model
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -36,10 +45,37 @@ def _shortcut(cin: int, cout: int, stride: int) -> nn.Module | None:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _bn(cout))
 
 
-class BasicBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """What the two residual blocks share: their conv/BN pairs and their permutation rule."""
+
+    convs: tuple[str, ...] = ()  # the convolutions of the residual branch, in order; ``convJ`` is followed by ``bnJ``
+
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        pairs = [(c, f"bn{j + 1}") for j, c in enumerate(self.convs)]
+        return pairs + ([("downsample.0", "downsample.1")] if self.downsample is not None else [])
+
+    def permutation_axes(self, rules: Any, prefix: str, inp: str) -> str:
+        """Weight matching: the branch's last conv and the shortcut write the (new or same) residual stream."""
+        out = inp
+        if self.downsample is not None:
+            out = rules.fresh("stream", self.downsample[0].out_channels)
+            rules.axes[prefix + "downsample.0.weight"] = (out, inp, None, None)
+            rules.norm(prefix + "downsample.1", out)
+        cur = inp
+        for j, c in enumerate(self.convs):
+            last = j == len(self.convs) - 1
+            p = out if last else rules.new(f"block{rules.stage}.{c}", getattr(self, c).out_channels)
+            rules.axes[prefix + c + ".weight"] = (p, cur, None, None)
+            rules.norm(prefix + f"bn{j + 1}", p)
+            cur = p
+        return out
+
+
+class BasicBlock(ResidualBlock):
     """Two 3x3 convolutions with a residual connection (torchvision names)."""
 
     expansion = 1
+    convs = ("conv1", "conv2")
 
     def __init__(self, cin: int, planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -58,10 +94,11 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """1x1, 3x3 (strided, as torchvision's v1.5), 1x1 with expansion 4."""
 
     expansion = 4
+    convs = ("conv1", "conv2", "conv3")
 
     def __init__(self, cin: int, planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -92,6 +129,16 @@ class CifarStem(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.relu(self.bn1(self.conv1(x)))
+
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        return [("conv1", "bn1")]
+
+    def permutation_axes(self, rules: Any, prefix: str, inp: None) -> str:
+        """Weight matching: the stem's channels start the first residual stream."""
+        p = rules.fresh("stream", self.conv1.out_channels)
+        rules.axes[prefix + "conv1.weight"] = (p, inp, None, None)
+        rules.norm(prefix + "bn1", p)
+        return p
 
 
 class ImageNetStem(CifarStem):
@@ -133,8 +180,6 @@ def resnet(
     image_size: int = 32,
 ) -> MultiExitModel:
     """Build a ResNet with IC heads (see the module docstring)."""
-    from . import feature_info_for, init_conv_bn, resolve_exits  # registry helpers
-
     stem = (ImageNetStem if imagenet_stem else CifarStem)(in_chans, stem_width)
     blocks, where = _make_blocks(block, widths, depths, stem_width)
     info = feature_info_for(stem, blocks, (1, in_chans, image_size, image_size))
@@ -217,12 +262,45 @@ def load_torchvision(model: MultiExitModel, sd: Mapping[str, Tensor]) -> MultiEx
     return model
 
 
-MODELS = {
-    "resnet20": lambda **kw: cifar_resnet(20, **kw),
-    "resnet32": lambda **kw: cifar_resnet(32, **kw),
-    "resnet56": lambda **kw: cifar_resnet(56, **kw),
-    "resnet110": lambda **kw: cifar_resnet(110, **kw),
-    "resnet18": lambda **kw: imagenet_resnet("resnet18", **kw),
-    "resnet34": lambda **kw: imagenet_resnet("resnet34", **kw),
-    "resnet50": lambda **kw: imagenet_resnet("resnet50", **kw),
-}
+def torchvision_weights(model: MultiExitModel, sd: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    """The ``foreign_weights`` adapter: a torchvision ResNet ``state_dict`` in our names, None for other files."""
+    if "fc.weight" not in sd or "conv1.weight" not in sd:
+        return None
+    return convert_torchvision_state_dict(model, sd)
+
+
+# --- registered sizes ----------------------------------------------------------
+
+@register_model("resnet20", tiny=dict(in_chans=1, image_size=16), foreign_weights=torchvision_weights)
+def resnet20(**kw: Any) -> MultiExitModel:
+    return cifar_resnet(20, **kw)
+
+
+@register_model("resnet32", tiny=dict(image_size=8), foreign_weights=torchvision_weights)
+def resnet32(**kw: Any) -> MultiExitModel:
+    return cifar_resnet(32, **kw)
+
+
+@register_model("resnet56", tiny=dict(image_size=8), foreign_weights=torchvision_weights)
+def resnet56(**kw: Any) -> MultiExitModel:
+    return cifar_resnet(56, **kw)
+
+
+@register_model("resnet110", tiny=dict(image_size=8), foreign_weights=torchvision_weights)
+def resnet110(**kw: Any) -> MultiExitModel:
+    return cifar_resnet(110, **kw)
+
+
+@register_model("resnet18", tiny=dict(image_size=32), foreign_weights=torchvision_weights)
+def resnet18(**kw: Any) -> MultiExitModel:
+    return imagenet_resnet("resnet18", **kw)
+
+
+@register_model("resnet34", tiny=dict(image_size=32), foreign_weights=torchvision_weights)
+def resnet34(**kw: Any) -> MultiExitModel:
+    return imagenet_resnet("resnet34", **kw)
+
+
+@register_model("resnet50", tiny=dict(image_size=32), foreign_weights=torchvision_weights)
+def resnet50(**kw: Any) -> MultiExitModel:
+    return imagenet_resnet("resnet50", **kw)

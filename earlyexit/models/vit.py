@@ -14,7 +14,7 @@ query/key/value projections. Submodules carry torchvision's names
 ``self_attention.in_proj_weight``, ``mlp.0``, ``mlp.3``, ``ln``, ``head``), so
 ``load_torchvision_vit`` only renames prefixes.
 
-Sizes (``MODELS``):
+Registered sizes:
 
 - ``vit``: the small CIFAR model (32x32 input, patch 4, width 256, 7 blocks,
   8 heads, MLP width 512: ratio 2, a usual choice for small CIFAR ViTs;
@@ -29,6 +29,9 @@ LayerNorm + linear on the class token (``head_pool="mean"`` averages the
 patch tokens instead); ``"mlp1024"``, ``"mlp2048"``, ``"mlp1024x1024"``, ...
 insert one or more GELU hidden layers of those widths (the IC-size study);
 ``head_hidden=(...)`` gives the hidden widths directly.
+
+Every size reads torchvision ``VisionTransformer`` checkpoints through
+``--init`` (its ``foreign_weights`` adapter, ``torchvision_weights``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .common import resolve_exits
 from .multiexit import MultiExitModel
+from .registry import register_model
 
 _LN_EPS = 1e-6  # torchvision's (and the original ViT's) LayerNorm epsilon
 
@@ -257,8 +262,6 @@ def vision_transformer(
     Returns:
         A ``MultiExitModel`` whose states are token sequences ``(B, T, D)``.
     """
-    from . import resolve_exits  # registry helper
-
     if image_size < 1 or patch_size < 1 or image_size % patch_size:
         raise ValueError(f"image_size ({image_size}) must be a positive multiple of patch_size ({patch_size})")
     if width < 1 or num_heads < 1 or width % num_heads:
@@ -406,18 +409,45 @@ def load_torchvision_vit(model: MultiExitModel, sd: Mapping[str, Tensor], *, loa
     return model
 
 
-# --- size table ---------------------------------------------------------------
+def torchvision_weights(model: MultiExitModel, sd: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    """The ``foreign_weights`` adapter: a torchvision ViT ``state_dict`` in our names, None for other files.
 
-def _sized(**defaults: Any):
-    """A builder with ``defaults`` that any keyword argument may override."""
-    def build(**kw: Any) -> MultiExitModel:
-        return vision_transformer(**{**defaults, **kw})
-    return build
+    The final linear layer is taken only when it has the model's number of classes; otherwise ours
+    keeps its initialisation (e.g. ImageNet weights for a 10-class task).
+    """
+    if "conv_proj.weight" not in sd or "class_token" not in sd:
+        return None
+    same = sd.get("heads.head.weight", torch.empty(0)).shape[:1] == (model.num_classes,)
+    return convert_torchvision_vit_state_dict(model, sd, load_head=same)
 
 
-MODELS = {
-    "vit": _sized(image_size=32, patch_size=4, width=256, depth=7, num_heads=8, mlp_ratio=2.0, first_exit=1),
-    "vit_t16": _sized(image_size=224, patch_size=16, width=192, depth=12, num_heads=3, mlp_ratio=4.0, first_exit=0),
-    "vit_s16": _sized(image_size=224, patch_size=16, width=384, depth=12, num_heads=6, mlp_ratio=4.0, first_exit=0),
-    "vit_b16": _sized(image_size=224, patch_size=16, width=768, depth=12, num_heads=12, mlp_ratio=4.0, first_exit=0),
-}
+# --- registered sizes -----------------------------------------------------------
+
+_VIT = dict(image_size=32, patch_size=4, width=256, depth=7, num_heads=8, mlp_ratio=2.0, first_exit=1)
+_VIT_T16 = dict(image_size=224, patch_size=16, width=192, depth=12, num_heads=3, mlp_ratio=4.0, first_exit=0)
+_VIT_S16 = dict(image_size=224, patch_size=16, width=384, depth=12, num_heads=6, mlp_ratio=4.0, first_exit=0)
+_VIT_B16 = dict(image_size=224, patch_size=16, width=768, depth=12, num_heads=12, mlp_ratio=4.0, first_exit=0)
+
+
+@register_model("vit", tiny=dict(image_size=16), foreign_weights=torchvision_weights)
+def vit(**kw: Any) -> MultiExitModel:
+    """The small CIFAR ViT; any ``vision_transformer`` option overrides the size's defaults."""
+    return vision_transformer(**{**_VIT, **kw})
+
+
+@register_model("vit_t16", tiny=dict(image_size=32), foreign_weights=torchvision_weights)
+def vit_t16(**kw: Any) -> MultiExitModel:
+    """ViT-Ti/16."""
+    return vision_transformer(**{**_VIT_T16, **kw})
+
+
+@register_model("vit_s16", tiny=dict(image_size=32), foreign_weights=torchvision_weights)
+def vit_s16(**kw: Any) -> MultiExitModel:
+    """ViT-S/16."""
+    return vision_transformer(**{**_VIT_S16, **kw})
+
+
+@register_model("vit_b16", tiny=dict(image_size=32), foreign_weights=torchvision_weights)
+def vit_b16(**kw: Any) -> MultiExitModel:
+    """ViT-B/16."""
+    return vision_transformer(**{**_VIT_B16, **kw})
