@@ -14,6 +14,18 @@ and batches of ``(x, y)``:
   the loss barrier, BatchNorm re-estimation, Git Re-Basin weight matching;
 - ``landscape``: 1-D / 2-D loss slices along filter-normalised random directions.
 
+The paper's figures, each by its own definition:
+
+- ``layer_rank.layer_ranks`` (Figure 3): numerical rank of every backbone
+  Conv2d / Linear output over a whole split, streamed through Gram matrices;
+- ``cosines.gradient_cosines`` (Figure 4): cosine between each exit's backbone
+  gradient and the total gradient;
+- ``noisy_information.mi_xz`` / ``layer_information`` (Figure 5): ``I(X; Z)`` of
+  every backbone layer with Gaussian noise (Jensen or Monte Carlo);
+- ``plane.connectivity_plane`` (Figure 2): the loss on the plane through three
+  weight-matched models, BatchNorm re-estimated at every point;
+- ``figures``: the drawings of all of them and of the loss landscapes.
+
 ``analyze_run`` runs the chosen analyses on a finished run folder and returns
 JSON-ready results. scipy (weight matching only) is imported when needed.
 """
@@ -35,6 +47,14 @@ from .gradients import (dominance_from_norms, exit_gradient_norms, gradient_domi
 from .information import binned_entropy, label_entropy, mutual_information, random_projection, stage_information
 from .landscape import exit_losses, filter_normalized_direction, loss_surface
 from .rank import effective_rank, numerical_rank, stage_features, stage_ranks, state_features
+from .cosines import gradient_cosine_record, gradient_cosines, shared_parameters
+from .figures import (plot_connectivity_plane, plot_gradient_cosines, plot_layer_information, plot_layer_ranks,
+                      plot_loss_landscape, read_records)
+from .landscape import random_direction
+from .layer_rank import layer_ranks, rank_from_gram
+from .layers import backbone_layers, feature_subset
+from .noisy_information import layer_information, mi_xz
+from .plane import connectivity_plane, plane_basis
 
 ANALYSES = ("rank", "gradients", "information", "landscape", "connectivity")
 SPLITS = ("train", "val", "test")
@@ -135,4 +155,10 @@ __all__ = [
     "reset_bn", "interpolate", "interpolate_state", "interpolation_path", "loss_barrier", "weight_matching",
     "permutation_spec", "apply_permutation", "PermutationSpec",
     "loss_surface", "exit_losses", "filter_normalized_direction",
+    "gradient_cosines", "gradient_cosine_record", "shared_parameters",
+    "layer_ranks", "rank_from_gram", "backbone_layers", "feature_subset",
+    "mi_xz", "layer_information",
+    "connectivity_plane", "plane_basis", "random_direction",
+    "plot_layer_ranks", "plot_gradient_cosines", "plot_layer_information", "plot_connectivity_plane",
+    "plot_loss_landscape", "read_records",
 ]

@@ -11,6 +11,10 @@ of the same filter of ``theta``. Parameters with one dimension or none
 (biases, normalisation scales and shifts, SDN's pooling mix) get a zero
 direction, Li et al.'s setting for them.
 
+``loss_surface`` also reports the total (weighted) loss, and can draw
+uniform instead of Gaussian entries (``random_direction``), the two options
+of the authors' landscape code (appendix A of the paper).
+
 Every exit's loss is measured on the same points, in eval mode: BatchNorm
 uses the model's running statistics, which stay untouched, and the weights
 are restored bit for bit afterwards.
@@ -19,6 +23,7 @@ are restored bit for bit afterwards.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -101,7 +106,8 @@ def _grid(steps: int, span: float) -> Tensor:
 
 
 def loss_surface(model: MultiExitModel, batches: Iterable[Any], *, steps: int | Sequence[int] = (21, 21),
-                 span: float = 1.0, seed: int = 0, exits: Sequence[int] | None = None) -> dict:
+                 span: float = 1.0, seed: int = 0, exits: Sequence[int] | None = None,
+                 direction: str = "gaussian", weights: Sequence[float] | None = None) -> dict:
     """Loss and accuracy of every exit on a 1-D or 2-D slice around the trained weights.
 
     Args:
@@ -114,12 +120,18 @@ def loss_surface(model: MultiExitModel, batches: Iterable[Any], *, steps: int | 
             of the filter-normalised direction, i.e. of the weights' own norms).
         seed: seed of the directions.
         exits: exits to measure; None = all.
+        direction: ``"gaussian"`` (Li et al.'s directions, the default) or ``"uniform"``
+            (see ``random_direction``); both filter-normalised.
+        weights: loss weight of every exit (one per exit of the model) for the total loss;
+            None: the mean over the measured exits.
     Returns:
         ``{"alphas": [S1], "betas": [S2], "exits": [E'], "loss": (E', S1, S2),
-        "accuracy": (E', S1, S2)}``, tensors float64 on the CPU; with odd
-        ``S1, S2`` the centre ``[:, S1 // 2, S2 // 2]`` is the unperturbed model.
+        "accuracy": (E', S1, S2), "total": (S1, S2), "direction": str}``, tensors float64 on the
+        CPU; ``total`` is ``sum_k w_k loss_k`` over the measured exits (the training loss when
+        every exit is measured); with odd ``S1, S2`` the centre ``[:, S1 // 2, S2 // 2]`` is the
+        unperturbed model.
     Raises:
-        ValueError: on bad steps or span.
+        ValueError: on bad steps, span, direction or weights.
     """
     if isinstance(steps, int):
         steps = (steps,)
@@ -133,9 +145,17 @@ def loss_surface(model: MultiExitModel, batches: Iterable[Any], *, steps: int | 
     batches = batches if isinstance(batches, (list, tuple)) else list(batches)
     E = model.num_exits
     wanted = list(range(E)) if exits is None else sorted({k % E for k in exits})
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    if weights is None:
+        loss_w = torch.full((len(wanted),), 1.0 / len(wanted), dtype=torch.float64)
+    else:
+        if len(weights) != E or not all(math.isfinite(float(v)) for v in weights):
+            raise ValueError(f"weights must be {E} finite numbers (one per exit), got {list(weights)}")
+        loss_w = torch.tensor([float(weights[k]) for k in wanted], dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
-    d1 = filter_normalized_direction(model, generator=g)
-    d2 = filter_normalized_direction(model, generator=g) if steps[1] > 1 else None
+    d1 = random_direction(model, generator=g, distribution=direction)
+    d2 = random_direction(model, generator=g, distribution=direction) if steps[1] > 1 else None
     alphas, betas = _grid(steps[0], span), _grid(steps[1], span)
     params = dict(model.named_parameters())
     saved = {n: p.detach().clone() for n, p in params.items()}
@@ -156,4 +176,44 @@ def loss_surface(model: MultiExitModel, batches: Iterable[Any], *, steps: int | 
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved[n])
-    return {"alphas": alphas.tolist(), "betas": betas.tolist(), "exits": wanted, "loss": loss, "accuracy": acc}
+    return {"alphas": alphas.tolist(), "betas": betas.tolist(), "exits": wanted, "loss": loss, "accuracy": acc,
+            "total": torch.einsum("k,kij->ij", loss_w, loss), "direction": direction}
+
+
+DIRECTIONS = ("gaussian", "uniform")
+
+
+def random_direction(model: nn.Module, *, generator: torch.Generator,
+                     distribution: str = "gaussian") -> dict[str, Tensor]:
+    """A filter-normalised random direction with Gaussian or uniform entries.
+
+    ``"gaussian"`` is ``filter_normalized_direction`` (standard normal entries,
+    drawn identically). ``"uniform"`` draws entries uniformly from ``[0, 1)``,
+    as the ``noise_type="uniform"`` option of the authors' landscape code does
+    (their ``early-exit-benchmark``, file ``loss_landscapes_modification/random_plane.py``,
+    through ``loss_landscapes``' ``rand_u_like``): such a direction is not centred,
+    so it also moves every filter along its own all-positive diagonal. Both are
+    then filter-normalised as in Li et al. (each filter rescaled to the norm of
+    the weights' filter), and parameters with fewer than two dimensions get 0.
+
+    Args:
+        model: the model whose parameters set the shapes and filter norms.
+        generator: a CPU generator.
+        distribution: ``"gaussian"`` or ``"uniform"``.
+    Returns:
+        ``{name: tensor}`` for every parameter, on the parameter's device.
+    """
+    if distribution == "gaussian":
+        return filter_normalized_direction(model, generator=generator)
+    if distribution != "uniform":
+        raise ValueError(f"unknown distribution {distribution!r}; valid: {', '.join(DIRECTIONS)}")
+    out = {}
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            out[name] = torch.zeros_like(p)
+            continue
+        d = torch.rand(p.shape, generator=generator, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
+        d_norm = d.flatten(1).norm(dim=1).clamp_min(1e-12)  # (out,) one norm per filter
+        w_norm = p.detach().flatten(1).norm(dim=1)  # (out,)
+        out[name] = d * (w_norm / d_norm).view(-1, *([1] * (p.dim() - 1)))
+    return out
