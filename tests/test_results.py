@@ -56,3 +56,8 @@ def test_schema_names_every_field():
         for name in cls.__dataclass_fields__:
             assert name in text
     assert "base_flops" in text and "phase string actually run" in text
+
+
+def test_readme_prints_the_schema_of_the_type():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert schema() in readme
