@@ -200,7 +200,7 @@ def _check_names(cfg: RunConfig) -> None:
     """Fail fast, before any data is read, on unknown names."""
     from .data import list_datasets
     from .models import list_models
-    from .weighting import list_weightings
+    from .training import list_weightings
 
     if cfg.model.name not in list_models():
         raise EarlyExitError(f"unknown model {cfg.model.name!r}; valid: {', '.join(list_models())}")

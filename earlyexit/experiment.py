@@ -26,7 +26,7 @@ from .errors import CheckpointError, EarlyExitError
 from .io import atomic_write_json, load_weights
 from .tree import to_jsonable
 from .models import MultiExitModel, build_model
-from .train import CHECKPOINT, TrainRecord, train
+from .training import CHECKPOINT, TrainRecord, train
 
 RESULTS_SCHEMA = """\
 results.json
