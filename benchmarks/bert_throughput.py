@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from earlyexit.models.bert import benchmark_finetune
+from earlyexit.bench.bert import benchmark_finetune
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from .runs import load_run
 from .inference import predict
 from .metrics import backbone_cost, budget_table, evaluate, exit_costs, static_points, threshold_curve
 from .models import MultiExitModel, build_model, list_models
-from .train import train
+from .training import train
 
 __version__ = "0.1.0"
 __all__ = [

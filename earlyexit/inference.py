@@ -1,4 +1,4 @@
-"""Batched early-exit inference that really skips work, and its wall-clock benchmark.
+"""Batched early-exit inference that really skips work (its wall-clock benchmark: ``earlyexit.bench.inference``).
 
 Follows the inference rule of "Joint or Disjoint: Mixing Training Regimes for
 Early-Exit Models": a sample leaves at the first exit whose criterion fires
@@ -26,15 +26,13 @@ states of Global Past-Future. ``run_exit`` calls it when present and
 
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from .device import autocast_context, cuda_sync, model_device
-from .metrics import CRITERIA, backbone_cost, exit_costs, exit_scores
+from .device import autocast_context, model_device
+from .metrics import CRITERIA, exit_scores
 from .models import MultiExitModel
 from .tree import slice_state, state_batch_size, to_device
 
@@ -191,94 +189,4 @@ def fuse_batchnorm(model: MultiExitModel) -> MultiExitModel:
     return fused
 
 
-# --- benchmark ------------------------------------------------------------------
-
-def _median_seconds(fn: Callable[[], Any], device: torch.device, *, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        cuda_sync(device)
-        t0 = time.perf_counter()
-        fn()
-        cuda_sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def inference_bench(model: MultiExitModel, example_batch_fn: Callable[[int], Any], *, thresholds: Sequence[float],
-                    criterion: str = "confidence", batch_sizes: Sequence[int] = (1, 64, 256), repeats: int = 10,
-                    warmup: int = 2) -> list[dict]:
-    """Wall-clock time of ``predict`` against the plain backbone, next to the speed-up FLOPs predict.
-
-    The baseline is the backbone alone (``model(x, exits=[-1])``: stem, every
-    stage and the backbone's own classifier, no ICs), the fair reference for
-    an early-exit model; the forward through every exit is timed too. The
-    FLOP-predicted speed-up is ``backbone_cost / mean_n exit_costs[exit_n]``
-    over the exits the samples of the timed batch actually took
-    (``metrics.exit_costs``: stages plus every head passed). Times are medians
-    over ``repeats`` runs after ``warmup`` runs, in eval mode under
-    ``torch.inference_mode``, with CUDA synchronised around each run.
-
-    Args:
-        model: the multi-exit model, already on its device.
-        example_batch_fn: ``fn(batch_size) -> x``, an input batch (tensor or pytree).
-        thresholds: criterion thresholds to time.
-        criterion: ``"confidence"``, ``"entropy"`` or ``"patience"``.
-        batch_sizes: batch sizes to time.
-        repeats, warmup: timed and untimed runs per measurement.
-    Returns:
-        One dict per (batch size, threshold): ``batch_size``, ``criterion``,
-        ``threshold``, ``backbone_ms``, ``all_exits_ms``, ``predict_ms``,
-        ``measured_speedup`` (backbone / predict time), ``flops_speedup``,
-        ``avg_flops`` and ``backbone_flops`` (per sample), ``exit_counts`` (per exit).
-    """
-    if not isinstance(model, MultiExitModel):
-        raise TypeError(f"expected a MultiExitModel, got {type(model).__name__}")
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    if not thresholds:
-        raise ValueError("thresholds must not be empty")
-    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
-    for t in thresholds:
-        _check_criterion(criterion, t)
-    device = model_device(model)
-    was_training = model.training
-    rows = []
-    costs = base = None
-    try:
-        for bs in batch_sizes:
-            x = to_device(example_batch_fn(int(bs)), device)
-            if costs is None:  # per-sample FLOPs do not depend on the batch size
-                costs = torch.tensor(exit_costs(model, x), dtype=torch.float64)  # (E,)
-                base = backbone_cost(model, x)
-            model.eval()
-
-            def forward(exits: Sequence[int] | None) -> Callable[[], Any]:
-                def fn() -> Any:
-                    with torch.inference_mode(), autocast_context(device):
-                        return model(x, exits=exits)
-                return fn
-
-            backbone_s = _median_seconds(forward([-1]), device, repeats=repeats, warmup=warmup)
-            all_s = _median_seconds(forward(None), device, repeats=repeats, warmup=warmup)
-            for t in thresholds:
-                _, exits = predict(model, x, criterion=criterion, threshold=t)
-                model.eval()
-                pred_s = _median_seconds(lambda: predict(model, x, criterion=criterion, threshold=t), device,
-                                         repeats=repeats, warmup=warmup)
-                counts = torch.bincount(exits.cpu(), minlength=model.num_exits)  # (E,)
-                avg = float(counts.double() @ costs / counts.sum())
-                rows.append({
-                    "batch_size": int(bs), "criterion": criterion, "threshold": float(t),
-                    "backbone_ms": backbone_s * 1e3, "all_exits_ms": all_s * 1e3, "predict_ms": pred_s * 1e3,
-                    "measured_speedup": backbone_s / pred_s, "flops_speedup": base / avg,
-                    "avg_flops": avg, "backbone_flops": float(base), "exit_counts": counts.tolist(),
-                })
-    finally:
-        model.train(was_training)
-    return rows
-
-
-__all__ = ["run_exit", "predict", "predict_batches", "fuse_batchnorm", "inference_bench"]
+__all__ = ["run_exit", "predict", "predict_batches", "fuse_batchnorm"]

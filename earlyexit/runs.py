@@ -33,7 +33,7 @@ from .io import atomic_write_json, load_weights
 from .models import MultiExitModel, build_model
 from .reports import maybe_plot
 from .results import RESULTS, Results, TrainInfo
-from .train import CHECKPOINT, train
+from .training import CHECKPOINT, train
 from .tree import to_jsonable
 
 WEIGHTS_FILES = ("model.safetensors", "model.pt")

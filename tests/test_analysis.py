@@ -26,7 +26,7 @@ from earlyexit.analysis import (apply_permutation, dominance_from_norms, effecti
 from earlyexit.data import load_dataset
 from earlyexit.metrics import evaluate
 from earlyexit.models.resnet import Bottleneck, cifar_resnet, resnet
-from earlyexit.train import set_trainable
+from earlyexit.training import set_trainable
 
 NUM_CLASSES = 4
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import earlyexit.inference  # noqa: F401  (the bench's inference section needs it)
-from earlyexit.bench import _PhaseStep, run_bench, time_phases
+from earlyexit.bench import run_bench
+from earlyexit.bench.training import _PhaseStep, time_phases
 from earlyexit.data import DataError, load_dataset
 from earlyexit import build_model
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from earlyexit import build_model, list_models
-from earlyexit.inference import inference_bench, predict, predict_batches
+from earlyexit.bench.inference import inference_bench
+from earlyexit.inference import predict, predict_batches
 from earlyexit.metrics import exit_decisions
 from earlyexit.models import slice_state
 

@@ -11,8 +11,7 @@ from earlyexit.inference import predict
 from earlyexit.metrics import CRITERIA, exit_costs, exit_decisions
 from earlyexit.methods import METHODS, get_method, gpf, list_methods, pbee, ztw
 from earlyexit.models.bert import BertStateHead
-from earlyexit.train import train
-from earlyexit.weighting import GradientEquilibrium, list_weightings
+from earlyexit.training import GradientEquilibrium, list_weightings, train
 
 MLP = dict(num_classes=4, in_chans=1, image_size=8, width=16, depth=4)
 

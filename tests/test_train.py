@@ -13,9 +13,9 @@ from earlyexit.config import PhaseConfig, TrainConfig, parse_regime
 from earlyexit.data import load_dataset
 from earlyexit.io import load_checkpoint
 from earlyexit.models.resnet import cifar_resnet
-from earlyexit.weighting import register_weighting
+from earlyexit.training import register_weighting
 
-tr = importlib.import_module("earlyexit.train")  # the module (the package re-exports the function under that name)
+tr = importlib.import_module("earlyexit.training")  # the package (earlyexit.train is the function)
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +81,14 @@ def test_freezing_semantics(data, kind, depth, every, phases):
     stage_checks = []
     model.stages[0].register_forward_hook(lambda m, a, o: stage_checks.append((tr_phase[0], torch.is_grad_enabled(), m.training)))
     opt_params = []
-    real_make = tr.make_optimizer
+    real_make = tr.loop.make_optimizer
 
     def spy(params, pc, lr):
         opt_params.append((tr_phase[0], list(params)))
         return real_make(params, pc, lr)
 
     tr_phase = [0]  # the phase being run, seen by the hooks
-    tr.make_optimizer = spy
+    tr.loop.make_optimizer = spy
     try:
         # one phase per call, so that each phase is checked against the state it started from
         order = [p for p in (1, 2, 3) if phases[p - 1] == "+"]
@@ -102,7 +102,7 @@ def test_freezing_semantics(data, kind, depth, every, phases):
             if p == 3:
                 assert _same(before_b, backbone_state()), "phase 3 changed the backbone (weights or BN buffers)"
     finally:
-        tr.make_optimizer = real_make
+        tr.loop.make_optimizer = real_make
     assert 1 not in head_calls, "phase 1 computed an IC head"
     for p, grad, training in stage_checks:
         if p == 3:
@@ -148,18 +148,18 @@ def test_freezing_across_phases_in_one_call(data, kind, regime):
     for h in model.heads[:-1]:
         h.register_forward_pre_hook(lambda m, a: ic_calls.append(phase[0]))
     opts = []
-    real_make = tr.make_optimizer
+    real_make = tr.loop.make_optimizer
 
     def spy(params, pc, lr):
         opts.append(list(params))
         return real_make(params, pc, lr)
 
     lrs = (0.05, 0.02)
-    tr.make_optimizer = spy
+    tr.loop.make_optimizer = spy
     try:
         tr.train(model, _small_data(data), regime=regime, config=_cfg(lr=lrs), log=log)
     finally:
-        tr.make_optimizer = real_make
+        tr.loop.make_optimizer = real_make
 
     assert sorted(seen) == [i + 1 for i, c in enumerate(regime) if c == "+"]
     # phase 1: the ICs are never run and leave it exactly as they entered it

@@ -8,7 +8,7 @@ from torch import nn
 
 from earlyexit import build_model
 from earlyexit.models import MultiExitModel
-from earlyexit.weighting import GradientEquilibrium, get_weighting, list_weightings, register_weighting
+from earlyexit.training import GradientEquilibrium, get_weighting, list_weightings, register_weighting
 
 
 def test_registry():

@@ -68,7 +68,7 @@ def exit_gradient_norms(model: MultiExitModel, x: Any, y: Tensor, *, phase: int 
     Raises:
         ValueError: on a bad phase or a label batch that does not fit the input.
     """
-    from ..train import phase_exits, set_trainable
+    from ..training import phase_exits, set_trainable
 
     if not isinstance(model, MultiExitModel):
         raise TypeError(f"expected a MultiExitModel, got {type(model).__name__}")

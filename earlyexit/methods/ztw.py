@@ -196,7 +196,7 @@ def train_ensembles(model: MultiExitModel, data: Any, config: Any = None, *, out
         ``(ensemble_model, train_record)``.
     """
     from ..config import TrainConfig
-    from ..train import train
+    from ..training import train
 
     ens = add_ensembles(model)
     cfg = replace(config if config is not None else TrainConfig(), regime="--+", weighting="uniform")
