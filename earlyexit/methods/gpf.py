@@ -42,9 +42,6 @@ from torch import Tensor, nn
 from ..models.multiexit import MultiExitModel
 from .base import RewiredModel, attach_loss, batch_of
 
-CRITERION = "entropy"
-WEIGHTING = "pabee"
-
 
 def _resized(head: nn.Module, dim: int) -> nn.Module:
     """A copy of ``head`` whose last linear layer outputs ``dim`` values, followed by ReLU."""
