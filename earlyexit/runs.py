@@ -217,6 +217,12 @@ def train_run(cfg: RunConfig, model: MultiExitModel, splits: Any, out: Path, *, 
     record = train(model, splits, config=cfg.train, out_dir=out, resume=resume, augment=cfg.data.augment, log=log,
                    eval_batch_size=cfg.eval.batch_size)
     info = TrainInfo(seconds=record.seconds, phases=[vars(r) for r in record.phases])
+    return method_stage(cfg, model, splits, info, log=log)
+
+
+def method_stage(cfg: RunConfig, model: MultiExitModel, splits: Any, info: TrainInfo, *,
+                 log: Callable[..., None] | None = None) -> tuple[MultiExitModel, TrainInfo]:
+    """The method's own training stage after the regime's phases, if it has one (ZTW's ensembles)."""
     method = _method(cfg)
     if method is not None and method.stage is not None:
         t = time.time()

@@ -1,0 +1,211 @@
+"""The paper's comparison: joint, disjoint and mixed training of one configuration over seeds.
+
+For each seed, phase 1 (backbone and final head) is trained once and shared:
+disjoint continues it with phase 3 (ICs on the frozen backbone), mixed with
+phase 2 (everything); joint trains phase 2 from scratch. Disjoint and mixed
+thus start from the same backbone, as in the paper, and each regime's run
+folder is exactly what ``run`` writes for that regime (config.json naming the
+regime, the history of every phase, weights, results.json), bit for bit on
+the CPU: a phase's data order, augmentation and dropout are seeded from
+``(seed, phase, grid point, epoch)`` alone, and the model is built from the
+seed before phase 1 in both cases.
+
+Budgets (``budget``):
+
+- ``"paper"``: every phase runs to its epochs / early stopping, as the paper does;
+- ``"matched"``: joint gets as many training epochs as mixed spent in phases
+  1 and 2 together (the control for mixed's extra epochs), with joint's own
+  phase-2 settings otherwise.
+
+Everything resumes: a finished run folder is kept, a started one continues
+from its checkpoint, a finished phase 1 is reloaded. ``DIR/summary.json``
+holds the summaries over seeds (``earlyexit.reports.summarize_runs``), and the
+figure ``DIR/curves.png`` the three regimes' curves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import runs
+from .config import RunConfig
+from .errors import EarlyExitError
+from .io import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, load_state_strict
+from .reports import maybe_plot, summarize_runs
+from .results import RESULTS, Results, TrainInfo
+from .training import CHECKPOINT, HISTORY, train
+
+REGIMES = ("joint", "disjoint", "mixed")
+BUDGETS = ("paper", "matched")
+PHASE1 = "phase1"
+
+
+def run_dir(out: Path, cfg: RunConfig, regime: str, seed: int) -> Path:
+    data = cfg.data.name.replace(":", "_").replace("/", "_")
+    return Path(out) / f"{cfg.model.name}-{data}-{regime}-s{seed}"
+
+
+def compare_regimes(cfg: RunConfig, seeds: Sequence[int], out: str | Path, *, budget: str = "paper",
+                    resume: bool = False, log: Callable[..., None] | None = None) -> dict:
+    """Train joint, disjoint and mixed for every seed; write one folder per run and ``summary.json``.
+
+    Args:
+        cfg: the run configuration shared by the regimes (its regime and seed are set per run).
+        seeds: the seeds, e.g. ``(0, 1, 2)``.
+        out: the comparison's folder.
+        budget: ``"paper"`` or ``"matched"`` (see the module docstring).
+        resume: continue a comparison already in ``out`` (finished runs are kept).
+        log: the progress hook of ``train`` (also receives ``event="run"`` before each run).
+    Returns:
+        The summary written to ``out/summary.json``: ``{"budget", "seeds", "runs": {regime: [dirs]},
+        "summary": summarize_runs(...)}``.
+    """
+    if budget not in BUDGETS:
+        raise EarlyExitError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
+    if not seeds:
+        raise EarlyExitError("compare needs at least one seed")
+    if cfg.init is not None:
+        raise EarlyExitError("compare trains phase 1 itself; --init does not apply")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise EarlyExitError(f"{out} already holds a comparison; pass --resume to continue it")
+    runs.check_run(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    emit = log or (lambda *a, **k: None)
+    dirs: dict[str, list[str]] = {r: [] for r in REGIMES}
+    for seed in seeds:
+        c = replace(cfg, train=replace(cfg.train, seed=int(seed)))
+        splits = runs.load_data(c)
+        p1 = _phase1(c, splits, out / f"s{seed}-{PHASE1}", emit)
+        spent = {}
+        for regime in ("disjoint", "mixed"):
+            d = run_dir(out, c, regime, seed)
+            emit("run", regime=regime, seed=seed, out=str(d))
+            res = _continue(replace(c, train=replace(c.train, regime=regime)), splits, p1, d, emit)
+            spent[regime] = res.train.phases
+        joint = replace(c, train=replace(c.train, regime="joint"))
+        if budget == "matched":
+            epochs = sum(_epochs_run(ph) for ph in spent["mixed"])
+            phases = list(joint.train.phases)
+            phases[1] = replace(phases[1], epochs=epochs, patience=None)
+            joint = replace(joint, train=replace(joint.train, phases=tuple(phases)))
+        d = run_dir(out, c, "joint", seed)
+        emit("run", regime="joint", seed=seed, out=str(d))
+        _single(joint, splits, d, emit)
+        for regime in REGIMES:
+            dirs[regime].append(str(run_dir(out, c, regime, seed)))
+    all_dirs = [Path(d) for r in REGIMES for d in dirs[r]]
+    summary = {"budget": budget, "seeds": [int(s) for s in seeds], "runs": dirs,
+               "summary": summarize_runs(all_dirs)}
+    atomic_write_json(out / "summary.json", summary)
+    maybe_plot(all_dirs, out / "curves.png")
+    return summary
+
+
+def _epochs_run(phase_record: dict) -> int:
+    """Epochs a phase actually trained at its chosen grid point (early stopping counted)."""
+    for g in phase_record.get("grid", []):
+        if g["lr"] == phase_record["lr"]:
+            return int(g["epochs"])
+    return int(phase_record["best_epoch"])
+
+
+def _done(d: Path) -> bool:
+    return (d / RESULTS).is_file()
+
+
+def _phase1(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None]) -> dict:
+    """Phase 1 of one seed, trained once (or reloaded): the model's state, its record and its history."""
+    state_file = d / "phase1.pt"
+    if state_file.is_file():
+        return load_checkpoint(state_file)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)  # the model is built from the seed exactly as `run` builds it
+    model = runs.make_model(cfg, splits)
+    emit("run", regime="phase 1 (shared)", seed=cfg.train.seed, out=str(d))
+    p1cfg = replace(cfg.train, regime="+--")
+    rec = train(model, splits, config=p1cfg, out_dir=d, resume=(d / CHECKPOINT).is_file(), augment=cfg.data.augment,
+                log=emit, eval_batch_size=cfg.eval.batch_size)
+    blob = {"state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "phases": [vars(r) for r in rec.phases], "history": rec.history, "seconds": rec.seconds}
+    atomic_torch_save(blob, state_file)
+    return blob
+
+
+def _continue(cfg: RunConfig, splits: Any, p1: dict, d: Path, emit: Callable[..., None]) -> Results:
+    """Disjoint or mixed from the shared phase 1: the run folder `run` would write for ``cfg``."""
+    if _done(d):
+        return Results.from_json(d)
+    rest = "-" + cfg.train.phase_string[1:]
+    resume = (d / CHECKPOINT).is_file()
+    torch.manual_seed(cfg.train.seed)
+    model = runs.make_model(cfg, splits)
+    load_state_strict(model, p1["state"], source="the shared phase 1")
+    if not resume:
+        d.mkdir(parents=True, exist_ok=True)
+        runs.clear_out_dir(d)
+        runs.write_config(cfg, splits, d)
+    rec = train(model, splits, config=replace(cfg.train, regime=rest), out_dir=d, resume=resume,
+                augment=cfg.data.augment, log=emit, eval_batch_size=cfg.eval.batch_size)
+    history = list(p1["history"]) + list(rec.history)  # the run's history, phase 1 included, as `run` writes it
+    atomic_write_text(d / HISTORY, "".join(_json_line(h) for h in history))
+    info = TrainInfo(seconds=p1["seconds"] + rec.seconds, phases=list(p1["phases"]) + [vars(r) for r in rec.phases])
+    model, info = runs.method_stage(cfg, model, splits, info, log=emit)
+    return _finish(cfg, model, splits, d, info)
+
+
+def _single(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None]) -> Results:
+    """A regime trained on its own (joint): as `run` does it, resumable."""
+    if _done(d):
+        return Results.from_json(d)
+    resume = (d / CHECKPOINT).is_file()
+    torch.manual_seed(cfg.train.seed)
+    model = runs.make_model(cfg, splits)
+    if not resume:
+        d.mkdir(parents=True, exist_ok=True)
+        runs.clear_out_dir(d)
+        runs.write_config(cfg, splits, d)
+    model, info = runs.train_run(cfg, model, splits, d, resume=resume, log=emit)
+    return _finish(cfg, model, splits, d, info)
+
+
+def _finish(cfg: RunConfig, model: Any, splits: Any, d: Path, info: TrainInfo) -> Results:
+    runs.save_weights(model, d)
+    res = runs.results_of(cfg, runs.evaluate_model(model, splits, cfg), info)
+    res.save(d)
+    maybe_plot([d], d / "curve.png")
+    return res
+
+
+def _json_line(rec: dict) -> str:
+    return json.dumps(rec) + "\n"
+
+
+class Progress:
+    """A log hook that adds an estimate of the time left to the epoch lines of another hook."""
+
+    def __init__(self, inner: Callable[..., None], total_epochs: int) -> None:
+        self.inner, self.total, self.done, self.t0 = inner, max(total_epochs, 1), 0, time.time()
+        self.wants_steps = getattr(inner, "wants_steps", False)
+
+    def __call__(self, event: str, **k: Any) -> None:
+        if event == "epoch":
+            self.done += 1
+            rate = (time.time() - self.t0) / self.done
+            k = {**k, "eta": max(self.total - self.done, 0) * rate}
+        self.inner(event, **k)
+
+
+def planned_epochs(cfg: RunConfig, seeds: Sequence[int]) -> int:
+    """Upper bound of the epochs a comparison trains (phase 1 once per seed; no early stopping assumed)."""
+    e1, e2, e3 = (pc.epochs * len(pc.lr) for pc in cfg.train.phases)
+    return len(seeds) * (e1 + e3 + e2 + e2)
+
+
+__all__ = ["compare_regimes", "run_dir", "planned_epochs", "Progress", "REGIMES", "BUDGETS"]

@@ -1,0 +1,68 @@
+"""compare: the three regimes with a shared phase 1 give exactly what three separate runs give."""
+
+import json
+
+import pytest
+import torch
+
+from earlyexit.compare import compare_regimes, run_dir
+from earlyexit.config import DataConfig, ModelConfig, PhaseConfig, RunConfig, TrainConfig
+from earlyexit.errors import EarlyExitError
+from earlyexit.io import load_weights
+from earlyexit.runs import find_weights, run_experiment
+
+PC = PhaseConfig(epochs=2, lr=(0.05,))
+CFG = RunConfig(model=ModelConfig(name="mlp", kwargs={"width": 16, "depth": 3}), data=DataConfig(name="synthetic"),
+                train=TrainConfig(phases=(PC, PC, PC), batch_size=50, device="cpu"))
+
+
+def _strip(obj):
+    """Drop wall-clock fields, which differ between any two runs."""
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _history(d):
+    return [_strip(json.loads(line)) for line in (d / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_shared_phase1_is_bit_identical_to_separate_runs(tmp_path):
+    summary = compare_regimes(CFG, [0], tmp_path / "cmp")
+    assert set(summary["runs"]) == {"joint", "disjoint", "mixed"}
+    assert (tmp_path / "cmp" / "summary.json").is_file()
+    for regime in ("joint", "disjoint", "mixed"):
+        a = run_dir(tmp_path / "cmp", CFG, regime, 0)
+        b = tmp_path / f"sep-{regime}"
+        cfg = RunConfig(model=CFG.model, data=CFG.data, train=TrainConfig(regime=regime, phases=CFG.train.phases,
+                                                                          batch_size=50, device="cpu"))
+        run_experiment(cfg, b)
+        ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+        assert _strip(ra) == _strip(rb), regime
+        assert _history(a) == _history(b), regime
+        wa, wb = load_weights(find_weights(a)), load_weights(find_weights(b))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), regime
+        assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_matched_budget_gives_joint_the_epochs_of_mixed_and_resume_keeps_finished_runs(tmp_path):
+    out = tmp_path / "cmp"
+    compare_regimes(CFG, [1], out, budget="matched")
+    joint = json.loads((run_dir(out, CFG, "joint", 1) / "results.json").read_text())
+    assert joint["train"]["phases"][0]["grid"][0]["epochs"] == 4  # phase 1 (2) + phase 2 (2) of mixed
+    before = (run_dir(out, CFG, "mixed", 1) / "results.json").read_bytes()
+    with pytest.raises(EarlyExitError, match="--resume"):
+        compare_regimes(CFG, [1], out)
+    compare_regimes(CFG, [1], out, budget="matched", resume=True)
+    assert (run_dir(out, CFG, "mixed", 1) / "results.json").read_bytes() == before
+
+
+def test_bad_budget_and_init_are_refused(tmp_path):
+    with pytest.raises(EarlyExitError, match="unknown budget"):
+        compare_regimes(CFG, [0], tmp_path, budget="lavish")
+    with pytest.raises(EarlyExitError, match="--init"):
+        compare_regimes(RunConfig(model=CFG.model, data=CFG.data, train=CFG.train, init="x"), [0], tmp_path)
