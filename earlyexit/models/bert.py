@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from ..io import one_line, read_json_object
 from .bert_weights import (load_hf_weights, read_checkpoint, resolve_weights, text_data_options,
                            weights_folder)
 from .common import resolve_exits
@@ -111,11 +111,11 @@ class BertConfig:
             p = p / "config.json"
         if not p.is_file():
             raise CheckpointError(f"no BERT config.json at {p}")
-        d = _read_json(p)
+        d = read_json_object(p)
         try:
             return cls.from_dict(d)
         except (TypeError, ValueError) as e:  # wrong field types or unsupported settings in the file
-            raise CheckpointError(f"{p}: {_one_line(e)}") from None
+            raise CheckpointError(f"{p}: {one_line(e)}") from None
 
     def replace(self, **overrides: Any) -> "BertConfig":
         """A copy with some fields changed; unknown field names raise ``ValueError``."""
@@ -127,21 +127,6 @@ class BertConfig:
 
 
 _GELU_APPROX = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
-
-
-def _one_line(e: BaseException) -> str:
-    """An exception's message squeezed onto one line (at most 200 characters)."""
-    return " ".join(str(e).split())[:200] or type(e).__name__
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {_one_line(e)}") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return d
 
 
 def tiny_config() -> BertConfig:
