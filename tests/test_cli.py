@@ -177,7 +177,7 @@ def test_init_from_torchvision_weights_for_another_number_of_classes(tmp_path):
 
     tv = torchvision.models.resnet18()
     torch.save(tv.state_dict(), tmp_path / "r18.pt")
-    m = build_model("resnet18", num_classes=10, image_size=32)
+    m = build_model("resnet18", num_classes=10, image_size=32, stem="imagenet")
     load_init(m, tmp_path / "r18.pt")
     assert torch.equal(m.stem.conv1.weight, tv.conv1.weight) and m.heads[-1].fc.weight.shape == (10, 512)
     vt = torchvision.models.vision_transformer.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,

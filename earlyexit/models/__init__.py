@@ -7,7 +7,7 @@
   placement ``exits=``; ``feature_info_for``, ``stage_costs``, ``init_conv_bn``);
 - ``heads``: IC head designs;
 - one file per backbone, each registering its builders with ``@register_model``:
-  ``resnet``, ``mlp``, ``vit``, ``msdnet``, ``bert`` (its pretrained weights in ``bert_weights``).
+  ``resnet``, ``efficientnet``, ``mlp``, ``vit``, ``msdnet``, ``bert`` (its pretrained weights in ``bert_weights``).
 
 Importing this package imports every backbone file, so every model is registered.
 """
@@ -15,7 +15,7 @@ Importing this package imports every backbone file, so every model is registered
 from __future__ import annotations
 
 from ..tree import slice_state, state_batch_size
-from . import bert, mlp, msdnet, resnet, vit  # noqa: F401  (each registers its models)
+from . import bert, efficientnet, mlp, msdnet, resnet, vit  # noqa: F401  (each registers its models)
 from .common import feature_info_for, init_conv_bn, resolve_exits, stage_costs
 from .multiexit import MultiExitModel
 from .registry import (ModelSpec, adapt_foreign_weights, build_model, data_options, get_spec, list_models,

@@ -7,8 +7,18 @@ hand-written masks:
   from the fifth, the paper's placement; MLP: after every layer);
 - a list of stage indices, e.g. ``[2, 4, 6]``;
 - ``"every:N"``: an IC after every N-th stage (stages N-1, 2N-1, ...);
-- ``"sdn"``: SDN's placement, the first stage at which the backbone's cumulative
-  cost reaches 15, 30, 45, 60, 75 and 90 % of its total;
+- ``"every:N:OFFSET"``: ICs after stages OFFSET, OFFSET+N, OFFSET+2N, ...
+  (0-based; ``"every:N"`` is ``"every:N:N-1"``);
+- ``"sdn"``: SDN's placement: for each of 15, 30, 45, 60, 75 and 90 % of the
+  backbone's cost, the stage whose cumulative cost (stem included, FLOPs as
+  ``stage_costs`` counts them) lies nearest to that share (the earlier stage on
+  a tie; a share nearest to the last stage gets no IC). SDN (Kaya et al., ICML
+  2019) wrote its placements by hand (``add_ic`` in its
+  ``network_architectures.py``, annotated "15, 30, 45, 60, 75, 90 percent of
+  GFLOPs"); the nearest stage reproduces its ResNet-56 list
+  ``[3, 7, 11, 15, 19, 23]`` and its VGG-16 list ``[1, 3, 5, 6, 8, 9]``, where
+  the first stage reaching each share gives ``[3, 7, 12, 16, 20, 24]`` on
+  ResNet-56 and the last stage below it ``[2, 6, 11, 15, 19, 23]``;
 - ``"none"``: no ICs (the backbone alone).
 
 The last stage always ends with the backbone's own classifier.
@@ -71,7 +81,16 @@ def resolve_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head:
                   example: Any, *, default: Sequence[int]) -> list[int]:
     """Turn an exit specification into sorted IC stage indices (see the module docstring).
 
-    ``example`` (an input, or the shape of a zero image batch) is only run for ``"sdn"``, which needs stage costs.
+    Args:
+        spec: ``None``/``"default"``, ``"none"``, ``"every:N[:OFFSET]"``, ``"sdn"``, a comma-separated string
+            or a list of stage indices.
+        stem, stages, head: the backbone's parts (``"sdn"`` runs the stem and stages to cost them).
+        example: an input, or the shape of a zero image batch; only run for ``"sdn"``.
+        default: the model's own placement.
+    Returns:
+        Sorted unique stage indices in ``[0, len(stages) - 2]``.
+    Raises:
+        ValueError: for a malformed spec or an index out of range.
     """
     n = len(stages)
     if spec is None or spec == "default":
@@ -81,25 +100,9 @@ def resolve_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head:
         if s == "none":
             return []
         if s.startswith("every:"):
-            try:
-                step = int(s.split(":", 1)[1])
-            except ValueError:
-                raise ValueError(f"bad exits spec {spec!r}: expected every:N with an integer N") from None
-            if step < 1:
-                raise ValueError(f"bad exits spec {spec!r}: N must be >= 1")
-            return list(range(step - 1, n - 1, step))
+            return _every(spec, s, n)
         if s == "sdn":
-            costs = stage_costs(stem, stages, example)
-            total, cum, out = sum(costs), 0, []
-            cums = []
-            for c in costs:
-                cum += c
-                cums.append(cum)
-            for f in (0.15, 0.30, 0.45, 0.60, 0.75, 0.90):
-                i = next(i for i, c in enumerate(cums) if c >= f * total)
-                if i < n - 1 and i not in out:
-                    out.append(i)
-            return out
+            return sdn_placement(stage_costs(stem, stages, example))
         try:
             spec = [int(t) for t in s.split(",") if t.strip()]
         except ValueError:
@@ -109,3 +112,45 @@ def resolve_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head:
     if bad:
         raise ValueError(f"IC block indices must lie in [0, {n - 2}]; got {bad}")
     return sorted(set(idx))
+
+
+def _every(spec: str, s: str, n: int) -> list[int]:
+    """``every:N[:OFFSET]`` over ``n`` stages: stages OFFSET, OFFSET+N, ... before the last (OFFSET defaults to N-1)."""
+    parts = s.split(":")[1:]
+    try:
+        if len(parts) not in (1, 2):
+            raise ValueError
+        step = int(parts[0])
+        offset = int(parts[1]) if len(parts) == 2 else step - 1
+    except ValueError:
+        raise ValueError(f"bad exits spec {spec!r}: expected every:N or every:N:OFFSET with integers") from None
+    if step < 1:
+        raise ValueError(f"bad exits spec {spec!r}: N must be >= 1")
+    if len(parts) == 2 and not 0 <= offset < n - 1:
+        raise ValueError(f"bad exits spec {spec!r}: OFFSET must lie in [0, {n - 2}]")
+    return list(range(offset, n - 1, step))
+
+
+SDN_FRACTIONS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)
+
+
+def sdn_placement(costs: Sequence[float], fractions: Sequence[float] = SDN_FRACTIONS) -> list[int]:
+    """SDN's IC positions from per-stage costs (see the module docstring).
+
+    Args:
+        costs: the cost of every stage (stage 0 with the stem), in order.
+        fractions: shares of the total cost to place an IC at.
+    Returns:
+        Sorted unique stage indices, the last stage excluded (its exit is the backbone's own).
+    """
+    n, total = len(costs), float(sum(costs))
+    cums, acc = [], 0.0
+    for c in costs:
+        acc += float(c)
+        cums.append(acc)
+    out = set()
+    for f in fractions:
+        i = min(range(n), key=lambda j: (abs(cums[j] - f * total), j))
+        if i < n - 1:
+            out.add(i)
+    return sorted(out)
