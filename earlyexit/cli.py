@@ -208,7 +208,8 @@ def eval_cmd(run_dir, criterion, device) -> None:
               help="Thresholds swept on the test set, or calibrated on validation data (geometric / global).")
 @_user_errors
 def plot(run_dirs, output, curve) -> None:
-    """Overlay several runs' accuracy-vs-FLOPs curves with their static exit points."""
+    """Overlay runs' accuracy-vs-FLOPs curves with their static exit points; the seeds of one configuration
+    (model, dataset, regime, method) as a mean curve with a +- std band, one colour per configuration."""
     from .reports import maybe_plot
 
     maybe_plot([Path(d) for d in run_dirs], Path(output), required=True,
@@ -238,14 +239,12 @@ def bench(model_name, dataset, data_dir, batch_size, steps, run_dir, device) -> 
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @_user_errors
 def summary(run_dirs) -> None:
-    """Mean +- std over seeds of per-exit accuracy and budgets, grouped by model, dataset and regime."""
-    from .reports import summarize_runs
+    """Mean +- std over seeds of per-exit accuracy and two budget tables, grouped by model, dataset, regime
+    and method: the paper's rule (curves averaged over seeds) and each seed's best within budget."""
+    from .reports import format_summary, summarize_runs
 
     for g in summarize_runs([Path(d) for d in run_dirs]):
-        click.echo(f"{g['model']} {g['dataset']} {g['regime']} (seeds {g['seeds']})")
-        click.echo("  exits:   " + "  ".join(f"{e['mean'] * 100:.2f}+-{e['std'] * 100:.2f}" for e in g["exits"]))
-        click.echo("  budgets: " + "  ".join(f"{k}: " + ("-" if v is None else f"{v['mean'] * 100:.2f}+-{v['std'] * 100:.2f}")
-                                           for k, v in g["budgets"].items()))
+        click.echo("\n".join(format_summary(g)))
 
 
 @main.command()

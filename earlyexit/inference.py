@@ -2,9 +2,10 @@
 
 Follows the inference rule of "Joint or Disjoint: Mixing Training Regimes for
 Early-Exit Models": a sample leaves at the first exit whose criterion fires
-(``confidence``: max softmax >= t; ``entropy``: softmax entropy in nats <= t;
-``patience``: the same arg-max at ``p`` consecutive exits, as in
-``earlyexit.metrics``), and at the last exit otherwise.
+(``confidence``: max softmax > t, strictly, so t = 1.0 keeps every sample to
+the last exit; ``entropy``: softmax entropy in nats <= t; ``patience``: the
+same arg-max at ``p`` consecutive exits, ``p = 0`` never firing; all as in
+``earlyexit.metrics.criteria``), and at the last exit otherwise.
 
 ``predict`` runs the model stage by stage. After each exit the samples that
 left are dropped from the state (``slice_state``, tensors and pytrees alike),
@@ -59,15 +60,16 @@ def _check_criterion(criterion: str, threshold: float) -> float:
         raise ValueError(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise ValueError(f"threshold must be a number, got {threshold!r}")
-    if criterion == "patience" and (threshold < 1 or threshold != int(threshold)):
-        raise ValueError(f"the patience must be an integer >= 1, got {threshold}")
+    if criterion == "patience" and (threshold < 0 or threshold != int(threshold)):
+        raise ValueError(f"the patience must be an integer >= 0 (0: never leave early), got {threshold}")
     return float(threshold)
 
 
 def _fires(logits: Tensor, criterion: str, threshold: float) -> Tensor:
-    """(B,) bool for the confidence and entropy criteria, scored by ``metrics.exit_scores`` as offline."""
+    """(B,) bool for the confidence (``> t``, strict) and entropy (``<= t``) criteria, scored by
+    ``metrics.exit_scores`` and compared as offline (``metrics.criteria``)."""
     score = exit_scores(logits[None], criterion)[0]  # (B,)
-    return score >= threshold if criterion == "confidence" else score <= threshold
+    return score > threshold if criterion == "confidence" else score <= threshold
 
 
 @torch.inference_mode()
@@ -93,7 +95,7 @@ def _predict(model: MultiExitModel, x: Any, criterion: str, threshold: float, de
                 return preds, exits
             if criterion == "patience":
                 run = torch.ones_like(pred) if run is None else torch.where(pred == prev, run + 1, 1)  # (B,)
-                fire = run >= threshold
+                fire = run >= threshold if threshold > 0 else torch.zeros_like(pred, dtype=torch.bool)  # p = 0: never
             else:
                 fire = _fires(logits, criterion, threshold)  # (B,)
             left = alive[fire]
@@ -122,7 +124,8 @@ def predict(model: MultiExitModel, x: Any, *, criterion: str = "confidence", thr
         model: the multi-exit model (its device is used; ``x`` is moved there).
         x: an input batch, a tensor or a pytree such as a dict of tensors.
         criterion: ``"confidence"``, ``"entropy"`` or ``"patience"``.
-        threshold: ``t`` of the criterion (the patience ``p >= 1`` for ``"patience"``).
+        threshold: ``t`` of the criterion (confidence: leave if ``> t``; entropy: leave if ``<= t``), or
+            the patience ``p >= 0`` for ``"patience"`` (0: nobody leaves early).
     Returns:
         ``(predictions, exit_indices)``: two ``(N,)`` long tensors on the model's device.
     """

@@ -1,11 +1,28 @@
 """Reports over finished runs: summaries over seeds and accuracy-vs-FLOPs figures.
 
-``summarize_runs`` groups runs by model, dataset and regime and gives the mean
-and standard deviation over seeds. ``plot_runs`` draws each run's threshold
-curve as a line and its static exit points (every sample leaving at one exit)
-as markers; the x axis is the average cost as a share of the backbone's cost,
-as in the paper's figures. matplotlib is an optional extra, imported inside
-the plotting function. Runs are read through ``earlyexit.results.Results``.
+Runs are read through ``earlyexit.results.Results`` and grouped into
+configurations: the same model, dataset, regime (phase string) and method; the
+runs of a configuration are its seeds.
+
+``summarize_runs`` gives, per configuration, the mean and standard deviation
+over seeds of each exit's accuracy and two budget tables:
+
+- ``paper_budgets``, the paper's Table 1 rule (``metrics.ztw_budget_table``):
+  the seeds' threshold curves averaged per threshold, each budget taking the
+  mean accuracy at the last threshold within it; printed as
+  "budget (paper's rule, curves averaged over seeds)";
+- ``budgets``, each seed's best accuracy within budget (its results.json
+  ``budgets``, static exits included), then mean and std over seeds; printed
+  as "best within budget (per seed, mean +- std)".
+
+``plot_runs`` draws each configuration in its own colour. A configuration of
+one run is drawn as that run's threshold curve with its static exit points;
+one of several seeds as the seeds' mean curve (averaged per threshold index,
+as for the paper's table) inside a band of +- one standard deviation of the
+accuracy, with the static exits as markers at their mean (error bars: +- std).
+The x axis is the average cost as a share of the backbone's cost, as in the
+paper's figures. matplotlib is an optional extra, imported inside the
+plotting function.
 """
 
 from __future__ import annotations
@@ -17,46 +34,152 @@ import torch
 
 from .errors import EarlyExitError
 from .io import atomic_write_bytes
+from .metrics import average_curves, ztw_budget_table
 from .results import Results
+
+_REGIME_COLOR = {"-+-": 0, "+-+": 1, "++-": 2}  # joint, disjoint, mixed: the same colour in every figure
+PAPER_BUDGETS_TITLE = "budget (paper's rule, curves averaged over seeds)"
+SEED_BUDGETS_TITLE = "best within budget (per seed, mean +- std)"
 
 
 def read_results(run_dir: Path) -> Results:
-    """The ``Results`` of a run folder (one-line error when it has none or it is malformed)."""
+    """The ``Results`` of a run folder (one-line error when it has none or it is malformed).
+
+    Args:
+        run_dir: a run folder holding results.json, or the file itself.
+    Returns:
+        The run's ``Results``.
+    """
     return Results.from_json(run_dir)
 
 
+def group_runs(run_dirs: Sequence[Path]) -> list[tuple[tuple, list[Results]]]:
+    """Runs grouped into configurations: ``(model, dataset, regime, method)``, in order of first appearance.
+
+    Args:
+        run_dirs: run folders holding results.json.
+    Returns:
+        ``[(key, [Results, ...]), ...]``, each group's runs sorted by seed.
+    """
+    return _group([read_results(Path(d)) for d in run_dirs])
+
+
+def _group(results: Sequence[Results]) -> list[tuple[tuple, list[Results]]]:
+    groups: dict[tuple, list[Results]] = {}
+    for r in results:
+        groups.setdefault((r.model, r.dataset, r.regime, r.method), []).append(r)
+    return [(k, sorted(rs, key=lambda r: r.seed)) for k, rs in groups.items()]
+
+
+def _name(key: tuple) -> str:
+    model, dataset, regime, method = key
+    return f"{model} {dataset} {regime}" + (f" {method}" if method else "")
+
+
+def _base_flops(key: tuple, runs: Sequence[Results]) -> float:
+    """The backbone cost shared by a configuration's runs (they must agree: same model)."""
+    base = runs[0].base_flops
+    if any(abs(r.base_flops - base) > 1e-9 * abs(base) for r in runs):
+        raise EarlyExitError(f"{_name(key)}: the seeds' base_flops differ "
+                             f"({sorted({r.base_flops for r in runs})}); were they built with other model options?")
+    return float(base)
+
+
+def _curve_dict(r: Results, curve: str) -> dict | None:
+    """A run's curve as ``average_curves`` reads it; calibrated curves line up by their target budgets."""
+    c = getattr(r, curve, None)
+    if c is None:
+        return None
+    points = c.thresholds if curve == "curve" else c.targets  # calibrated thresholds are per exit and per seed
+    return {"criterion": c.criterion, "thresholds": points, "flops": c.flops, "accuracy": c.accuracy}
+
+
+def _averaged(key: tuple, runs: Sequence[Results], curve: str) -> dict:
+    try:
+        return average_curves([_curve_dict(r, curve) for r in runs])
+    except ValueError as e:
+        raise EarlyExitError(f"{_name(key)}: {e}") from None
+
+
+def _stats(vals: list[float]) -> dict:
+    t = torch.tensor(vals, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(vals) > 1 else 0.0}
+
+
+def summarize_runs(run_dirs: Sequence[Path]) -> list[dict]:
+    """Mean and standard deviation over seeds of the runs of each configuration, and both budget tables.
+
+    Args:
+        run_dirs: run folders holding results.json.
+    Returns:
+        One dict per configuration: ``{model, dataset, regime, method, criterion, seeds, exits: [{index, mean,
+        std}], paper_budgets: {name: {mean, std} or None}, budgets: {name: {mean, std} or None}}``; accuracies
+        in [0, 1], std with Bessel's correction (0 for one seed). ``paper_budgets`` is
+        ``metrics.ztw_budget_table`` of the seeds' test curves; ``budgets`` averages each seed's results.json
+        ``budgets`` (None where a seed has none).
+    Raises:
+        EarlyExitError: a configuration's seeds differ in base_flops, criterion or swept thresholds.
+    """
+    out = []
+    for key, rs in group_runs(run_dirs):
+        model, dataset, regime, method = key
+        n_exits = min(len(r.exits) for r in rs)
+        budgets = {}
+        for k in rs[0].budgets:
+            vals = [r.budgets[k] for r in rs if r.budgets.get(k) is not None]
+            budgets[k] = _stats(vals) if len(vals) == len(rs) else None
+        try:
+            paper = ztw_budget_table([_curve_dict(r, "curve") for r in rs], _base_flops(key, rs))
+        except ValueError as e:
+            raise EarlyExitError(f"{_name(key)}: {e}") from None
+        out.append({"model": model, "dataset": dataset, "regime": regime, "method": method,
+                    "criterion": rs[0].curve.criterion, "seeds": [r.seed for r in rs],
+                    "exits": [{"index": i, **_stats([r.exits[i].accuracy for r in rs])} for i in range(n_exits)],
+                    "paper_budgets": paper, "budgets": budgets})
+    return out
+
+
+def _cells(table: dict) -> str:
+    return "  ".join(f"{k}: " + ("-" if v is None else f"{v['mean'] * 100:.2f}+-{v['std'] * 100:.2f}")
+                     for k, v in table.items())
+
+
+def format_summary(group: dict) -> list[str]:
+    """The lines ``python -m earlyexit summary`` prints for one configuration of ``summarize_runs``.
+
+    Args:
+        group: one dict of ``summarize_runs``.
+    Returns:
+        A header line (model, dataset, regime, method, seeds), the per-exit accuracies and the two budget
+        tables, named; percentages, mean+-std, "-" for an empty budget.
+    """
+    method = f" {group['method']}" if group.get("method") else ""
+    width = max(len(PAPER_BUDGETS_TITLE), len(SEED_BUDGETS_TITLE)) + 1
+    return [
+        f"{group['model']} {group['dataset']} {group['regime']}{method} (seeds {group['seeds']})",
+        f"  {'exits (test accuracy %):':<{width}} " + "  ".join(f"{e['mean'] * 100:.2f}+-{e['std'] * 100:.2f}"
+                                                               for e in group["exits"]),
+        f"  {PAPER_BUDGETS_TITLE + ':':<{width}} {_cells(group['paper_budgets'])}",
+        f"  {SEED_BUDGETS_TITLE + ':':<{width}} {_cells(group['budgets'])}",
+    ]
+
+
 def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve") -> None:
-    """Overlay the runs' accuracy-vs-FLOPs curves and static exit points; write ``out_file`` (PNG, PDF, SVG).
+    """Draw the runs' accuracy-vs-FLOPs curves (``runs_figure``) and write ``out_file`` (PNG, PDF, SVG).
 
     Args:
         run_dirs: run folders holding results.json.
         out_file: the figure's path; its suffix picks the format.
-        curve: which curve of results.json to draw (``curve``, or ``calibrated_curve`` when present).
+        curve: which curve of results.json to draw (``curve``, ``calibrated_geometric`` or ``calibrated_global``).
     Raises:
         ImportError: matplotlib is not installed.
+        EarlyExitError: a run lacks the curve, or a configuration's seeds do not line up.
     """
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for d in run_dirs:
-        r = read_results(d)
-        base = r.base_flops
-        c = getattr(r, curve, None)
-        if c is None:
-            raise EarlyExitError(f"{d} has no {curve} in results.json (calibrated curves need the confidence or entropy criterion)")
-        line, = ax.plot([f / base * 100 for f in c.flops], [a * 100 for a in c.accuracy], label=r.label)
-        ax.scatter([e.flops / base * 100 for e in r.exits], [e.accuracy * 100 for e in r.exits],
-                   color=line.get_color(), s=18, zorder=3)
-    ax.set_xlabel("average cost (% of the backbone's FLOPs)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig = runs_figure(run_dirs, curve=curve)
     buf = io.BytesIO()
     fmt = Path(out_file).suffix.lstrip(".") or "png"
     fig.savefig(buf, format=fmt, dpi=130)
@@ -64,8 +187,107 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve")
     atomic_write_bytes(out_file, buf.getvalue())
 
 
+def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve"):
+    """The accuracy-vs-FLOPs figure of runs, one colour per configuration.
+
+    A configuration (same model, dataset, regime and method) with one run is drawn as its curve and static
+    exit points; one with several seeds as the mean curve over seeds (averaged per threshold index, or per
+    target budget for the calibrated curves) with a +- std band of the accuracy, and the static exits as
+    markers at their mean cost and accuracy with +- std error bars. The legend has one entry per
+    configuration, in the order the runs were given; when each configuration is a different regime, joint,
+    disjoint and mixed keep the same colour in every figure.
+
+    Args:
+        run_dirs: run folders holding results.json.
+        curve: which curve of results.json to draw (``curve``, ``calibrated_geometric`` or ``calibrated_global``).
+    Returns:
+        The matplotlib ``Figure`` (Agg backend); close it with ``plt.close``.
+    Raises:
+        ImportError: matplotlib is not installed.
+        EarlyExitError: a run lacks the curve, or a configuration's seeds do not line up.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    results = []
+    for d in run_dirs:
+        r = read_results(Path(d))
+        if getattr(r, curve, None) is None:
+            raise EarlyExitError(f"{d} has no {curve} in results.json (calibrated curves need the confidence or "
+                                 "entropy criterion)")
+        results.append(r)
+    groups = _group(results)
+    several_models = len({(k[0], k[1]) for k, _ in groups}) > 1
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles = []
+    by_regime = len({k[2] for k, _ in groups}) == len(groups)  # one configuration per regime: fixed regime colours
+    for j, (key, rs) in enumerate(groups):
+        color = colors[(_REGIME_COLOR.get(key[2], 3 + j) if by_regime else j) % len(colors)]
+        base = _base_flops(key, rs)
+        pct = lambda xs: [x / base * 100 for x in xs]  # noqa: E731
+        if len(rs) == 1:
+            r = rs[0]
+            c = getattr(r, curve)
+            line, = ax.plot(pct(c.flops), [a * 100 for a in c.accuracy], color=color, lw=1.6,
+                            label=_label(key, rs, several_models))
+            ax.scatter(pct([e.flops for e in r.exits]), [e.accuracy * 100 for e in r.exits], color=color, s=22,
+                       zorder=3)
+        else:
+            avg = _averaged(key, rs, curve)
+            x = pct(avg["flops"])
+            mean = torch.tensor(avg["accuracy"]) * 100
+            std = torch.tensor(avg["accuracy_std"]) * 100
+            line, = ax.plot(x, mean.tolist(), color=color, lw=1.8, label=_label(key, rs, several_models))
+            ax.fill_between(x, (mean - std).tolist(), (mean + std).tolist(), color=color, alpha=0.18, lw=0)
+            n_exits = min(len(r.exits) for r in rs)
+            ex = [_stats([r.exits[i].flops for r in rs]) for i in range(n_exits)]
+            ey = [_stats([r.exits[i].accuracy for r in rs]) for i in range(n_exits)]
+            ax.errorbar(pct([e["mean"] for e in ex]), [e["mean"] * 100 for e in ey], yerr=[e["std"] * 100 for e in ey],
+                        fmt="o", color=color, ms=5, mec="white", mew=0.6, elinewidth=1, capsize=2, zorder=3)
+        handles.append(line)
+    handles.append(Line2D([], [], ls="none", marker="o", color="0.4", ms=5,
+                          label="static exits" + (" (mean +- std)" if any(len(rs) > 1 for _, rs in groups) else "")))
+    if any(len(rs) > 1 for _, rs in groups):
+        handles.append(Patch(color="0.4", alpha=0.18, label="+- std over seeds"))
+    ax.set_xlabel("average cost (% of the backbone's FLOPs)")
+    ax.set_ylabel("test accuracy (%)" if curve == "curve" else f"test accuracy (%), {curve.replace('_', ' ')}")
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, fontsize=8, loc="best")
+    if not several_models:
+        (model, dataset, _, _), _ = groups[0]
+        ax.set_title(f"{model} on {dataset}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _label(key: tuple, runs: Sequence[Results], several_models: bool) -> str:
+    """Legend label: the regime (and method; model and dataset when the figure holds several), then the seeds."""
+    model, dataset, _, method = key
+    r = runs[0]
+    parts = ([model, dataset] if several_models else []) + [r.regime_name if r.regime_name == r.regime
+                                                            else f"{r.regime_name} ({r.regime})"]
+    if method:
+        parts.append(method)
+    seeds = f"seed {r.seed}" if len(runs) == 1 else f"{len(runs)} seeds"
+    return f"{' '.join(parts)}, {seeds}"
+
+
 def maybe_plot(run_dirs: list[Path], out_file: Path, *, required: bool = False, curve: str = "curve") -> bool:
-    """Accuracy-vs-FLOPs curves of runs, with their static exit points; False when matplotlib is missing."""
+    """``plot_runs``, or False when matplotlib is missing (an error when ``required``).
+
+    Args:
+        run_dirs: run folders holding results.json.
+        out_file: the figure's path.
+        required: raise ``EarlyExitError`` instead of returning False when matplotlib is missing.
+        curve: as for ``plot_runs``.
+    Returns:
+        True when the figure was written.
+    """
     try:
         plot_runs(run_dirs, out_file, curve=curve)
     except ImportError:
@@ -75,29 +297,5 @@ def maybe_plot(run_dirs: list[Path], out_file: Path, *, required: bool = False, 
     return True
 
 
-def summarize_runs(run_dirs: list[Path]) -> list[dict]:
-    """Mean and standard deviation over seeds of runs that share model, dataset and regime.
-
-    Returns one dict per group: ``{model, dataset, regime, seeds, exits: [{index, mean, std}],
-    budgets: {name: {mean, std}}}``; accuracies in [0, 1], std with Bessel's correction (0 for one seed).
-    """
-    groups: dict[tuple, list[dict]] = {}
-    for d in run_dirs:
-        r = read_results(Path(d))
-        groups.setdefault((r.model, r.dataset, r.regime), []).append(r)
-
-    def stats(vals: list[float]) -> dict:
-        t = torch.tensor(vals, dtype=torch.float64)
-        return {"mean": float(t.mean()), "std": float(t.std()) if len(vals) > 1 else 0.0}
-
-    out = []
-    for (model, dataset, regime), rs in groups.items():
-        n_exits = min(len(r.exits) for r in rs)
-        budgets = {}
-        for k in rs[0].budgets:
-            vals = [r.budgets[k] for r in rs if r.budgets.get(k) is not None]
-            budgets[k] = stats(vals) if len(vals) == len(rs) else None
-        out.append({"model": model, "dataset": dataset, "regime": regime, "seeds": sorted(r.seed for r in rs),
-                    "exits": [{"index": i, **stats([r.exits[i].accuracy for r in rs])} for i in range(n_exits)],
-                    "budgets": budgets})
-    return out
+__all__ = ["read_results", "group_runs", "summarize_runs", "format_summary", "plot_runs", "runs_figure", "maybe_plot",
+           "PAPER_BUDGETS_TITLE", "SEED_BUDGETS_TITLE"]

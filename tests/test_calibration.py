@@ -82,7 +82,7 @@ def test_apply_matches_naive_loop(out, criterion, data):
     expected = []
     for n in range(N):
         k = 0
-        while k < E - 1 and not (s[k, n] >= t[k] if criterion == "confidence" else s[k, n] <= t[k]):
+        while k < E - 1 and not (s[k, n] > t[k] if criterion == "confidence" else s[k, n] <= t[k]):
             k += 1
         expected.append(k)
     assert apply_thresholds(logits, torch.tensor(t), criterion=criterion).tolist() == expected
@@ -110,9 +110,13 @@ def test_global_is_the_best_single_threshold(out, criterion, frac):
     assert th[-1] == (-math.inf if criterion == "confidence" else math.inf)  # the last exit always fires
     got, _ = realised_cost(logits, th, costs, criterion)
     assert got <= target * (1 + 1e-9)
-    # brute force: every distinct threshold on the early exits' scores, plus one that never fires
+    # brute force: every distinct threshold on the early exits' scores, plus one that never fires; confidence
+    # leaves on c > t (strict), so its breakpoints are the floats just below the scores
     never = math.inf if criterion == "confidence" else -math.inf
-    values = sorted(set(_lib_values(logits, criterion)[:-1].flatten().tolist())) + [never] if E > 1 else [never]
+    values = sorted(set(_lib_values(logits, criterion)[:-1].flatten().tolist()))
+    if criterion == "confidence":
+        values = [math.nextafter(v, -math.inf) for v in values]
+    values = values + [never] if E > 1 else [never]
     curve = threshold_curve(logits, labels, costs, thresholds=values, criterion=criterion)
     best = max(f for f in curve["flops"] if f <= target * (1 + 1e-9))
     assert got == pytest.approx(best, rel=1e-12)

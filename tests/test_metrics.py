@@ -51,7 +51,7 @@ def naive_curve(logits: torch.Tensor, labels: torch.Tensor, costs, thresholds, c
                 p = _softmax64(rows[k][n])
                 if criterion == "confidence":
                     assume(abs(max(p) - t) > margin)
-                    fires = max(p) >= t
+                    fires = max(p) > t
                 elif criterion == "entropy":
                     h = -sum(q * math.log(q) for q in p if q > 0)
                     assume(abs(h - t) > margin)

@@ -14,7 +14,8 @@ One concern per module, all re-exported here:
 - ``costs``: FLOP counting and per-exit costs (``count_flops``, ``exit_costs``, ``backbone_cost``);
 - ``evaluate``: the one logits pass (``evaluate``);
 - ``criteria``: exit criteria (``CRITERIA``, ``exit_scores``, ``exit_decisions``);
-- ``curves``: ``threshold_curve``, ``static_points``, ``accuracy_per_exit``, ``budget_table``;
+- ``curves``: ``threshold_curve``, ``static_points``, ``accuracy_per_exit``, ``budget_table`` (best
+  within budget, one run), ``average_curves`` and ``ztw_budget_table`` (the paper's Table 1 rule over seeds);
 - ``calibration``: budgets calibrated on validation data.
 
 The FLOP convention is in ``costs``, the exit criteria are defined in ``criteria``.
@@ -27,10 +28,10 @@ from ..tree import to_device
 from .calibration import CALIBRATION_MODES, apply_thresholds, calibrate_thresholds, calibrated_curve, geometric_fractions
 from .costs import backbone_cost, count_flops, exit_costs
 from .criteria import CRITERIA, exit_decisions, exit_scores
-from .curves import accuracy_per_exit, budget_table, static_points, threshold_curve
+from .curves import accuracy_per_exit, average_curves, budget_table, static_points, threshold_curve, ztw_budget_table
 from .evaluate import evaluate
 
 __all__ = ["CRITERIA", "to_device", "autocast_context", "model_device", "exit_scores", "count_flops", "exit_costs",
            "backbone_cost", "evaluate", "exit_decisions", "threshold_curve", "static_points", "accuracy_per_exit",
-           "budget_table", "CALIBRATION_MODES", "geometric_fractions", "calibrate_thresholds", "apply_thresholds",
-           "calibrated_curve"]
+           "budget_table", "average_curves", "ztw_budget_table", "CALIBRATION_MODES", "geometric_fractions",
+           "calibrate_thresholds", "apply_thresholds", "calibrated_curve"]

@@ -51,15 +51,23 @@ def _leave_scores(logits: Tensor, criterion: str) -> Tensor:
     """(E, N) float64 scores on one scale for both criteria: a sample leaves exit k when ``score >= u_k``.
 
     Confidence is its own score; entropy enters negated (``H <= t`` iff ``-H >= -t``, exactly in floating
-    point), so one calibration routine serves both and thresholds convert back by one negation.
+    point), so one calibration routine serves both; ``_from_score_threshold`` converts back.
     """
     values = exit_scores(logits, criterion)  # (E, N)
     return values if criterion == "confidence" else -values
 
 
 def _from_score_threshold(u: float, criterion: str) -> float:
-    """A threshold on the leave score back in the criterion's own units."""
-    return u if criterion == "confidence" else -u
+    """A threshold on the leave score (leave iff ``score >= u``) back in the criterion's own units.
+
+    Entropy: ``H <= -u``, one negation. Confidence leaves on ``c > t`` (strict, ``criteria``), so a finite
+    ``u`` becomes the largest float64 below it: for the float64 scores, ``c > nextafter(u, -inf)`` holds
+    exactly when ``c >= u``, so every sample the calibration lets out still leaves and the target is met
+    as under the non-strict rule. ``+inf`` (never fires) and ``-inf`` (always fires) stay as they are.
+    """
+    if criterion != "confidence":
+        return -u
+    return u if math.isinf(u) else math.nextafter(u, -math.inf)
 
 
 def geometric_fractions(costs: Sequence[float], target_flops: float) -> list[float]:
@@ -170,10 +178,12 @@ def calibrate_thresholds(val_logits: Tensor, costs: Sequence[float], target_flop
       there (rounded so that the realised validation cost is within ``(cost_last - cost_0) / N`` above the
       target when scores do not tie).
 
-    Thresholds are in the criterion's own units (confidence: leave if max softmax ``>= t``; entropy: leave
-    if entropy ``<= t``). Convention: the last threshold always fires (``-inf`` for confidence, ``+inf``
-    for entropy) and an exit that should let nobody leave gets the never-firing value (``+inf`` for
-    confidence, ``-inf`` for entropy); ``json`` writes these as ``Infinity`` / ``-Infinity``.
+    Thresholds are in the criterion's own units (confidence: leave if max softmax ``> t``, strictly;
+    entropy: leave if entropy ``<= t``). A confidence threshold is therefore the float64 just below the
+    score that the quantile or the scan picked, so that sample still leaves. Convention: the last
+    threshold always fires (``-inf`` for confidence, ``+inf`` for entropy) and an exit that should let
+    nobody leave gets the never-firing value (``+inf`` for confidence, ``-inf`` for entropy); ``json``
+    writes these as ``Infinity`` / ``-Infinity``.
 
     Args:
         val_logits: ``(E, N, C)`` validation logits of every exit.
@@ -210,7 +220,7 @@ def _calibrate(scores: Tensor, cost: Tensor, targets: Sequence[float], criterion
 def _exits_under(values: Tensor, criterion: str, thresholds: Tensor) -> Tensor:
     """(P, N) long: the exit of each sample under each row of per-exit thresholds ``(P, E)``."""
     t = thresholds.to(values.device)[:, :, None]  # (P, E, 1)
-    fire = values[None] >= t if criterion == "confidence" else values[None] <= t  # (P, E, N)
+    fire = values[None] > t if criterion == "confidence" else values[None] <= t  # (P, E, N): as in criteria
     fire[:, -1] = True  # nobody gets past the last exit
     return fire.to(torch.uint8).argmax(dim=1)  # (P, N): the first exit that fires
 
@@ -228,8 +238,8 @@ def apply_thresholds(logits: Tensor, thresholds: Sequence[float] | Tensor, *, cr
     """The exit each sample leaves at under per-exit thresholds.
 
     A sample leaves at the first exit ``k`` whose criterion passes ``thresholds[k]`` (confidence: max
-    softmax ``>= thresholds[k]``; entropy: entropy ``<= thresholds[k]``), else at the last exit. With every
-    threshold equal to ``t`` this is ``exit_decisions(logits, criterion, t)``.
+    softmax ``> thresholds[k]``, strictly; entropy: entropy ``<= thresholds[k]``), else at the last exit.
+    With every threshold equal to ``t`` this is ``exit_decisions(logits, criterion, t)``.
 
     Args:
         logits: ``(E, N, C)`` logits of every exit.

@@ -3,13 +3,19 @@
 Exit criteria (a sample leaves at the first exit whose criterion fires, and at
 the last exit when none does):
 
-- ``confidence``: the maximum softmax probability is ``>= t``;
+- ``confidence``: the maximum softmax probability is ``> t`` (strictly, as
+  in the paper's code): ``t = 1.0`` lets no sample leave early, even one whose
+  float32 softmax saturates at exactly 1.0, and ``t = 0`` lets every sample
+  leave at the first exit;
 - ``entropy``: the entropy of the softmax, in nats, is ``<= t``;
 - ``patience`` (PABEE, Zhou et al., NeurIPS 2020): the arg-max prediction has
   been the same at ``p`` consecutive exits ending at the current one, i.e. at
   exit ``k`` (0-based, ``k >= p - 1``) the predictions at ``k, k-1, ..., k-p+1``
-  all agree. ``p = 1`` leaves at the first exit. PABEE's own patience counts
-  the agreements after the first prediction, so it equals ``p - 1`` here.
+  all agree. ``p = 1`` leaves at the first exit; ``p = 0`` never fires, so
+  every sample runs to the last exit (PABEE's patience 0, "use all layers").
+  PABEE's own patience counts the agreements after the first prediction, so
+  for PABEE's ``t >= 1`` it equals ``p - 1`` here
+  (``earlyexit.methods.pbee.patience_threshold`` converts).
 """
 
 from __future__ import annotations
@@ -53,8 +59,8 @@ def _resolve_thresholds(criterion: str, thresholds: int | Sequence[float], E: in
     t = torch.as_tensor([float(v) for v in thresholds], dtype=torch.float64)
     if t.numel() == 0:
         raise ValueError("thresholds must not be empty")
-    if criterion == "patience" and bool(((t < 1) | (t != t.round())).any()):
-        raise ValueError(f"patience values must be integers >= 1, got {t.tolist()}")
+    if criterion == "patience" and bool(((t < 0) | (t != t.round())).any()):
+        raise ValueError(f"patience values must be integers >= 0 (0: never leave early), got {t.tolist()}")
     return t
 
 
@@ -69,9 +75,9 @@ def _fire_mask(logits: Tensor, criterion: str, thresholds: Tensor) -> Tensor:
         k = torch.arange(E, device=logits.device)[:, None]  # (E, 1)
         last_change = torch.cummax(torch.where(change, k, 0), dim=0).values  # (E, N)
         run = (k - last_change + 1).double()  # (E, N): length of the run of equal predictions ending at k
-        return run[None] >= t  # (T, E, N)
+        return (run[None] >= t) & (t > 0)  # (T, E, N): p = 0 never fires
     if criterion == "confidence":
-        return exit_scores(logits, criterion)[None] >= t
+        return exit_scores(logits, criterion)[None] > t  # strict: t = 1.0 keeps even saturated samples in
     return exit_scores(logits, criterion)[None] <= t
 
 
@@ -99,7 +105,8 @@ def exit_decisions(logits: Tensor, criterion: str, threshold: float) -> Tensor:
     Args:
         logits: ``(E, N, C)`` logits of every exit.
         criterion: ``"confidence"``, ``"entropy"`` or ``"patience"`` (see the module docstring).
-        threshold: the threshold ``t`` (the patience ``p`` for ``"patience"``).
+        threshold: the threshold ``t`` (confidence: leave if ``> t``; entropy: leave if ``<= t``), or the
+            patience ``p >= 0`` for ``"patience"`` (0: nobody leaves early).
     Returns:
         ``(N,)`` long tensor of exit indices in ``[0, E)``.
     """

@@ -1,0 +1,196 @@
+"""Reports over run folders: the summary's two budget tables and the seeds-averaged figure.
+
+Run folders are synthetic: a results.json written through ``Results`` from logits whose signal grows with
+depth, so curves, static exits and budgets are those of a real evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from earlyexit.cli import main
+from earlyexit.errors import EarlyExitError
+from earlyexit.metrics import (average_curves, budget_table, calibrated_curve, static_points, threshold_curve,
+                               ztw_budget_table)
+from earlyexit.reports import (PAPER_BUDGETS_TITLE, SEED_BUDGETS_TITLE, format_summary, plot_runs, runs_figure,
+                               summarize_runs)
+from earlyexit.results import Results
+
+COSTS = [30.0, 55.0, 80.0, 105.0]  # per-exit costs; the backbone alone costs BASE
+BASE = 100.0
+REGIMES = {"joint": "-+-", "disjoint": "+-+", "mixed": "++-"}
+
+
+def make_run(root: Path, regime: str, seed: int, *, strength: float = 3.0, model: str = "resnet20",
+             base: float = BASE, criterion: str = "confidence", method: str | None = None) -> Path:
+    """A run folder with the results.json of synthetic logits (E = 4 exits, 400 test samples)."""
+    g = torch.Generator().manual_seed(1000 * seed + len(regime) + int(strength * 10))
+    E, N, C = len(COSTS), 400, 10
+    labels = torch.randint(0, C, (N,), generator=g)
+    signal = torch.linspace(0.6, 1.0, E)[:, None, None] * strength * torch.rand(1, N, 1, generator=g)
+    logits = torch.randn(E, N, C, generator=g) + signal * torch.nn.functional.one_hot(labels, C)  # (E, N, C)
+    val = torch.randn(E, N, C, generator=g) + signal * torch.nn.functional.one_hot(labels, C)
+    curve = threshold_curve(logits, labels, COSTS, criterion=criterion)
+    statics = static_points(logits, labels, COSTS)
+    evaluation = {"base_flops": base, "exits": [{**s, "stage": 2 * s["index"] + 1} for s in statics], "curve": curve,
+                  "budgets": budget_table(curve, statics, base)}
+    if criterion != "patience":
+        evaluation["calibrated_geometric"] = calibrated_curve(val, logits, labels, COSTS, criterion=criterion)
+    r = Results.build(regime=REGIMES[regime], regime_name=regime, model=model, dataset="cifar10", seed=seed,
+                      evaluation=evaluation, method=method, weighting=None)
+    d = root / f"{model}-{regime}-{criterion}-s{seed}"
+    d.mkdir(parents=True)
+    r.save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    strength = {"joint": 2.0, "disjoint": 3.0, "mixed": 4.0}
+    return {reg: [make_run(root, reg, s, strength=strength[reg]) for s in (0, 1, 2)] for reg in strength}
+
+
+# --- summary ---------------------------------------------------------------------------------
+
+def test_summary_holds_both_tables(runs):
+    dirs = runs["mixed"] + runs["joint"][:1]
+    groups = summarize_runs(dirs)
+    assert [(g["regime"], g["seeds"]) for g in groups] == [("++-", [0, 1, 2]), ("-+-", [0])]
+    mixed = groups[0]
+    rs = [Results.from_json(d) for d in runs["mixed"]]
+    curves = [{"criterion": r.curve.criterion, "thresholds": r.curve.thresholds, "flops": r.curve.flops,
+               "accuracy": r.curve.accuracy} for r in rs]
+    assert mixed["paper_budgets"] == ztw_budget_table(curves, BASE)
+    for k in ("25%", "50%", "75%", "100%", "max"):  # the per-seed table: each seed's own budgets, mean and std
+        vals = [r.budgets[k] for r in rs]
+        if None in vals:
+            assert mixed["budgets"][k] is None
+        else:
+            assert mixed["budgets"][k]["mean"] == pytest.approx(statistics.mean(vals), rel=1e-12)
+            assert mixed["budgets"][k]["std"] == pytest.approx(statistics.stdev(vals), rel=1e-12)
+    assert mixed["paper_budgets"]["25%"] is None  # the first IC alone costs 30 % > 25 %
+    assert mixed["paper_budgets"]["max"]["mean"] == pytest.approx(statistics.mean(r.exits[-1].accuracy for r in rs))
+    assert groups[1]["paper_budgets"]["max"]["std"] == 0.0  # one seed
+
+
+def test_summary_lines_and_command(runs):
+    dirs = [str(d) for d in runs["mixed"] + runs["joint"]]
+    r = CliRunner().invoke(main, ["summary", *dirs], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0] == "resnet20 cifar10 ++- (seeds [0, 1, 2])"
+    assert sum(PAPER_BUDGETS_TITLE in ln for ln in lines) == 2 and sum(SEED_BUDGETS_TITLE in ln for ln in lines) == 2
+    g = summarize_runs(runs["mixed"])[0]
+    assert lines[:4] == format_summary(g)
+    paper = next(ln for ln in lines if PAPER_BUDGETS_TITLE in ln)
+    assert "25%: -" in paper  # an empty budget prints as "-"
+    m = g["paper_budgets"]["50%"]
+    assert f"50%: {m['mean'] * 100:.2f}+-{m['std'] * 100:.2f}" in paper
+    assert PAPER_BUDGETS_TITLE == "budget (paper's rule, curves averaged over seeds)"
+    assert SEED_BUDGETS_TITLE == "best within budget (per seed, mean +- std)"
+
+
+def test_summary_refuses_seeds_that_do_not_line_up(tmp_path, runs):
+    other_base = make_run(tmp_path / "a", "mixed", 7, base=120.0)
+    with pytest.raises(EarlyExitError, match="base_flops differ"):
+        summarize_runs([runs["mixed"][0], other_base])
+    entropy = make_run(tmp_path / "b", "mixed", 8, criterion="entropy")
+    with pytest.raises(EarlyExitError, match="criterion"):
+        summarize_runs([runs["mixed"][0], entropy])
+    r = CliRunner().invoke(main, ["summary", str(runs["mixed"][0]), str(entropy)])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "criterion" in r.output
+
+
+def test_methods_are_separate_configurations(tmp_path, runs):
+    pbee = make_run(tmp_path, "mixed", 0, method="pbee", criterion="patience")
+    groups = summarize_runs([runs["mixed"][0], pbee])
+    assert [(g["method"], g["criterion"]) for g in groups] == [(None, "confidence"), ("pbee", "patience")]
+    assert format_summary(groups[1])[0] == "resnet20 cifar10 ++- pbee (seeds [0])"
+
+
+# --- figure ----------------------------------------------------------------------------------
+
+def test_figure_draws_mean_and_band_per_configuration(runs):
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+
+    dirs = runs["joint"] + runs["disjoint"] + runs["mixed"]
+    fig = runs_figure(dirs)
+    try:
+        ax = fig.axes[0]
+        lines = [ln for ln in ax.get_lines() if ln.get_label().endswith("3 seeds")]
+        assert [ln.get_label() for ln in lines] == ["joint (-+-), 3 seeds", "disjoint (+-+), 3 seeds",
+                                                    "mixed (++-), 3 seeds"]
+        assert len({ln.get_color() for ln in lines}) == 3  # one colour per regime
+        for ln, reg in zip(lines, ("joint", "disjoint", "mixed")):
+            rs = [Results.from_json(d) for d in runs[reg]]
+            avg = average_curves([{"criterion": r.curve.criterion, "thresholds": r.curve.thresholds,
+                                   "flops": r.curve.flops, "accuracy": r.curve.accuracy} for r in rs])
+            assert ln.get_xdata() == pytest.approx([f / BASE * 100 for f in avg["flops"]])
+            assert ln.get_ydata() == pytest.approx([a * 100 for a in avg["accuracy"]])
+            assert max(avg["accuracy_std"]) > 0
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        assert len(bands) == 3
+        for band, ln in zip(bands, lines):  # the band spans mean +- std around its line
+            ys = band.get_paths()[0].vertices[:, 1]
+            assert ys.min() < min(ln.get_ydata()) and ys.max() > max(ln.get_ydata()) - 1e-9
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "static exits (mean +- std)" in legend and "+- std over seeds" in legend
+    finally:
+        plt.close(fig)
+
+
+def test_figure_keeps_single_runs_as_they_were(runs):
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+
+    fig = runs_figure([runs["mixed"][0], runs["joint"][1]])
+    try:
+        ax = fig.axes[0]
+        lines = ax.get_lines()
+        assert [ln.get_label() for ln in lines] == ["mixed (++-), seed 0", "joint (-+-), seed 1"]
+        r = Results.from_json(runs["mixed"][0])
+        assert lines[0].get_ydata() == pytest.approx([a * 100 for a in r.curve.accuracy])
+        assert not [c for c in ax.collections if isinstance(c, PolyCollection)]  # no band for one run
+        points = ax.collections[0].get_offsets()
+        assert points[:, 0].tolist() == pytest.approx([e.flops / BASE * 100 for e in r.exits])
+    finally:
+        plt.close(fig)
+
+
+def test_plot_writes_files_and_calibrated_curves(tmp_path, runs):
+    dirs = runs["joint"] + runs["mixed"]
+    for name, curve in (("seeds.png", "curve"), ("cal.png", "calibrated_geometric")):
+        plot_runs(dirs, tmp_path / name, curve=curve)
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    r = CliRunner().invoke(main, ["plot", *map(str, dirs), "-o", str(tmp_path / "cli.svg"), "--curve", "geometric"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "cli.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_results_json_keeps_its_budgets(runs):
+    d = json.loads((runs["mixed"][0] / "results.json").read_text())
+    assert set(d["budgets"]) == {"25%", "50%", "75%", "100%", "max"}
+    assert all(v is None or isinstance(v, float) for v in d["budgets"].values())
+
+
+def test_regimes_keep_their_colours_across_figures(runs):
+    import matplotlib.pyplot as plt
+
+    def colours(dirs):
+        fig = runs_figure(dirs)
+        try:
+            return {ln.get_label().split(" ")[0]: ln.get_color() for ln in fig.axes[0].get_lines()}
+        finally:
+            plt.close(fig)
+
+    a = colours(runs["joint"] + runs["mixed"])
+    b = colours(runs["mixed"] + runs["disjoint"] + runs["joint"])
+    assert a["joint"] == b["joint"] and a["mixed"] == b["mixed"] and len(set(b.values())) == 3
