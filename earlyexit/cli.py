@@ -10,11 +10,12 @@ import functools
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import click
 
-from .config import (OPTIMIZERS, SCHEDULES, VAL_METRICS, DataConfig, EvalConfig, ModelConfig, PhaseConfig, RunConfig,
-                     TrainConfig)
+from .config import (EARLY_STOPS, OPTIMIZERS, SCHEDULES, VAL_METRICS, DataConfig, EvalConfig, ModelConfig, PhaseConfig,
+                     RunConfig, TrainConfig)
 from .errors import EarlyExitError
 
 
@@ -36,26 +37,72 @@ def _user_errors(fn):
     return wrapper
 
 
-def _floats(text: str, what: str) -> tuple[float, ...]:
+def _per_phase(text: str | None, flag: str, parse: Callable[[str, str], Any], *, sep: str = ";") -> tuple | None:
+    """One value for every phase, or three separated by ``sep`` (phases 1, 2, 3); None when the flag is absent."""
+    if text is None:
+        return None
+    parts = [t.strip() for t in str(text).split(sep)]
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3:
+        raise EarlyExitError(f"{flag}: expected one value or three separated by '{sep}' (phases 1{sep}2{sep}3), "
+                             f"got {len(parts)} in {text!r}")
+    return tuple(parse(t, flag) for t in parts)
+
+
+def _number(text: str, flag: str, *, kind: type = float, low: float | None = None, strict: bool = False) -> Any:
+    """``text`` as a finite ``kind`` (>= ``low``, > when ``strict``), or a one-line error naming ``flag``."""
+    import math
+
     try:
-        vals = tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=what) from None
+        v = kind(text)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or not math.isfinite(v) or (low is not None and (v <= low if strict else v < low)):
+        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+        what = "an integer" if kind is int else "a number"
+        raise EarlyExitError(f"{flag}: expected {what}{bound}, got {text!r}")
+    return v
+
+
+def _lr_grid(text: str, flag: str) -> tuple[float, ...]:
+    vals = tuple(_number(t, flag, low=0, strict=True) for t in text.split(",") if t.strip())
     if not vals:
-        raise click.BadParameter("expected at least one value", param_hint=what)
+        raise EarlyExitError(f"{flag}: expected comma-separated learning rates, got {text!r}")
     return vals
 
 
-def _ints3(text: str, what: str) -> tuple[int, int, int]:
-    try:
-        vals = [int(t) for t in text.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"expected an integer or three comma-separated integers, got {text!r}", param_hint=what) from None
-    if len(vals) == 1:
-        vals = vals * 3
-    if len(vals) != 3:
-        raise click.BadParameter(f"expected 1 or 3 values (one per phase), got {len(vals)}", param_hint=what)
-    return tuple(vals)  # type: ignore[return-value]
+def _choice(valid: Sequence[str]) -> Callable[[str, str], str]:
+    def parse(text: str, flag: str) -> str:
+        if text not in valid:
+            raise EarlyExitError(f"{flag}: expected one of {', '.join(valid)}, got {text!r}")
+        return text
+    return parse
+
+
+def _patience(text: str, flag: str) -> int | None:
+    if text.lower() in ("none", "off", ""):
+        return None
+    return _number(text, flag, kind=int, low=1)
+
+
+def _epochs(text: str) -> tuple[int, int, int]:
+    """``--epochs``: one value, or three separated by ',' or ';'."""
+    sep = ";" if ";" in text else ","
+    return _per_phase(text, "--epochs", lambda t, f: _number(t, f, kind=int), sep=sep)  # type: ignore[return-value]
+
+
+def _phases(epochs: str, val_metric: str, **flags: str | None) -> tuple[PhaseConfig, PhaseConfig, PhaseConfig]:
+    """The three ``PhaseConfig`` of the per-phase flags (absent flags: the config's defaults)."""
+    parsers = {"lr": _lr_grid, "optimizer": _choice(OPTIMIZERS), "weight_decay": lambda t, f: _number(t, f, low=0),
+               "schedule": _choice(SCHEDULES), "patience": _patience, "early_stop": _choice(EARLY_STOPS)}
+    per = {k: _per_phase(v, "--" + k.replace("_", "-"), parsers[k]) for k, v in flags.items() if v is not None}
+    return tuple(PhaseConfig(epochs=e, metric=val_metric, **{k: v[i] for k, v in per.items()})  # type: ignore
+                 for i, e in enumerate(_epochs(epochs)))
+
+
+def _optional(text: str | None, flag: str, **kw: Any) -> Any:
+    return None if text is None else _number(text, flag, **kw)
 
 
 class Progress:
@@ -115,13 +162,28 @@ def main() -> None:
 @click.option("--dataset", default=_D.name, show_default=True, help="Dataset name (see `python -m earlyexit datasets`).")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Local data root searched first.")
 @click.option("--train-size", default=None, type=int, help="Use only the first N training samples (train + validation).")
-@click.option("--epochs", default=str(_P.epochs), show_default=True, help="Max epochs: one value, or three (phases 1,2,3).")
-@click.option("--lr", default=None, help="Learning rate(s) for every phase; a comma list is a grid (best by val acc). "
-              "Default 0.1 (SGD) or 1e-3 (AdamW): earlyexit.config.DEFAULT_LR.")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_P.optimizer, show_default=True, help="Optimizer of every phase.")
-@click.option("--weight-decay", default=_P.weight_decay, show_default=True, type=float, help="Weight decay.")
-@click.option("--schedule", type=click.Choice(SCHEDULES), default=_P.schedule, show_default=True, help="LR schedule per phase.")
-@click.option("--patience", default=None, type=int, help="Early stopping: epochs without validation improvement.")
+@click.option("--epochs", default=str(_P.epochs), show_default=True,
+              help="Max epochs: one value, or three (phases 1,2,3 or 1;2;3).")
+@click.option("--lr", default=None, help="Learning rate(s): a comma list is a grid (best by val acc); one setting for "
+              "every phase or three separated by ';', e.g. '5e-4;1e-3,1e-4;1e-3'. Default 0.1 (SGD) or 1e-3 (AdamW): "
+              "earlyexit.config.DEFAULT_LR.")
+@click.option("--optimizer", default=None, help=f"{' or '.join(OPTIMIZERS)}, for every phase or 'P1;P2;P3' "
+              f"(default {_P.optimizer}).")
+@click.option("--weight-decay", default=None, help=f"Weight decay, for every phase or 'P1;P2;P3' "
+              f"(default {_P.weight_decay:g}).")
+@click.option("--schedule", default=None, help=f"LR schedule per phase: {' or '.join(SCHEDULES)}, for every phase or "
+              f"'P1;P2;P3' (default {_P.schedule}).")
+@click.option("--patience", default=None, help="Early stopping: epochs without validation improvement, for every "
+              "phase or 'P1;P2;P3' ('none' = off; default off).")
+@click.option("--early-stop", default=None, help=f"Early stopping rule, for every phase or 'P1;P2;P3': 'metric' "
+              "(patience on --val-metric) or 'per_exit' (one patience count per exit, stop when every exit has "
+              f"stalled, keep the last weights in which any exit improved; the paper's). Default {_P.early_stop}.")
+@click.option("--grad-clip", default=None, help="Clip the global gradient norm to this value (default off).")
+@click.option("--grad-log-every", default=None, help="Every N steps of phases 2 and 3, log each exit's gradient "
+              "cosine with the total backbone gradient to gradients.jsonl (the paper's Figure 4; default off). "
+              "Training is unchanged, bit for bit.")
+@click.option("--image-size", default=None, help="Resize images to this side (CIFAR, (Fashion-)MNIST, imagefolder:; "
+              "e.g. 224 for ViT-B/16 with ImageNet weights; default: the dataset's own).")
 @click.option("--val-metric", type=click.Choice(VAL_METRICS), default=_P.metric, show_default=True,
               help="Validation accuracy that picks the best epoch and lr in phases 2 and 3: mean over exits, or the "
               "final exit (phase 1 always uses the final exit).")
@@ -139,26 +201,28 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
 @_user_errors
-def run(regime, model_name, exits, weights, model_opts, dataset, data_dir, train_size, epochs, lr, optimizer, weight_decay, schedule,
-        patience, val_metric, batch_size, method, weighting, criterion, seed, init, device, out, resume, force) -> None:
+def run(regime, model_name, exits, weights, model_opts, dataset, data_dir, train_size, epochs, lr, optimizer,
+        weight_decay, schedule, patience, early_stop, grad_clip, grad_log_every, image_size, val_metric, batch_size,
+        method, weighting, criterion, seed, init, device, out, resume, force) -> None:
     """Train one model in one regime, evaluate it, write a run folder."""
     from .runs import default_out_dir, run_experiment
 
     if resume and force:
         raise EarlyExitError("--resume and --force exclude each other")
-    ep = _ints3(epochs, "--epochs")
-    lrs = _floats(lr, "--lr") if lr else None  # None: the optimizer's default
     if batch_size <= 0:  # named by its flag here; the config checks every value again
         raise EarlyExitError(f"--batch-size must be > 0, got {batch_size}")
-    phases = tuple(PhaseConfig(optimizer=optimizer, lr=lrs, weight_decay=weight_decay, schedule=schedule, epochs=e,
-                               patience=patience, metric=val_metric) for e in ep)
+    phases = _phases(epochs, val_metric, lr=lr, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
+                     patience=patience, early_stop=early_stop)
+    clip = _optional(grad_clip, "--grad-clip", low=0, strict=True)
+    log_every = _optional(grad_log_every, "--grad-log-every", kind=int, low=1)
+    size = _optional(image_size, "--image-size", kind=int, low=1)
     kwargs = {"weights": weights} if weights else {}
     kwargs.update(_model_options(model_opts))
     exits_v = tuple(int(t) for t in exits.split(",")) if exits and exits.replace(",", "").strip().isdigit() else exits
     cfg = RunConfig(model=ModelConfig(name=model_name, exits=exits_v, kwargs=kwargs),
-                    data=DataConfig(name=dataset, data_dir=data_dir, train_size=train_size),
+                    data=DataConfig(name=dataset, data_dir=data_dir, train_size=train_size, image_size=size),
                     train=TrainConfig(regime=regime, phases=phases, batch_size=batch_size, weighting=weighting, seed=seed,
-                                      device=device),
+                                      device=device, grad_clip=clip, grad_log_every=log_every),
                     eval=EvalConfig(criterion=criterion), init=init, method=method)
     out_dir = Path(out) if out else default_out_dir(cfg)
     t0 = time.time()
@@ -248,33 +312,61 @@ def summary(run_dirs) -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--what", default="rank,gradients,information", show_default=True,
-              help="Comma list of: rank, gradients, information, landscape, connectivity.")
-@click.option("--other", default=None, type=click.Path(file_okay=False), help="Second run folder (connectivity).")
+              help="Comma list of: rank (Fig. 3), gradients (Fig. 4), information (Fig. 5), landscape (appendix A), "
+              "plane (Fig. 2, needs three runs), connectivity (the path between two runs), and the earlier "
+              "estimators rank-exits, gradient-norms.")
+@click.option("--other", default=None, type=click.Path(file_okay=False),
+              help="Second run (plane, connectivity; default: the second RUN_DIR).")
+@click.option("--third", default=None, type=click.Path(file_okay=False),
+              help="Third run (plane; default: the third RUN_DIR).")
 @click.option("--max-samples", default=512, show_default=True, type=int, help="Samples used by each analysis.")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True, help="Data split.")
-@click.option("--mi-method", type=click.Choice(["knn", "binning"]), default="knn", show_default=True,
-              help="Mutual-information estimator.")
+@click.option("--mi-method", type=click.Choice(["jensen", "mc", "binning", "knn"]), default="jensen", show_default=True,
+              help="Estimator of information: I(X; Z) per layer with Gaussian noise (jensen, mc), binned entropy per "
+              "layer (binning), or the per-exit kNN I(T; Y) with binned I(X; T) (knn).")
+@click.option("--sigma", default=0.1, show_default=True, type=float, help="Noise std of I(X; Z), in feature units.")
+@click.option("--features", "n_features", default=6000, show_default=True, type=int,
+              help="Columns kept per layer (rank, information).")
+@click.option("--landscape-steps", default="11,11", show_default=True, help="Landscape grid: N (1-D) or N,M (2-D).")
+@click.option("--landscape-span", default=1.0, show_default=True, type=float,
+              help="Landscape extent along each direction (filter-normalised units).")
+@click.option("--steps", default=21, show_default=True, type=int,
+              help="Plane grid points per axis; points on the connectivity path.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of batches, column subsets, noise, directions.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N.")
-@click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False),
+              help="JSON file of the results (default RUN_DIR/analysis.json of the first run); the figures are "
+              "written beside it as STEM-ANALYSIS.png.")
 @_user_errors
-def analyze(run_dir, what, other, max_samples, split, mi_method, device, out_file) -> None:
-    """The paper's analyses of a trained run: numerical rank, gradient dominance, mutual information, ..."""
-    import json
-
-    from .analysis import analyze_run
-    from .tree import to_jsonable
+def analyze(run_dirs, what, other, third, max_samples, split, mi_method, sigma, n_features, landscape_steps,
+            landscape_span, steps, seed, device, out_file) -> None:
+    """The paper's analyses of trained runs, as JSON and figures (several runs: one line per run)."""
+    from .analysis import analyze_runs, write_figures
     from .io import atomic_write_json
+    from .tree import to_jsonable
 
     kinds = tuple(w.strip() for w in what.split(",") if w.strip())
-    res = to_jsonable(analyze_run(run_dir, what=kinds, max_samples=max_samples, split=split, other=other,
-                                  device=device, mi_method=mi_method))
-    if out_file:
-        atomic_write_json(out_file, res)
-        click.echo(f"wrote {out_file}")
-    else:
-        click.echo(json.dumps(res, indent=1))
+    grid = tuple(_number(t, "--landscape-steps", kind=int, low=1) for t in landscape_steps.split(","))
+    if not 1 <= len(grid) <= 2:
+        raise EarlyExitError(f"--landscape-steps: expected N or N,M, got {landscape_steps!r}")
+    results = analyze_runs(run_dirs, what=kinds, other=other, third=third, max_samples=max_samples, split=split,
+                           device=device, mi_method=mi_method, sigma=sigma, n_features=n_features,
+                           landscape_steps=grid, landscape_span=landscape_span, steps=steps, path_steps=steps,
+                           seed=seed)
+    out = Path(out_file) if out_file else Path(run_dirs[0]) / "analysis.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, to_jsonable(results[0] if len(results) == 1 else {"runs": results}))
+    click.echo(f"wrote {out}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        click.echo("no figures: matplotlib is not installed", err=True)
+        return
+    for f in write_figures(results, out.with_suffix(""), echo=lambda m: click.echo(m, err=True)):
+        click.echo(f"wrote {f}")
 
 
 @main.command()

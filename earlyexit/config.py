@@ -33,6 +33,7 @@ REGIMES = {"joint": "-+-", "disjoint": "+-+", "mixed": "++-"}
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 VAL_METRICS = ("mean", "final")
+EARLY_STOPS = ("metric", "per_exit")
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 DEFAULT_WEIGHTING = "uniform"
 DEFAULT_CRITERION = "confidence"
@@ -95,9 +96,12 @@ class PhaseConfig:
     epochs: int = 3                 # maximum epochs
     patience: int | None = None     # early stopping: epochs without validation improvement; None = off
     metric: str = "mean"            # validation metric of phases 2/3: "mean" over exits or "final" exit (phase 1: always final)
+    early_stop: str = "metric"      # "metric": patience on `metric`; "per_exit": one count per validated exit,
+                                    # stop when every exit has stalled, keep the last weights any exit improved in
 
     def __post_init__(self) -> None:
         _choice(self.optimizer, OPTIMIZERS, "optimizer")
+        _choice(self.early_stop, EARLY_STOPS, "early stopping rule")
         _choice(self.schedule, SCHEDULES, "schedule")
         _choice(self.metric, VAL_METRICS, "validation metric")
         lr = self.lr
@@ -129,6 +133,8 @@ class TrainConfig:
     seed: int = 0                   # seeds model init, data order, augmentation and dropout
     device: str | None = None       # "cpu", "cuda", "cuda:1"; None = CUDA if available
     grad_clip: float | None = None  # max global gradient norm; None = off
+    grad_log_every: int | None = None  # phases 2 and 3: every N steps, the step probe's record (run_experiment: each
+                                       # exit's gradient cosine, gradients.jsonl); None = off
 
     def __post_init__(self) -> None:
         phases = parse_regime(self.regime)
@@ -147,6 +153,8 @@ class TrainConfig:
             _choice(self.weighting, list_weightings(), "weighting")
         if self.grad_clip is not None:
             _number(self.grad_clip, "gradient clipping norm", low=0, strict=True)
+        if self.grad_log_every is not None:
+            _number(self.grad_log_every, "gradient log interval (steps)", low=1, integer=True)
 
     @property
     def phase_string(self) -> str:
@@ -181,6 +189,7 @@ class DataConfig:
     val_fraction: float = 0.1       # stratified share of the training set held out for validation
     train_size: int | None = None   # use only the first N training samples (quick runs)
     augment: bool = True            # the dataset's usual training augmentation
+    image_size: int | None = None   # images resized to this side (CIFAR, (Fashion-)MNIST, imagefolder:); None = native
 
     def __post_init__(self) -> None:
         _number(self.val_fraction, "validation fraction", low=0, strict=True)
@@ -188,6 +197,8 @@ class DataConfig:
             raise ConfigError(f"validation fraction must be < 1, got {self.val_fraction!r}")
         if self.train_size is not None:
             _number(self.train_size, "train size", low=1, integer=True)
+        if self.image_size is not None:
+            _number(self.image_size, "image size", low=1, integer=True)
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,15 @@ A run folder holds (all written atomically):
 - ``checkpoint.pt``: the training state (for ``--resume``);
 - ``model.safetensors`` (or ``model.pt`` without safetensors): the final weights;
 - ``results.json``: ``earlyexit.results.Results``;
+- ``gradients.jsonl`` with ``TrainConfig.grad_log_every``: one line per probed step of phases 2
+  and 3, ``{"phase", "epoch", "step", "cos": [E], "grid", "lr"}``, each exit's gradient cosine
+  (``gradient_probe``; the paper's Figure 4);
 - ``curve.png`` when matplotlib is installed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -34,6 +38,7 @@ from .models import MultiExitModel, build_model
 from .reports import maybe_plot
 from .results import RESULTS, Results, TrainInfo
 from .training import CHECKPOINT, train
+from .training.state import PROBE_LOG
 from .tree import to_jsonable
 
 WEIGHTS_FILES = ("model.safetensors", "model.pt")
@@ -59,7 +64,7 @@ def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
 
 def clear_out_dir(out: Path) -> None:
     """Remove a previous run's files (``--force``), once the new run is known to start."""
-    for name in ("results.json", CHECKPOINT, "history.jsonl", "curve.png", *WEIGHTS_FILES):
+    for name in ("results.json", CHECKPOINT, "history.jsonl", PROBE_LOG, "curve.png", *WEIGHTS_FILES):
         (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -93,6 +98,8 @@ def load_data(cfg: RunConfig) -> Any:
 
     # e.g. pretrained BERT weights decide the text vocabulary
     options = data_options(cfg.model.name, cfg.model.kwargs) if _is_text_dataset(cfg.data.name) else {}
+    if cfg.data.image_size is not None:
+        options["image_size"] = cfg.data.image_size
     return load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, val_fraction=cfg.data.val_fraction,
                         seed=cfg.train.seed, train_size=cfg.data.train_size, **options)
 
@@ -211,11 +218,30 @@ def write_config(cfg: RunConfig, splits: Any, out: Path) -> None:
     atomic_write_json(out / "config.json", {**to_dict(cfg), "shapes": shapes})
 
 
+def gradient_probe(model: MultiExitModel, x: Any, y: torch.Tensor, *, phase: int, epoch: int, step: int,
+                   weights: list[float], train_mode: bool = True) -> dict:
+    """``train``'s step probe for ``grad_log_every``: each exit's gradient cosine on the step's batch (Figure 4).
+
+    ``cos[k]`` is the cosine between exit ``k``'s weighted-loss gradient on the backbone and the
+    total gradient (``earlyexit.analysis.cosines.gradient_cosines``, with the step's loss weights;
+    None for an exit that does not count in the phase). Weights, buffers, ``requires_grad`` flags
+    and modes are left as they were.
+
+    Returns:
+        ``{"phase", "epoch", "step", "cos": [E]}``.
+    """
+    from .analysis.cosines import gradient_cosine_record
+
+    return gradient_cosine_record(model, x, y, phase=phase, epoch=epoch, step=step, weights=weights,
+                                  train_mode=train_mode)
+
+
 def train_run(cfg: RunConfig, model: MultiExitModel, splits: Any, out: Path, *, resume: bool,
               log: Callable[..., None] | None) -> tuple[MultiExitModel, TrainInfo]:
     """The regime's phases, then the method's own stage (e.g. ZTW's ensembles on the frozen ICs) if it has one."""
+    probe = gradient_probe if cfg.train.grad_log_every is not None else None
     record = train(model, splits, config=cfg.train, out_dir=out, resume=resume, augment=cfg.data.augment, log=log,
-                   eval_batch_size=cfg.eval.batch_size)
+                   eval_batch_size=cfg.eval.batch_size, probe=probe)
     info = TrainInfo(seconds=record.seconds, phases=[vars(r) for r in record.phases])
     return method_stage(cfg, model, splits, info, log=log)
 
@@ -226,7 +252,8 @@ def method_stage(cfg: RunConfig, model: MultiExitModel, splits: Any, info: Train
     method = _method(cfg)
     if method is not None and method.stage is not None:
         t = time.time()
-        model, stage_rec = method.stage(model, splits, cfg.train, log=log, augment=cfg.data.augment,
+        stage_cfg = dataclasses.replace(cfg.train, grad_log_every=None)  # the log covers the regime's phases
+        model, stage_rec = method.stage(model, splits, stage_cfg, log=log, augment=cfg.data.augment,
                                         eval_batch_size=cfg.eval.batch_size)
         info.method_stage = [vars(r) for r in stage_rec.phases]
         info.seconds += time.time() - t

@@ -355,6 +355,7 @@ def test_filter_normalised_directions():
 # --- a run folder -------------------------------------------------------------------------
 
 def test_analyze_run_on_a_trained_run(tmp_path):
+    """The earlier per-exit estimators stay reachable (tests/test_analyze.py covers the paper's)."""
     from earlyexit.analysis import analyze_run
     from earlyexit.config import DataConfig, EvalConfig, ModelConfig, PhaseConfig, RunConfig, TrainConfig
     from earlyexit.runs import run_experiment
@@ -364,13 +365,14 @@ def test_analyze_run_on_a_trained_run(tmp_path):
                     train=TrainConfig(regime="joint", phases=(pc, pc, pc), batch_size=50, device="cpu"),
                     eval=EvalConfig(thresholds=5))
     run_experiment(cfg, tmp_path / "run")
-    what = ("rank", "gradients", "information", "landscape", "connectivity")
+    what = ("rank-exits", "gradient-norms", "information", "landscape", "connectivity")
     res = analyze_run(tmp_path / "run", what=what, max_samples=64, device="cpu", other=tmp_path / "run",
-                      landscape_steps=(3, 3), path_steps=3)
+                      landscape_steps=(3, 3), path_steps=3, mi_method="knn")
     json.dumps(res, allow_nan=False)
     E = len(res["exit_after"])
-    assert len(res["rank"]["numerical"]) == E and len(res["information"]) == E
-    assert len(res["gradients"]["norms"]) == E and len(res["gradients"]["norms"][0]) == 3
+    assert len(res["rank-exits"]["numerical"]) == E and len(res["information"]) == E
+    assert {"I_TY", "I_XT", "H_Y"} <= set(res["information"][0])
+    assert len(res["gradient-norms"]["norms"]) == E and len(res["gradient-norms"]["norms"][0]) == 3
     assert len(res["landscape"]["loss"]) == E
     assert max(abs(v) for v in res["connectivity"]["path"]["loss_barrier"]) < 1e-9
     assert res["connectivity"]["matched_path"] is not None

@@ -26,17 +26,13 @@ The paper's figures, each by its own definition:
   weight-matched models, BatchNorm re-estimated at every point;
 - ``figures``: the drawings of all of them and of the loss landscapes.
 
-``analyze_run`` runs the chosen analyses on a finished run folder and returns
-JSON-ready results. scipy (weight matching only) is imported when needed.
+``report.analyze_run`` runs the chosen analyses on a finished run folder and
+returns JSON-ready results (the table of names in ``report``);
+``report.write_figures`` draws their figures. scipy (weight matching only) is
+imported when needed.
 """
 
 from __future__ import annotations
-
-import itertools
-import math
-from pathlib import Path
-from typing import Any, Sequence
-
 
 from ..tree import to_jsonable
 
@@ -55,100 +51,11 @@ from .layer_rank import layer_ranks, rank_from_gram
 from .layers import backbone_layers, feature_subset
 from .noisy_information import layer_information, mi_xz
 from .plane import connectivity_plane, plane_basis
-
-ANALYSES = ("rank", "gradients", "information", "landscape", "connectivity")
-SPLITS = ("train", "val", "test")
-
-
-def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradients", "information"),
-                max_samples: int = 512, split: str = "test", other: str | Path | None = None,
-                device: str | None = None, batch_size: int = 256, seed: int = 0, mi_method: str = "knn",
-                landscape_steps: int | Sequence[int] = (11, 11), landscape_span: float = 1.0,
-                path_steps: int = 11) -> dict:
-    """Run analyses on a finished run folder.
-
-    Args:
-        run_dir: a run folder (``config.json`` and the final weights).
-        what: any of ``"rank"``, ``"gradients"``, ``"information"``, ``"landscape"``,
-            ``"connectivity"`` (the last needs ``other``).
-        max_samples: samples used by each analysis (the gradients: one batch of that many training samples).
-        split: the split that rank, information, landscape and connectivity are measured on.
-        other: a second run folder of the same architecture, for ``"connectivity"``.
-        device: ``"cpu"``, ``"cuda"``, ...; None = CUDA when available.
-        batch_size: evaluation batch size.
-        seed: seed of the gradient batch, projections and directions.
-        mi_method: ``"knn"`` or ``"binning"`` (see ``information``).
-        landscape_steps, landscape_span: grid of ``"landscape"`` (see ``loss_surface``).
-        path_steps: points on the interpolation path of ``"connectivity"``.
-    Returns:
-        A JSON-ready dict: ``run``, ``model``, ``dataset``, ``regime``, ``exit_after``,
-        ``split``, ``num_samples`` and one entry per analysis:
-
-        - ``rank``: ``{numerical: [E], effective: [E], dims: [E]}``;
-        - ``gradients``: ``{norms: (E, S), dominance: (E, S)}``;
-        - ``information``: ``[{exit, stage, I_TY, I_XT, H_Y}]`` (nats);
-        - ``landscape``: ``{alphas, betas, exits, loss: (E, S1, S2), accuracy}``;
-        - ``connectivity``: ``{other, path: {...}, matched_path: {...} or None}``
-          (``matched_path``: after Git Re-Basin weight matching of the other run
-          onto this one, for MLP and ResNet models).
-    Raises:
-        ValueError: on unknown analyses or split, or ``"connectivity"`` without ``other``.
-    """
-    from ..config import parse_regime
-    from ..runs import load_data, load_run
-
-    what = tuple(what)
-    bad = [w for w in what if w not in ANALYSES]
-    if bad:
-        raise ValueError(f"unknown analysis {bad[0]!r}; valid: {', '.join(ANALYSES)}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-    if "connectivity" in what and other is None:
-        raise ValueError("the connectivity analysis needs a second run folder (other=...)")
-    if max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
-    from ..device import local_device
-
-    dev = local_device(device)
-    model, cfg = load_run(run_dir, device=dev)
-    splits = load_data(cfg)
-    data = getattr(splits, split)
-    bs = min(batch_size, max_samples)
-    batches = list(itertools.islice(data.batches(bs), math.ceil(max_samples / bs)))
-    n = sum(len(y) for _, y in batches)
-    out: dict[str, Any] = {"run": str(run_dir), "model": cfg.model.name, "dataset": cfg.data.name,
-                           "regime": parse_regime(cfg.train.regime), "exit_after": list(model.exit_after),
-                           "split": split, "num_samples": min(n, max_samples)}
-    if "rank" in what:
-        feats = stage_features(model, batches, max_samples=max_samples)["features"]
-        out["rank"] = {"numerical": [numerical_rank(f) for f in feats], "effective": [effective_rank(f) for f in feats],
-                       "dims": [f.shape[1] for f in feats]}
-    if "gradients" in what:
-        x, y = next(iter(splits.train.batches(max_samples, shuffle=True, seed=seed)))
-        norms = exit_gradient_norms(model, x, y)
-        out["gradients"] = {"norms": norms, "dominance": dominance_from_norms(norms)}
-    if "information" in what:
-        out["information"] = stage_information(model, batches, method=mi_method, max_samples=max_samples, seed=seed)
-    if "landscape" in what:
-        out["landscape"] = loss_surface(model, batches, steps=landscape_steps, span=landscape_span, seed=seed)
-    if "connectivity" in what:
-        model_b, cfg_b = load_run(other, device=dev)
-        if cfg_b.model.name != cfg.model.name:
-            raise ValueError(f"cannot connect a {cfg.model.name} run with a {cfg_b.model.name} run")
-        bn = list(itertools.islice(splits.train.batches(bs), math.ceil(max_samples / bs)))
-        path = interpolation_path(model, model_b, batches, steps=path_steps, bn_batches=bn)
-        try:
-            matched = weight_matching(model, model_b, seed=seed)
-        except ValueError:
-            matched = None  # an architecture without a permutation rule: the plain path only
-        matched_path = (interpolation_path(model, matched, batches, steps=path_steps, bn_batches=bn)
-                        if matched is not None else None)
-        out["connectivity"] = {"other": str(other), "path": path, "matched_path": matched_path}
-    return to_jsonable(out)
-
+from .report import ANALYSES, FIGURES, MI_METHODS, analyze_run, analyze_runs, matchable, run_labels, write_figures
 
 __all__ = [
-    "analyze_run", "to_jsonable", "ANALYSES",
+    "analyze_run", "analyze_runs", "write_figures", "run_labels", "matchable", "to_jsonable", "ANALYSES", "FIGURES",
+    "MI_METHODS",
     "numerical_rank", "effective_rank", "stage_ranks", "stage_features", "state_features",
     "exit_gradient_norms", "gradient_dominance", "dominance_from_norms", "mean_gradient_norms", "stage_parameter_groups",
     "mutual_information", "stage_information", "binned_entropy", "label_entropy", "random_projection",

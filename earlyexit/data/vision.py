@@ -10,10 +10,17 @@ generated ``synthetic`` set for tests. Each registers itself with
 ``train`` and ``val`` come from the official training set (``val`` a seeded,
 stratified share of it); ``test`` is the official test set (for image
 folders: the labelled held-out ``val`` folder those datasets ship).
+
+``image_size`` resizes: image folders decode every file to that side (default
+64); (Fashion-)MNIST and CIFAR keep their native images in memory and
+``ResizedTensorSplit`` resizes each batch (bilinear, antialiased when
+shrinking) after the native-size augmentation, e.g. CIFAR at 224 pixels for a
+ViT-B/16 with ImageNet weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import pickle
@@ -30,11 +37,63 @@ from .augment import Augment
 from .files import _locate, _one_line
 from .registry import register_dataset
 from .sampling import _STREAM_SYNTHETIC, _generator
-from .splits import ImageFolderSplit, Splits, _first, _tensor_splits, stratified_split
+from .splits import ImageFolderSplit, Splits, TensorSplit, _first, _tensor_splits, stratified_split
 
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                 "t10k-labels-idx1-ubyte")
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class ResizedTensorSplit(TensorSplit):
+    """A ``TensorSplit`` whose batches are resized to ``image_size`` x ``image_size``.
+
+    Images stay in memory at their native size; each batch is augmented there (crop offsets and
+    flips as ``TensorSplit`` draws them), normalised, then resized bilinearly (antialiased when
+    shrinking). Normalisation is per-channel affine and bilinear weights sum to 1, so the order of
+    the two does not matter.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, *, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 augment: Augment = Augment()) -> None:
+        super().__init__(x, y, mean=mean, std=std, augment=augment)
+        if image_size < 1:
+            raise DataError(f"image_size must be >= 1, got {image_size}")
+        self.image_size = int(image_size)
+
+    def __repr__(self) -> str:
+        return f"ResizedTensorSplit(n={len(self)}, shape={tuple(self.x.shape[1:])}, image_size={self.image_size})"
+
+    def subset(self, index: Tensor | Sequence[int]) -> "ResizedTensorSplit":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ResizedTensorSplit(self.x[index], self.y[index], image_size=self.image_size, mean=self.mean,
+                                  std=self.std, augment=self.augment)
+
+    def to(self, device: torch.device | str) -> "ResizedTensorSplit":
+        return ResizedTensorSplit(self.x.to(device), self.y.to(device), image_size=self.image_size, mean=self.mean,
+                                  std=self.std, augment=self.augment)
+
+    def batches(self, batch_size: int, **kw: Any) -> Any:
+        """As ``TensorSplit.batches``, with images ``(b, C, image_size, image_size)``."""
+        s = self.image_size
+        for xb, yb in super().batches(batch_size, **kw):
+            if xb.shape[-2:] != (s, s):
+                shrink = s < max(xb.shape[-2:])
+                xb = F.interpolate(xb, size=(s, s), mode="bilinear", align_corners=False, antialias=shrink)
+            yield xb, yb
+
+
+def _resized(splits: Splits, image_size: int | None) -> Splits:
+    """``splits`` with every in-memory split resized to ``image_size`` (None or the native side: unchanged)."""
+    if image_size is None or image_size == splits.image_size:
+        return splits
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"image_size must be an integer >= 1, got {image_size!r}")
+
+    def wrap(t: TensorSplit) -> ResizedTensorSplit:
+        return ResizedTensorSplit(t.x, t.y, image_size=image_size, mean=t.mean, std=t.std, augment=t.augment)
+
+    return dataclasses.replace(splits, train=wrap(splits.train), val=wrap(splits.val), test=wrap(splits.test),
+                               image_size=image_size)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -79,7 +138,8 @@ def _read_mnist_folder(d: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def _mnist_like(name: str, *, folders: Sequence[str], tv_class: str, package: str | None, mean: float, std: float,
-                data_dir: Any, val_fraction: float, seed: int, train_size: int | None, download: bool) -> Splits:
+                data_dir: Any, val_fraction: float, seed: int, train_size: int | None, download: bool,
+                image_size: int | None = None) -> Splits:
     def fetch(root: Path) -> None:
         import torchvision
 
@@ -92,23 +152,27 @@ def _mnist_like(name: str, *, folders: Sequence[str], tv_class: str, package: st
     d = _locate(name, folders, _MNIST_FILES, data_dir=data_dir, download=download, fetch=fetch, how=how,
                 any_suffix=(".gz", ""))
     xtr, ytr, xte, yte = _read_mnist_folder(d)
-    return _tensor_splits(name, xtr, ytr, xte, yte, num_classes=10, mean=(mean,), std=(std,), augment=Augment(),
-                          val_fraction=val_fraction, seed=seed, train_size=train_size)
+    return _resized(_tensor_splits(name, xtr, ytr, xte, yte, num_classes=10, mean=(mean,), std=(std,),
+                                   augment=Augment(), val_fraction=val_fraction, seed=seed, train_size=train_size),
+                    image_size)
 
 
 def _load_fashion_mnist(*, data_dir: Any = None, val_fraction: float = 0.1, seed: int = 0,
-                        train_size: int | None = None, download: bool = True) -> Splits:
+                        train_size: int | None = None, download: bool = True,
+                        image_size: int | None = None) -> Splits:
     # Mean and standard deviation of the 60000 training images.
     return _mnist_like("fashion-mnist", folders=("fashion-mnist", "FashionMNIST/raw"), tv_class="FashionMNIST",
                        package="dataset-fashion-mnist", mean=0.2860, std=0.3530, data_dir=data_dir,
-                       val_fraction=val_fraction, seed=seed, train_size=train_size, download=download)
+                       val_fraction=val_fraction, seed=seed, train_size=train_size, download=download,
+                       image_size=image_size)
 
 
 def _load_mnist(*, data_dir: Any = None, val_fraction: float = 0.1, seed: int = 0,
-                train_size: int | None = None, download: bool = True) -> Splits:
+                train_size: int | None = None, download: bool = True,
+                image_size: int | None = None) -> Splits:
     return _mnist_like("mnist", folders=("mnist", "MNIST/raw"), tv_class="MNIST", package=None,
                        mean=0.1307, std=0.3081, data_dir=data_dir, val_fraction=val_fraction, seed=seed,
-                       train_size=train_size, download=download)
+                       train_size=train_size, download=download, image_size=image_size)
 
 
 def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +191,8 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
 
 def _cifar(name: str, *, folder: str, train_files: Sequence[str], test_file: str, label_key: str,
            num_classes: int, tv_class: str, mean: Sequence[float], std: Sequence[float], data_dir: Any,
-           val_fraction: float, seed: int, train_size: int | None, download: bool) -> Splits:
+           val_fraction: float, seed: int, train_size: int | None, download: bool,
+           image_size: int | None = None) -> Splits:
     def fetch(root: Path) -> None:
         import torchvision
 
@@ -143,25 +208,29 @@ def _cifar(name: str, *, folder: str, train_files: Sequence[str], test_file: str
     if ytr.min(initial=0) < 0 or max(ytr.max(initial=0), yte.max(initial=0)) >= num_classes:
         raise DataError(f"{d}: labels outside 0..{num_classes - 1}")
     t = torch.from_numpy
-    return _tensor_splits(name, t(xtr), t(ytr), t(xte), t(yte), num_classes=num_classes, mean=mean, std=std,
-                          augment=Augment(crop_pad=4, flip=True), val_fraction=val_fraction, seed=seed,
-                          train_size=train_size)
+    return _resized(_tensor_splits(name, t(xtr), t(ytr), t(xte), t(yte), num_classes=num_classes, mean=mean, std=std,
+                                   augment=Augment(crop_pad=4, flip=True), val_fraction=val_fraction, seed=seed,
+                                   train_size=train_size), image_size)
 
 
 def _load_cifar10(*, data_dir: Any = None, val_fraction: float = 0.1, seed: int = 0,
-                  train_size: int | None = None, download: bool = True) -> Splits:
+                  train_size: int | None = None, download: bool = True,
+                  image_size: int | None = None) -> Splits:
     return _cifar("cifar10", folder="cifar-10-batches-py", train_files=[f"data_batch_{i}" for i in range(1, 6)],
                   test_file="test_batch", label_key="labels", num_classes=10, tv_class="CIFAR10",
                   mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), data_dir=data_dir,
-                  val_fraction=val_fraction, seed=seed, train_size=train_size, download=download)
+                  val_fraction=val_fraction, seed=seed, train_size=train_size, download=download,
+                  image_size=image_size)
 
 
 def _load_cifar100(*, data_dir: Any = None, val_fraction: float = 0.1, seed: int = 0,
-                   train_size: int | None = None, download: bool = True) -> Splits:
+                   train_size: int | None = None, download: bool = True,
+                   image_size: int | None = None) -> Splits:
     return _cifar("cifar100", folder="cifar-100-python", train_files=["train"], test_file="test",
                   label_key="fine_labels", num_classes=100, tv_class="CIFAR100",
                   mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), data_dir=data_dir,
-                  val_fraction=val_fraction, seed=seed, train_size=train_size, download=download)
+                  val_fraction=val_fraction, seed=seed, train_size=train_size, download=download,
+                  image_size=image_size)
 
 
 def _scan_classes(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:

@@ -16,6 +16,14 @@ written atomically after every epoch. Data order, augmentation and dropout are
 seeded from ``(seed, phase, grid point, epoch)`` alone (``optim.seed_for``),
 so a resumed run ends with the same weights, bit for bit on CPU, as an
 uninterrupted one.
+
+A step probe (``train(probe=...)``, every ``TrainConfig.grad_log_every`` steps
+of phases 2 and 3) measures the model on the batch a step is about to train
+on, before that step; ``earlyexit.runs.gradient_probe`` records each exit's
+gradient cosine (the paper's Figure 4). The probe runs with the random number
+generators forked (dropout draws nothing from the training's stream) and must
+leave weights, buffers, ``requires_grad`` flags and modes as it found them, so
+a run with a probe trains exactly as one without.
 """
 
 from __future__ import annotations
@@ -36,12 +44,15 @@ from ..io import load_state_strict
 from ..models.multiexit import MultiExitModel
 from ..tree import to_device
 from .optim import make_optimizer, seed_for
-from .phases import phase_exits, phase_spec, set_mode, set_trainable, val_metric, validated_exits
+from .phases import loss_weights, phase_exits, phase_spec, set_mode, set_trainable, val_metric, validated_exits
 from .state import CheckpointFiles, TrainState, cpu_state
 from .step import RunningSums, StepSetup, train_step
 from ..weighting import Weighting, get_weighting
 
 LogHook = Callable[..., None]
+# probe(model, x, y, *, phase, epoch, step, weights, train_mode) -> JSON-ready dict (see train)
+StepProbe = Callable[..., dict]
+PROBED_PHASES = (2, 3)  # the phases in which every exit (phase 2) or every IC (phase 3) trains
 
 
 @dataclass
@@ -60,6 +71,7 @@ class TrainRecord:
     history: list[dict]          # one dict per epoch, as in history.jsonl
     checkpoint: str | None       # path of the last checkpoint, if any
     seconds: float               # wall-clock training time, summed over the calls of a resumed run
+    probe_log: list[dict] = field(default_factory=list)  # the step probe's records, as in gradients.jsonl
 
 
 @torch.no_grad()
@@ -93,6 +105,7 @@ def train(
     augment: bool = True,
     log: LogHook | None = None,
     eval_batch_size: int = 512,
+    probe: StepProbe | None = None,
 ) -> TrainRecord:
     """Train ``model`` on ``data`` in the phases of ``regime``.
 
@@ -112,13 +125,27 @@ def train(
             events ``phase``, ``step``, ``epoch`` and ``done`` (``step`` is skipped
             when the hook has ``wants_steps = False``).
         eval_batch_size: batch size of the per-epoch validation.
+        probe: called on rank 0 every ``config.grad_log_every`` steps of phases 2 and 3 (counted from
+            the phase's first step), before the step, on that step's batch, as
+            ``probe(model, x, y, phase=, epoch=, step=, weights=, train_mode=)``: ``epoch`` and ``step``
+            1-based within the phase and the epoch, ``weights`` every exit's loss weight in that step
+            (0 for the exits that do not count), ``train_mode`` whether the backbone trains in batch
+            statistics (phase 2) or stays in eval mode (phase 3). Its dict, with ``grid`` and ``lr`` added,
+            is kept in the training state and written to ``out_dir/gradients.jsonl``
+            (``earlyexit.runs.gradient_probe``: the gradient cosines of each exit).
     Returns:
-        A ``TrainRecord``: per-phase choice of lr and best epoch, the history, the checkpoint path.
+        A ``TrainRecord``: per-phase choice of lr and best epoch, the history, the checkpoint path,
+        the probe's records.
+    Raises:
+        TrainingError: ``config.grad_log_every`` set without a probe.
     """
     cfg = config or TrainConfig()
     if regime is not None:
         cfg = replace(cfg, regime=regime)
     phases = cfg.phase_string  # the config parsed the regime and checked every phase when it was built
+    if cfg.grad_log_every is not None and probe is None:
+        raise TrainingError("grad_log_every needs a step probe: pass probe=earlyexit.runs.gradient_probe "
+                            "(run_experiment does)")
     weighting = get_weighting(cfg.loss_weighting)
     device = local_device(cfg.device)
     rank, ws = dist.init_distributed(device)
@@ -132,7 +159,8 @@ def train(
                augment=augment, eval_batch_size=eval_batch_size, files=files,
                emit=log if (log is not None and main) else (lambda *a, **k: None),
                # per-step events read the loss (a host sync on CUDA): only for hooks that want them
-               want_steps=log is not None and main and getattr(log, "wants_steps", True))
+               want_steps=log is not None and main and getattr(log, "wants_steps", True),
+               probe=probe if main else None)
     while st.phase <= 3:
         if phases[st.phase - 1] != "+":
             st.skip_phase()
@@ -145,7 +173,7 @@ def train(
     run.emit("done")
     return TrainRecord(regime=phases, phases=[PhaseRecord(**r) for r in st.records], history=list(st.history),
                        checkpoint=str(files.path) if (files.path is not None and main) else None,
-                       seconds=st.seconds)
+                       seconds=st.seconds, probe_log=list(st.probe_log))
 
 
 @dataclass
@@ -163,6 +191,7 @@ class _Run:
     files: CheckpointFiles
     emit: LogHook
     want_steps: bool
+    probe: StepProbe | None = None  # rank 0's step probe
     net: nn.Module | None = None  # DistributedDataParallel around the model under torchrun, else the model
     net_phase: int = 0            # the phase ``net`` was wrapped for
 
@@ -211,11 +240,14 @@ def _train_epoch(run: _Run, st: TrainState) -> None:
     # schemes that act on gradients inside the backbone (gradient equilibrium) hook the model for the epoch
     prepare = getattr(run.weighting, "prepare", None)
     hooks = prepare(model, exits) if (prepare is not None and phase_spec(p).weighted) else None
+    every = cfg.grad_log_every if (run.probe is not None and p in PROBED_PHASES) else None
     try:
         for s, (x, y) in enumerate(run.data.train.batches(cfg.batch_size, shuffle=True, seed=seed, epoch=e,
                                                           augment=run.augment, rank=run.rank, world_size=run.ws,
                                                           drop_last=True)):
             x, y = to_device(x, device), y.to(device)
+            if every is not None and (e * steps_per_epoch + s) % every == 0:
+                st.log_probe(_probe(run, setup, x, y, step=e * steps_per_epoch + s, epoch=e, index=s, grid=gi))
             loss = train_step(setup, x, y, step=e * steps_per_epoch + s, index=s, sums=sums)
             if run.want_steps:
                 run.emit("step", phase=p, epoch=e + 1, step=s + 1, steps=steps_per_epoch, loss=float(loss.detach()),
@@ -232,7 +264,7 @@ def _train_epoch(run: _Run, st: TrainState) -> None:
     metric = val_metric(p, val_acc, pc.metric)
     rec = {"phase": p, "lr": lr, "epoch": e + 1, "train_loss": train_loss, "train_acc": train_acc,
            "val_acc": val_acc, "val_metric": metric, "seconds": time.time() - te}
-    st.end_epoch(rec, metric, time.time() - te, model)
+    st.end_epoch(rec, metric, time.time() - te, model, exit_acc=val_acc if pc.early_stop == "per_exit" else None)
     run.emit("epoch", **rec)
     st.advance(opt.state_dict())
     if st.epoch >= pc.epochs or (pc.patience is not None and st.bad >= pc.patience):
@@ -242,6 +274,22 @@ def _train_epoch(run: _Run, st: TrainState) -> None:
         else:
             load_state_strict(model, st.grid_best.state, source="best weights")
             st.finish_phase()
+
+
+def _probe(run: _Run, setup: StepSetup, x: Any, y: torch.Tensor, *, step: int, epoch: int, index: int,
+           grid: int) -> dict:
+    """The probe's record of the batch step ``index`` of epoch ``epoch`` (0-based) trains on; ``step``: in the phase."""
+    E, p = setup.num_exits, setup.phase
+    alphas = loss_weights(p, setup.weighting(E, step / max(setup.total, 1)), setup.exits)  # as train_step weighs
+    weights = [0.0] * E
+    for k, a in zip(setup.exits, alphas):
+        weights[k] = float(a)
+    dev = setup.device
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # whatever the probe draws (dropout), training's stream is untouched
+        rec = run.probe(run.model, x, y, phase=p, epoch=epoch + 1, step=index + 1, weights=weights,
+                        train_mode=not phase_spec(p).eval_mode)
+    return {**rec, "grid": grid, "lr": setup.lr}
 
 
 def _non_finite(loss: torch.Tensor, phase: int, epoch: int, step: int, lr: float, ckpt_path: Path | None) -> NoReturn:
@@ -256,4 +304,4 @@ def _num_batches(split: Any, batch_size: int) -> int:
     return n
 
 
-__all__ = ["train", "validate", "TrainRecord", "PhaseRecord", "LogHook"]
+__all__ = ["train", "validate", "TrainRecord", "PhaseRecord", "LogHook", "StepProbe", "PROBED_PHASES"]

@@ -1,15 +1,18 @@
 """The training state, what a checkpoint holds, and the checkpoint files.
 
 ``TrainState`` is everything the loop needs to continue a run: where it is
-(phase, grid point, epoch), the early-stopping counter, the best weights so
+(phase, grid point, epoch), the early-stopping counter (and, for per-exit
+early stopping, every validated exit's best accuracy), the best weights so
 far (of the grid point and of the phase), the weights the phase started from,
-the optimizer state, the history, the finished phases' records and the
-training seconds. ``state_dict()`` / ``load_state_dict()`` turn it into the
+the optimizer state, the history, the step probe's records, the finished
+phases' records and the training seconds. ``state_dict()`` / ``load_state_dict()`` turn it into the
 plain dict of tensors and containers that ``checkpoint.pt`` holds (readable
 with ``torch.load(weights_only=True)``) and back.
 
-``CheckpointFiles`` writes ``checkpoint.pt`` (with the model's weights) and
-``history.jsonl`` atomically after every epoch, and reads a checkpoint back
+``CheckpointFiles`` writes ``checkpoint.pt`` (with the model's weights),
+``history.jsonl`` and, when a step probe recorded anything, ``gradients.jsonl``
+atomically after every epoch (both rewritten whole from the state, so a
+resumed run that repeats an epoch writes no line twice), and reads a checkpoint back
 for ``resume``, refusing files that are not training checkpoints of this
 package or were written by another regime.
 """
@@ -28,6 +31,7 @@ from ..io import atomic_torch_save, atomic_write_text, load_checkpoint, load_sta
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.jsonl"
+PROBE_LOG = "gradients.jsonl"  # the step probe's records (run_experiment's probe: gradient cosines per exit)
 VERSION = 1  # of the checkpoint's layout
 
 
@@ -60,6 +64,7 @@ class TrainState:
         self.phases = phases                          # the regime's phase string
         self.phase, self.grid, self.epoch = 1, 0, 0   # next epoch to run: phase, grid point, 0-based epoch
         self.bad = 0                                  # epochs since the grid point's best
+        self.exit_best: list[float] | None = None     # per-exit early stopping: each validated exit's best accuracy
         self.run_best: Best | None = None             # best of the current grid point
         self.grid_best: Best | None = None            # best over the phase's finished grid points
         self.grid_log: list[dict] = []                # per finished grid point: {lr, best_val, best_epoch, epochs}
@@ -67,6 +72,7 @@ class TrainState:
         self.optimizer: dict | None = None            # optimizer state after the last epoch of the grid point
         self.records: list[dict] = []                 # per finished phase: {phase, lr, best_epoch, best_val, grid}
         self.history: list[dict] = []                 # one dict per epoch, as in history.jsonl
+        self.probe_log: list[dict] = []               # the step probe's records, as in gradients.jsonl
         self.seconds = 0.0                            # training time, summed over the calls of a resumed run
 
     # --- transitions ----------------------------------------------------------
@@ -76,17 +82,33 @@ class TrainState:
 
     def start_grid_point(self) -> None:
         """Forget the previous grid point's best and its early-stopping count (at its first epoch)."""
-        self.run_best, self.bad = None, 0
+        self.run_best, self.bad, self.exit_best = None, 0, None
 
-    def end_epoch(self, rec: dict, metric: float, seconds: float, model: nn.Module) -> None:
-        """Log an epoch and keep the model's weights when ``metric`` beats the grid point's best."""
+    def end_epoch(self, rec: dict, metric: float, seconds: float, model: nn.Module, *,
+                  exit_acc: list[float] | None = None) -> None:
+        """Log an epoch and keep the model's weights when it improved.
+
+        Improved: ``metric`` beats the grid point's best; with ``exit_acc`` (per-exit early stopping),
+        some exit's accuracy beats that exit's own best instead. ``bad`` counts the epochs since the
+        last improvement, so with ``exit_acc`` it reaches the patience when every exit has stalled that long.
+        """
         self.history.append(rec)
         self.seconds += seconds
-        if self.run_best is None or metric > self.run_best.val:
+        if exit_acc is None:
+            improved = self.run_best is None or metric > self.run_best.val
+        else:
+            prev = self.exit_best
+            improved = prev is None or any(a > b for a, b in zip(exit_acc, prev))
+            self.exit_best = list(exit_acc) if prev is None else [max(a, b) for a, b in zip(exit_acc, prev)]
+        if improved:
             self.run_best = Best(val=metric, epoch=rec["epoch"], state=cpu_state(model))
             self.bad = 0
         else:
             self.bad += 1
+
+    def log_probe(self, rec: dict) -> None:
+        """Keep one record of the step probe."""
+        self.probe_log.append(rec)
 
     def advance(self, optimizer_state: dict) -> None:
         """Count the epoch as done and keep the optimizer state it ended with."""
@@ -110,7 +132,7 @@ class TrainState:
         self.records.append({"phase": self.phase, "lr": best.lr, "best_epoch": best.epoch, "best_val": best.val,
                              "grid": self.grid_log})
         self.phase, self.grid, self.epoch, self.optimizer = self.phase + 1, 0, 0, None
-        self.phase_start = self.grid_best = self.run_best = None
+        self.phase_start = self.grid_best = self.run_best = self.exit_best = None
         self.grid_log, self.bad = [], 0
 
     # --- (de)serialisation ------------------------------------------------------
@@ -121,7 +143,7 @@ class TrainState:
                 "run_best": self.run_best.to_dict() if self.run_best is not None else None,
                 "grid_best": self.grid_best.to_dict() if self.grid_best is not None else None,
                 "grid_log": self.grid_log, "bad": self.bad, "optimizer": self.optimizer, "records": self.records,
-                "history": self.history}
+                "history": self.history, "exit_best": self.exit_best, "probe_log": self.probe_log}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.phases, self.seconds = d["phases"], d.get("seconds", 0.0)
@@ -129,6 +151,7 @@ class TrainState:
         self.phase_start, self.optimizer = d["phase_start"], d["optimizer"]
         self.run_best, self.grid_best = Best.from_dict(d["run_best"]), Best.from_dict(d["grid_best"])
         self.grid_log, self.records, self.history = d["grid_log"], d["records"], d["history"]
+        self.exit_best, self.probe_log = d.get("exit_best"), d.get("probe_log", [])  # absent from older checkpoints
 
 
 class CheckpointFiles:
@@ -142,10 +165,12 @@ class CheckpointFiles:
             self.out.mkdir(parents=True, exist_ok=True)
 
     def save(self, st: TrainState, model: nn.Module) -> None:
-        """Write the state with the model's weights, and the history, atomically."""
+        """Write the state with the model's weights, the history and the probe's records, atomically."""
         if self.write:
             atomic_torch_save({**st.state_dict(), "model": cpu_state(model)}, self.path)
             atomic_write_text(self.out / HISTORY, "".join(json.dumps(h) + "\n" for h in st.history))
+            if st.probe_log or (self.out / PROBE_LOG).exists():
+                atomic_write_text(self.out / PROBE_LOG, "".join(json.dumps(r) + "\n" for r in st.probe_log))
 
     def load(self, phases: str, model: nn.Module) -> TrainState:
         """The state of the checkpoint, whose weights are loaded into ``model``.
@@ -167,4 +192,4 @@ class CheckpointFiles:
         return st
 
 
-__all__ = ["CHECKPOINT", "HISTORY", "Best", "TrainState", "CheckpointFiles", "cpu_state"]
+__all__ = ["CHECKPOINT", "HISTORY", "PROBE_LOG", "Best", "TrainState", "CheckpointFiles", "cpu_state"]

@@ -1,0 +1,304 @@
+"""The analyses of finished run folders, and their figures: what ``python -m earlyexit analyze`` runs.
+
+Each analysis of "Joint or Disjoint: Mixing Training Regimes for Early-Exit
+Models" by the paper's own definition, under the name ``analyze`` knows it by:
+
+| name            | what                                                               | figure                 |
+|-----------------|--------------------------------------------------------------------|------------------------|
+| ``plane``       | loss on the plane through three runs (``plane.connectivity_plane``)  | Figure 2               |
+| ``rank``        | numerical rank of every backbone layer (``layer_rank.layer_ranks``)  | Figure 3               |
+| ``gradients``   | each exit's gradient cosine (``cosines.gradient_cosines``); the      | Figure 4 (the log)     |
+|                 | figure draws the run's ``gradients.jsonl`` (``--grad-log-every``)    |                        |
+| ``information`` | ``I(X; Z)`` of every backbone layer (``noisy_information``)          | Figure 5               |
+| ``landscape``   | total and per-exit loss around the weights (``landscape``)           | appendix A             |
+
+and the earlier estimators, kept as variants: ``rank-exits`` (numerical and
+effective rank after each exit's stage, ``rank.stage_ranks``),
+``gradient-norms`` (per-exit, per-stage gradient norms, ``gradients``),
+``information`` with ``mi_method="knn"`` (``I(T; Y)`` by kNN and ``I(X; T)`` by
+binning after each exit's stage, ``information.stage_information``), and
+``connectivity`` (the straight path between two runs, ``connectivity``).
+
+The total losses (landscape, plane) and the gradient cosines use the run's
+loss weighting at the end of training (progress 1), over every exit, as in phase 2.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..tree import to_jsonable
+
+ANALYSES = ("rank", "gradients", "information", "landscape", "plane", "connectivity", "rank-exits", "gradient-norms")
+PAIRED = ("plane", "connectivity")  # analyses of several runs together (the first run is the reference)
+SPLITS = ("train", "val", "test")
+MI_METHODS = ("jensen", "mc", "binning", "knn")  # knn: the per-exit estimator of ``information.py``
+FIGURES = ("rank", "gradients", "information", "landscape", "plane")
+
+
+def _weights(cfg: Any, num_exits: int) -> list[float]:
+    """The run's loss weight of every exit at the end of training (phase 2's weighting, progress 1)."""
+    from ..weighting import get_weighting
+
+    return [float(w) for w in get_weighting(cfg.train.loss_weighting)(num_exits, 1.0)]
+
+
+def _load_other(path: str | Path, cfg: Any, dev: Any) -> Any:
+    from ..runs import load_run
+
+    model, other_cfg = load_run(path, device=dev)
+    if other_cfg.model.name != cfg.model.name:
+        raise ValueError(f"cannot compare a {cfg.model.name} run with a {other_cfg.model.name} run ({path})")
+    return model
+
+
+def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradients", "information"),
+                max_samples: int = 512, split: str = "test", other: str | Path | None = None,
+                third: str | Path | None = None, device: str | None = None, batch_size: int = 256, seed: int = 0,
+                mi_method: str = "jensen", sigma: float = 0.1, n_features: int = 6000,
+                landscape_steps: int | Sequence[int] = (11, 11), landscape_span: float = 1.0,
+                steps: int = 21, path_steps: int = 11) -> dict:
+    """Run analyses on a finished run folder.
+
+    Args:
+        run_dir: a run folder (``config.json`` and the final weights).
+        what: names from ``ANALYSES`` (see the module docstring).
+        max_samples: samples used by each analysis (``gradients``: training samples, in batches).
+        split: the split that rank, information, landscape, plane and connectivity are measured on.
+        other: a second run of the same architecture (``connectivity``, ``plane``).
+        third: a third run (``plane``).
+        device: ``"cpu"``, ``"cuda"``, ...; None = CUDA when available.
+        batch_size: evaluation batch size.
+        seed: seed of the gradient batches, column subsets, noise, projections and directions.
+        mi_method: ``information``'s estimator: ``"jensen"`` or ``"mc"`` (``I(X; Z)`` with Gaussian noise of
+            std ``sigma``), ``"binning"`` (per layer), or ``"knn"`` (the per-exit ``stage_information``).
+        sigma: the noise of ``I(X; Z)``, in the features' units.
+        n_features: columns kept per layer (``rank``, ``information``).
+        landscape_steps, landscape_span: grid of ``landscape`` (see ``landscape.loss_surface``).
+        steps: grid points per axis of ``plane``.
+        path_steps: points on the path of ``connectivity``.
+    Returns:
+        A JSON-ready dict: ``run``, ``model``, ``dataset``, ``regime``, ``regime_name``, ``exit_after``,
+        ``split``, ``num_samples``, ``weights`` and one entry per analysis, under its name:
+
+        - ``rank``: ``[{layer, rank, features, samples, dim}]`` per backbone layer;
+        - ``gradients``: ``{cos: [E] mean over batches, per_batch: [[E]], weights: [E]}``;
+        - ``information``: ``[{layer, mi, features, samples, dim, sigma, method}]`` per backbone layer
+          (``knn``: ``[{exit, stage, I_TY, I_XT, H_Y}]`` per exit);
+        - ``landscape``: ``{alphas, betas, exits, loss: (E, S1, S2), accuracy, total: (S1, S2), direction}``;
+        - ``plane``: ``connectivity_plane``'s result with ``runs: {ref, a, b}``;
+        - ``connectivity``: ``{other, path, matched_path}``;
+        - ``rank-exits``: ``{numerical: [E], effective: [E], dims: [E]}``;
+        - ``gradient-norms``: ``{norms: (E, S), dominance: (E, S)}``.
+    Raises:
+        ValueError: on unknown analyses, split or estimator, or a paired analysis without its runs.
+    """
+    from ..config import parse_regime
+    from ..device import local_device
+    from ..runs import load_data, load_run
+
+    what = tuple(what)
+    bad = [w for w in what if w not in ANALYSES]
+    if bad:
+        raise ValueError(f"unknown analysis {bad[0]!r}; valid: {', '.join(ANALYSES)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if mi_method not in MI_METHODS:
+        raise ValueError(f"unknown estimator {mi_method!r}; valid: {', '.join(MI_METHODS)}")
+    if "connectivity" in what and other is None:
+        raise ValueError("the connectivity analysis needs a second run folder (other=...)")
+    if "plane" in what and (other is None or third is None):
+        raise ValueError("the plane analysis needs a second and a third run folder (other=..., third=...)")
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    dev = local_device(device)
+    model, cfg = load_run(run_dir, device=dev)
+    splits = load_data(cfg)
+    bs = min(batch_size, max_samples)
+    n_batches = math.ceil(max_samples / bs)
+    batches = list(itertools.islice(getattr(splits, split).batches(bs), n_batches))
+    weights = _weights(cfg, model.num_exits)
+    out: dict[str, Any] = {"run": str(run_dir), "model": cfg.model.name, "dataset": cfg.data.name,
+                           "regime": parse_regime(cfg.train.regime), "regime_name": cfg.train.regime,
+                           "exit_after": list(model.exit_after), "split": split,
+                           "num_samples": min(sum(len(y) for _, y in batches), max_samples), "weights": weights}
+    if "rank" in what:
+        from .layer_rank import layer_ranks
+
+        out["rank"] = layer_ranks(model, batches, n_features=n_features, seed=seed, max_samples=max_samples)
+    if "rank-exits" in what:
+        from .rank import effective_rank, numerical_rank, stage_features
+
+        feats = stage_features(model, batches, max_samples=max_samples)["features"]
+        out["rank-exits"] = {"numerical": [numerical_rank(f) for f in feats],
+                             "effective": [effective_rank(f) for f in feats], "dims": [f.shape[1] for f in feats]}
+    if "gradients" in what or "gradient-norms" in what:
+        train_batches = list(itertools.islice(splits.train.batches(bs, shuffle=True, seed=seed), n_batches))
+    if "gradients" in what:
+        from .cosines import gradient_cosines
+
+        per_batch = [gradient_cosines(model, x, y, weights=weights) for x, y in train_batches]
+        out["gradients"] = {"cos": [_mean([c[k] for c in per_batch]) for k in range(model.num_exits)],
+                            "per_batch": per_batch, "weights": weights}
+    if "gradient-norms" in what:
+        from .gradients import dominance_from_norms, exit_gradient_norms
+
+        x, y = train_batches[0]
+        norms = exit_gradient_norms(model, x, y)
+        out["gradient-norms"] = {"norms": norms, "dominance": dominance_from_norms(norms)}
+    if "information" in what:
+        if mi_method == "knn":
+            from .information import stage_information
+
+            out["information"] = stage_information(model, batches, method="knn", max_samples=max_samples, seed=seed)
+        else:
+            from .noisy_information import layer_information
+
+            out["information"] = layer_information(model, batches, sigma=sigma, method=mi_method,
+                                                   n_features=n_features, max_samples=max_samples, seed=seed)
+    if "landscape" in what:
+        from .landscape import loss_surface
+
+        out["landscape"] = loss_surface(model, batches, steps=landscape_steps, span=landscape_span, seed=seed,
+                                        weights=weights)
+    if "plane" in what or "connectivity" in what:
+        bn = list(itertools.islice(splits.train.batches(bs), n_batches))  # BatchNorm re-estimation: unaugmented
+        model_b = _load_other(other, cfg, dev)
+    if "plane" in what:
+        model_c = _load_other(third, cfg, dev)
+        out["plane"] = {**_plane(model, model_b, model_c, batches, bn, steps=steps, weights=weights, seed=seed),
+                        "runs": {"ref": str(run_dir), "a": str(other), "b": str(third)}}
+    if "connectivity" in what:
+        from .connectivity import interpolation_path, weight_matching
+
+        path = interpolation_path(model, model_b, batches, steps=path_steps, bn_batches=bn)
+        # an architecture without permutation rules (or no scipy): the plain path only
+        matched = weight_matching(model, model_b, seed=seed) if matchable(model) else None
+        matched_path = (interpolation_path(model, matched, batches, steps=path_steps, bn_batches=bn)
+                        if matched is not None else None)
+        out["connectivity"] = {"other": str(other), "path": path, "matched_path": matched_path}
+    return to_jsonable(out)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def matchable(model: Any) -> bool:
+    """Whether weight matching can permute ``model`` (its parts declare their permutations, and scipy is there)."""
+    from .connectivity import permutation_spec
+
+    try:
+        import scipy.optimize  # noqa: F401
+        permutation_spec(model)
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def _plane(ref: Any, a: Any, b: Any, batches: list, bn: list, *, steps: int, weights: list[float], seed: int) -> dict:
+    """``connectivity_plane``, weight-matched where the architecture allows it."""
+    from .plane import connectivity_plane
+
+    return connectivity_plane(ref, a, b, batches, steps=steps, match=matchable(ref), bn_batches=bn, weights=weights,
+                              seed=seed)
+
+
+# --- several runs, and the figures ------------------------------------------------------------------------
+
+def run_labels(results: Sequence[dict]) -> list[str]:
+    """One legend label per run: its regime name, or its folder's name where regimes repeat."""
+    names = [r.get("regime_name") or r["regime"] for r in results]
+    if len(set(names)) == len(names):
+        return names
+    return [Path(r["run"]).name for r in results]
+
+
+def analyze_runs(run_dirs: Sequence[str | Path], *, what: Sequence[str], other: str | Path | None = None,
+                 third: str | Path | None = None, **kwargs: Any) -> list[dict]:
+    """``analyze_run`` on every run; the paired analyses (``plane``, ``connectivity``) once, on the first.
+
+    The partners of a paired analysis are ``other`` and ``third``, else the second and third runs given.
+    """
+    run_dirs = list(run_dirs)
+    if not run_dirs:
+        raise ValueError("no run folder given")
+    other = other if other is not None else (run_dirs[1] if len(run_dirs) > 1 else None)
+    third = third if third is not None else (run_dirs[2] if len(run_dirs) > 2 else None)
+    single = tuple(w for w in what if w not in PAIRED)
+    out = [analyze_run(run_dirs[0], what=tuple(what), other=other, third=third, **kwargs)]
+    out += [analyze_run(d, what=single, **kwargs) for d in run_dirs[1:]]
+    return out
+
+
+def _gradient_log(run_dir: Path) -> list[dict] | None:
+    """The run's ``gradients.jsonl``, kept to the grid point each phase chose (None without a log)."""
+    import json
+
+    from ..training.state import PROBE_LOG
+    from .figures import read_records
+
+    path = run_dir / PROBE_LOG
+    if not path.is_file():
+        return None
+    records = read_records(path)
+    chosen: dict[int, float] = {}
+    if (run_dir / "results.json").is_file():
+        train = json.loads((run_dir / "results.json").read_text()).get("train") or {}
+        chosen = {int(p["phase"]): p["lr"] for p in train.get("phases", [])}
+    return [r for r in records if r.get("lr") is None or chosen.get(r["phase"], r["lr"]) == r["lr"]]
+
+
+def write_figures(results: Sequence[dict], stem: str | Path, *, echo: Callable[[str], None] = print) -> list[Path]:
+    """Draw the paper's figure of every analysis in ``results`` beside ``stem`` (``STEM-NAME.png``).
+
+    Args:
+        results: ``analyze_runs``'s results (one per run; per-layer figures get one line per run).
+        stem: path prefix of the figures, e.g. ``runs/x/analysis``.
+        echo: where notes go (e.g. no gradient log to draw).
+    Returns:
+        The figures written.
+    """
+    from . import figures as fig
+
+    stem = Path(stem)
+    labels = run_labels(results)
+    many = len(results) > 1
+    written: list[Path] = []
+
+    def path(name: str, label: str | None = None) -> Path:
+        return stem.with_name(f"{stem.name}-{name}" + (f"-{_slug(label)}" if label and many else "") + ".png")
+
+    first = results[0]
+    if "rank" in first:
+        written.append(fig.plot_layer_ranks({lab: r["rank"] for lab, r in zip(labels, results)}, path("rank"),
+                                            title=f"numerical rank per layer ({first['split']} split)"))
+    if "information" in first and first["information"] and "mi" in first["information"][0]:
+        written.append(fig.plot_layer_information({lab: r["information"] for lab, r in zip(labels, results)},
+                                                  path("information")))
+    for lab, r in zip(labels, results):
+        if "gradients" in r:
+            log = _gradient_log(Path(r["run"]))
+            if log:
+                written.append(fig.plot_gradient_cosines(log, path("gradients", lab),
+                                                         title=f"gradient cosines over training ({lab})"))
+            else:
+                echo(f"note: {r['run']} has no gradients.jsonl to draw (train with --grad-log-every N)")
+        if "landscape" in r:
+            written.append(fig.plot_loss_landscape(r["landscape"], path("landscape", lab),
+                                                   title=f"loss landscape ({lab})"))
+    if "plane" in first:
+        names = {k: Path(v).name for k, v in first["plane"]["runs"].items()}
+        written.append(fig.plot_connectivity_plane(first["plane"], path("plane"), names=names))
+    return written
+
+
+def _slug(text: str) -> str:
+    """A file-name part: a phase string spelt with p/m (as run folders are), other characters kept safe."""
+    if text and set(text) <= {"+", "-"}:
+        return text.replace("+", "p").replace("-", "m")
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
