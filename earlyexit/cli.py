@@ -323,7 +323,7 @@ def summary(run_dirs) -> None:
               help="Third run (plane; default: the third RUN_DIR).")
 @click.option("--max-samples", default=512, show_default=True, type=int, help="Samples used by each analysis.")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True, help="Data split.")
-@click.option("--mi-method", type=click.Choice(["jensen", "mc", "binning", "knn"]), default="jensen", show_default=True,
+@click.option("--mi-method", type=click.Choice(["jensen", "mc", "binning", "knn"]), default="mc", show_default=True,
               help="Estimator of information: I(X; Z) per layer with Gaussian noise (jensen, mc), binned entropy per "
               "layer (binning), or the per-exit kNN I(T; Y) with binned I(X; T) (knn).")
 @click.option("--sigma", default=0.1, show_default=True, type=float, help="Noise std of I(X; Z), in feature units.")

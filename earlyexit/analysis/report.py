@@ -58,7 +58,7 @@ def _load_other(path: str | Path, cfg: Any, dev: Any) -> Any:
 def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradients", "information"),
                 max_samples: int = 512, split: str = "test", other: str | Path | None = None,
                 third: str | Path | None = None, device: str | None = None, batch_size: int = 256, seed: int = 0,
-                mi_method: str = "jensen", sigma: float = 0.1, n_features: int = 6000,
+                mi_method: str = "mc", sigma: float = 0.1, n_features: int = 6000,
                 landscape_steps: int | Sequence[int] = (11, 11), landscape_span: float = 1.0,
                 steps: int = 21, path_steps: int = 11) -> dict:
     """Run analyses on a finished run folder.
@@ -73,8 +73,9 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
         device: ``"cpu"``, ``"cuda"``, ...; None = CUDA when available.
         batch_size: evaluation batch size.
         seed: seed of the gradient batches, column subsets, noise, projections and directions.
-        mi_method: ``information``'s estimator: ``"jensen"`` or ``"mc"`` (``I(X; Z)`` with Gaussian noise of
-            std ``sigma``), ``"binning"`` (per layer), or ``"knn"`` (the per-exit ``stage_information``).
+        mi_method: ``information``'s estimator: ``"mc"`` (the default) or ``"jensen"`` (``I(X; Z)`` with
+            Gaussian noise of std ``sigma``; Monte Carlo stays within log N, while Jensen's bound on the marginal
+            grows without limit as the noise shrinks against the features' spread), ``"binning"`` (per layer), or ``"knn"`` (the per-exit ``stage_information``).
         sigma: the noise of ``I(X; Z)``, in the features' units.
         n_features: columns kept per layer (``rank``, ``information``).
         landscape_steps, landscape_span: grid of ``landscape`` (see ``landscape.loss_surface``).
