@@ -127,8 +127,11 @@ class Progress:
             if self.tty:
                 self.stream.write("\r" + " " * 72 + "\r")
             acc = " ".join(f"{a * 100:.1f}" for a in k["val_acc"])
+            eta = f", about {k['eta'] / 60:.0f} min left" if "eta" in k else ""
             click.echo(f"  phase {k['phase']} lr {k['lr']:g} epoch {k['epoch']}: loss {k['train_loss']:.4f}, "
-                       f"val acc [{acc}] ({k['seconds']:.0f}s)", err=True)
+                       f"val acc [{acc}] ({k['seconds']:.0f}s{eta})", err=True)
+        elif event == "run":
+            click.echo(f"{k['regime']}, seed {k['seed']}: {k['out']}", err=True)
 
 
 def print_summary(res: dict) -> None:
@@ -151,64 +154,58 @@ def main() -> None:
     """Early-exit networks trained jointly, disjointly or mixed."""
 
 
-@main.command()
-@click.option("--regime", default=_T.regime, show_default=True,
-              help="joint (-+-), disjoint (+-+), mixed (++-), or any 3-character phase string over +/-.")
-@click.option("--model", "model_name", default=_M.name, show_default=True, help="Backbone (see `python -m earlyexit models`).")
-@click.option("--exits", default=None, help="IC placement: block indices '4,6,8', 'every:N', 'sdn' or 'default'.")
-@click.option("--weights", default=None, help="Pretrained weights the model builder reads (BERT: a folder or 'minilm-l6').")
-@click.option("--model-opt", "model_opts", multiple=True, metavar="KEY=VALUE",
-              help="A model builder option, repeatable, e.g. head_pool=mean (BERT), head=mlp1024 (ViT), width=128.")
-@click.option("--dataset", default=_D.name, show_default=True, help="Dataset name (see `python -m earlyexit datasets`).")
-@click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Local data root searched first.")
-@click.option("--train-size", default=None, type=int, help="Use only the first N training samples (train + validation).")
-@click.option("--epochs", default=str(_P.epochs), show_default=True,
-              help="Max epochs: one value, or three (phases 1,2,3 or 1;2;3).")
-@click.option("--lr", default=None, help="Learning rate(s): a comma list is a grid (best by val acc); one setting for "
-              "every phase or three separated by ';', e.g. '5e-4;1e-3,1e-4;1e-3'. Default 0.1 (SGD) or 1e-3 (AdamW): "
-              "earlyexit.config.DEFAULT_LR.")
-@click.option("--optimizer", default=None, help=f"{' or '.join(OPTIMIZERS)}, for every phase or 'P1;P2;P3' "
-              f"(default {_P.optimizer}).")
-@click.option("--weight-decay", default=None, help=f"Weight decay, for every phase or 'P1;P2;P3' "
-              f"(default {_P.weight_decay:g}).")
-@click.option("--schedule", default=None, help=f"LR schedule per phase: {' or '.join(SCHEDULES)}, for every phase or "
-              f"'P1;P2;P3' (default {_P.schedule}).")
-@click.option("--patience", default=None, help="Early stopping: epochs without validation improvement, for every "
-              "phase or 'P1;P2;P3' ('none' = off; default off).")
-@click.option("--early-stop", default=None, help=f"Early stopping rule, for every phase or 'P1;P2;P3': 'metric' "
-              "(patience on --val-metric) or 'per_exit' (one patience count per exit, stop when every exit has "
-              f"stalled, keep the last weights in which any exit improved; the paper's). Default {_P.early_stop}.")
-@click.option("--grad-clip", default=None, help="Clip the global gradient norm to this value (default off).")
-@click.option("--grad-log-every", default=None, help="Every N steps of phases 2 and 3, log each exit's gradient "
-              "cosine with the total backbone gradient to gradients.jsonl (the paper's Figure 4; default off). "
-              "Training is unchanged, bit for bit.")
-@click.option("--image-size", default=None, help="Resize images to this side (CIFAR, (Fashion-)MNIST, imagefolder:; "
-              "e.g. 224 for ViT-B/16 with ImageNet weights; default: the dataset's own).")
-@click.option("--val-metric", type=click.Choice(VAL_METRICS), default=_P.metric, show_default=True,
-              help="Validation accuracy that picks the best epoch and lr in phases 2 and 3: mean over exits, or the "
-              "final exit (phase 1 always uses the final exit).")
-@click.option("--batch-size", default=_T.batch_size, show_default=True, type=int, help="Global batch size.")
-@click.option("--method", default=None, help="Early-exit method: sdn, pbee, ztw, gpf (default: plain ICs).")
-@click.option("--weighting", default=None, help="Loss weights over exits: uniform, sdn, han, pabee, gradient-equilibrium "
-              "(default: the method's, else uniform).")
-@click.option("--criterion", default=None, help="Exit criterion of the threshold curve: confidence, entropy, patience "
-              "(default: the method's, else confidence).")
-@click.option("--seed", default=_T.seed, show_default=True, type=int, help="Seed of init, data order and augmentation.")
-@click.option("--init", default=None, help="Start from these weights: a run folder or a weights file "
-              "(a pretrained backbone instead of phase 1; required by '--+').")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available).")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run folder (default runs/MODEL-DATASET-REGIME-sSEED).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
-@_user_errors
-def run(regime, model_name, exits, weights, model_opts, dataset, data_dir, train_size, epochs, lr, optimizer,
-        weight_decay, schedule, patience, early_stop, grad_clip, grad_log_every, image_size, val_metric, batch_size,
-        method, weighting, criterion, seed, init, device, out, resume, force) -> None:
-    """Train one model in one regime, evaluate it, write a run folder."""
-    from .runs import default_out_dir, run_experiment
+def _config_options(fn: Callable) -> Callable:
+    """The options that build a ``RunConfig`` (model, data, optimisation, method, device): shared by run and compare."""
+    for option in reversed([
+        click.option("--model", "model_name", default=_M.name, show_default=True, help="Backbone (see `python -m earlyexit models`)."),
+        click.option("--exits", default=None, help="IC placement: block indices '4,6,8', 'every:N', 'sdn' or 'default'."),
+        click.option("--weights", default=None, help="Pretrained weights the model builder reads (BERT: a folder or 'minilm-l6')."),
+        click.option("--model-opt", "model_opts", multiple=True, metavar="KEY=VALUE",
+                  help="A model builder option, repeatable, e.g. head_pool=mean (BERT), head=mlp1024 (ViT), width=128."),
+        click.option("--dataset", default=_D.name, show_default=True, help="Dataset name (see `python -m earlyexit datasets`)."),
+        click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Local data root searched first."),
+        click.option("--train-size", default=None, type=int, help="Use only the first N training samples (train + validation)."),
+        click.option("--epochs", default=str(_P.epochs), show_default=True,
+                  help="Max epochs: one value, or three (phases 1,2,3 or 1;2;3)."),
+        click.option("--lr", default=None, help="Learning rate(s): a comma list is a grid (best by val acc); one setting for "
+                  "every phase or three separated by ';', e.g. '5e-4;1e-3,1e-4;1e-3'. Default 0.1 (SGD) or 1e-3 (AdamW): "
+                  "earlyexit.config.DEFAULT_LR."),
+        click.option("--optimizer", default=None, help=f"{' or '.join(OPTIMIZERS)}, for every phase or 'P1;P2;P3' "
+                  f"(default {_P.optimizer})."),
+        click.option("--weight-decay", default=None, help=f"Weight decay, for every phase or 'P1;P2;P3' "
+                  f"(default {_P.weight_decay:g})."),
+        click.option("--schedule", default=None, help=f"LR schedule per phase: {' or '.join(SCHEDULES)}, for every phase or "
+                  f"'P1;P2;P3' (default {_P.schedule})."),
+        click.option("--patience", default=None, help="Early stopping: epochs without validation improvement, for every "
+                  "phase or 'P1;P2;P3' ('none' = off; default off)."),
+        click.option("--early-stop", default=None, help=f"Early stopping rule, for every phase or 'P1;P2;P3': 'metric' "
+                  "(patience on --val-metric) or 'per_exit' (one patience count per exit, stop when every exit has "
+                  f"stalled, keep the last weights in which any exit improved; the paper's). Default {_P.early_stop}."),
+        click.option("--grad-clip", default=None, help="Clip the global gradient norm to this value (default off)."),
+        click.option("--grad-log-every", default=None, help="Every N steps of phases 2 and 3, log each exit's gradient "
+                  "cosine with the total backbone gradient to gradients.jsonl (the paper's Figure 4; default off). "
+                  "Training is unchanged, bit for bit."),
+        click.option("--image-size", default=None, help="Resize images to this side (CIFAR, (Fashion-)MNIST, imagefolder:; "
+                  "e.g. 224 for ViT-B/16 with ImageNet weights; default: the dataset's own)."),
+        click.option("--val-metric", type=click.Choice(VAL_METRICS), default=_P.metric, show_default=True,
+                  help="Validation accuracy that picks the best epoch and lr in phases 2 and 3: mean over exits, or the "
+                  "final exit (phase 1 always uses the final exit)."),
+        click.option("--batch-size", default=_T.batch_size, show_default=True, type=int, help="Global batch size."),
+        click.option("--method", default=None, help="Early-exit method: sdn, pbee, ztw, gpf (default: plain ICs)."),
+        click.option("--weighting", default=None, help="Loss weights over exits: uniform, sdn, han, pabee, gradient-equilibrium "
+                  "(default: the method's, else uniform)."),
+        click.option("--criterion", default=None, help="Exit criterion of the threshold curve: confidence, entropy, patience "
+                  "(default: the method's, else confidence)."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)."),
+    ]):
+        fn = option(fn)
+    return fn
 
-    if resume and force:
-        raise EarlyExitError("--resume and --force exclude each other")
+
+def _run_config(*, regime, seed, init, model_name, exits, weights, model_opts, dataset, data_dir, train_size, epochs,
+                lr, optimizer, weight_decay, schedule, patience, early_stop, grad_clip, grad_log_every, image_size,
+                val_metric, batch_size, method, weighting, criterion, device) -> RunConfig:
+    """Map the flags onto a ``RunConfig`` (the config checks every value and fills the defaults)."""
     if batch_size <= 0:  # named by its flag here; the config checks every value again
         raise EarlyExitError(f"--batch-size must be > 0, got {batch_size}")
     phases = _phases(epochs, val_metric, lr=lr, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
@@ -219,11 +216,31 @@ def run(regime, model_name, exits, weights, model_opts, dataset, data_dir, train
     kwargs = {"weights": weights} if weights else {}
     kwargs.update(_model_options(model_opts))
     exits_v = tuple(int(t) for t in exits.split(",")) if exits and exits.replace(",", "").strip().isdigit() else exits
-    cfg = RunConfig(model=ModelConfig(name=model_name, exits=exits_v, kwargs=kwargs),
-                    data=DataConfig(name=dataset, data_dir=data_dir, train_size=train_size, image_size=size),
-                    train=TrainConfig(regime=regime, phases=phases, batch_size=batch_size, weighting=weighting, seed=seed,
-                                      device=device, grad_clip=clip, grad_log_every=log_every),
-                    eval=EvalConfig(criterion=criterion), init=init, method=method)
+    return RunConfig(model=ModelConfig(name=model_name, exits=exits_v, kwargs=kwargs),
+                     data=DataConfig(name=dataset, data_dir=data_dir, train_size=train_size, image_size=size),
+                     train=TrainConfig(regime=regime, phases=phases, batch_size=batch_size, weighting=weighting, seed=seed,
+                                       device=device, grad_clip=clip, grad_log_every=log_every),
+                     eval=EvalConfig(criterion=criterion), init=init, method=method)
+
+
+@main.command()
+@click.option("--regime", default=_T.regime, show_default=True,
+              help="joint (-+-), disjoint (+-+), mixed (++-), or any 3-character phase string over +/-.")
+@_config_options
+@click.option("--seed", default=_T.seed, show_default=True, type=int, help="Seed of init, data order and augmentation.")
+@click.option("--init", default=None, help="Start from these weights: a run folder or a weights file "
+              "(a pretrained backbone instead of phase 1; required by '--+').")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run folder (default runs/MODEL-DATASET-REGIME-sSEED).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
+@_user_errors
+def run(out, resume, force, **flags) -> None:
+    """Train one model in one regime, evaluate it, write a run folder."""
+    from .runs import default_out_dir, run_experiment
+
+    if resume and force:
+        raise EarlyExitError("--resume and --force exclude each other")
+    cfg = _run_config(**flags)
     out_dir = Path(out) if out else default_out_dir(cfg)
     t0 = time.time()
     from . import distributed as dist
@@ -235,6 +252,33 @@ def run(regime, model_name, exits, weights, model_opts, dataset, data_dir, train
     if res:
         print_summary(res)
         click.echo(f"total time {time.time() - t0:.0f}s; results in {out_dir}")
+
+
+@main.command()
+@_config_options
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; each trains the three regimes.")
+@click.option("--budget", type=click.Choice(["paper", "matched"]), default="paper", show_default=True,
+              help="paper: every phase to its epochs / early stopping; matched: joint gets as many epochs as mixed "
+              "spends in phases 1 and 2 together.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The comparison's folder.")
+@click.option("--resume", is_flag=True, help="Continue a comparison in --out (finished runs are kept).")
+@_user_errors
+def compare(seeds, budget, out, resume, **flags) -> None:
+    """Train joint, disjoint and mixed over seeds (phase 1 shared per seed); write their runs, summary.json, curves.png."""
+    from .compare import Progress as Eta, compare_regimes, planned_epochs
+
+    seed_list = [_number(t, "--seeds", kind=int) for t in seeds.split(",") if t.strip()]
+    if not seed_list:
+        raise EarlyExitError("--seeds: give at least one seed")
+    cfg = _run_config(regime="mixed", seed=seed_list[0], init=None, **flags)
+    t0 = time.time()
+    summary = compare_regimes(cfg, seed_list, Path(out), budget=budget, resume=resume,
+                              log=Eta(Progress(), planned_epochs(cfg, seed_list)))
+    from .reports import format_summary
+
+    for group in summary["summary"]:
+        click.echo("\n".join(format_summary(group)))
+    click.echo(f"total time {time.time() - t0:.0f}s; comparison in {out}")
 
 
 def _model_options(items: tuple[str, ...]) -> dict:

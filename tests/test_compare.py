@@ -66,3 +66,24 @@ def test_bad_budget_and_init_are_refused(tmp_path):
         compare_regimes(CFG, [0], tmp_path, budget="lavish")
     with pytest.raises(EarlyExitError, match="--init"):
         compare_regimes(RunConfig(model=CFG.model, data=CFG.data, train=CFG.train, init="x"), [0], tmp_path)
+
+
+@pytest.mark.slow
+def test_compare_command_writes_runs_summary_and_figure(tmp_path):
+    from click.testing import CliRunner
+
+    from earlyexit.cli import main
+
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", "mlp", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "50",
+            "--device", "cpu", "--seeds", "0,1", "--out", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert [len(summary["runs"][k]) for k in ("joint", "disjoint", "mixed")] == [2, 2, 2]
+    assert {g["regime"] for g in summary["summary"]} == {"-+-", "+-+", "++-"}
+    assert "paper's rule" in r.output and (out / "curves.png").stat().st_size > 1000
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "--resume" in r.output
+    r = CliRunner().invoke(main, args + ["--resume"])
+    assert r.exit_code == 0, r.output
