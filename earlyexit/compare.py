@@ -130,8 +130,9 @@ def _phase1(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None]) -> 
     model = runs.make_model(cfg, splits)
     emit("run", regime="phase 1 (shared)", seed=cfg.train.seed, out=str(d))
     p1cfg = replace(cfg.train, regime="+--")
+    probe = runs.gradient_probe if cfg.train.grad_log_every is not None else None  # (phase 1 is never probed)
     rec = train(model, splits, config=p1cfg, out_dir=d, resume=(d / CHECKPOINT).is_file(), augment=cfg.data.augment,
-                log=emit, eval_batch_size=cfg.eval.batch_size)
+                log=emit, eval_batch_size=cfg.eval.batch_size, probe=probe)
     blob = {"state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "phases": [vars(r) for r in rec.phases], "history": rec.history, "seconds": rec.seconds}
     atomic_torch_save(blob, state_file)
@@ -151,8 +152,9 @@ def _continue(cfg: RunConfig, splits: Any, p1: dict, d: Path, emit: Callable[...
         d.mkdir(parents=True, exist_ok=True)
         runs.clear_out_dir(d)
         runs.write_config(cfg, splits, d)
+    probe = runs.gradient_probe if cfg.train.grad_log_every is not None else None  # the gradient log, as `run`
     rec = train(model, splits, config=replace(cfg.train, regime=rest), out_dir=d, resume=resume,
-                augment=cfg.data.augment, log=emit, eval_batch_size=cfg.eval.batch_size)
+                augment=cfg.data.augment, log=emit, eval_batch_size=cfg.eval.batch_size, probe=probe)
     history = list(p1["history"]) + list(rec.history)  # the run's history, phase 1 included, as `run` writes it
     atomic_write_text(d / HISTORY, "".join(_json_line(h) for h in history))
     info = TrainInfo(seconds=p1["seconds"] + rec.seconds, phases=list(p1["phases"]) + [vars(r) for r in rec.phases])
