@@ -413,6 +413,30 @@ def analyze(run_dirs, what, other, third, max_samples, split, mi_method, sigma, 
         click.echo(f"wrote {f}")
 
 
+@main.command("score")
+@click.argument("files", nargs=-1, required=True)
+@click.option("--val", "val_files", multiple=True,
+              help="Validation outputs (logits, labels), one per FILE in the same order: adds the calibrated "
+              "curves and budgets.")
+@click.option("--base-flops", default=None, type=float,
+              help="Reference cost of the budgets (default: the file's base_flops, else its last exit's cost).")
+@click.option("--criterion", type=click.Choice(["confidence", "entropy", "patience"]), default="confidence",
+              show_default=True, help="Exit criterion of the threshold curve.")
+@click.option("--out", default="score", show_default=True, help="Folder for score.json and curve.png.")
+@_user_errors
+def score_cmd(files, val_files, base_flops, criterion, out) -> None:
+    """Score another implementation's per-exit test logits as a run is evaluated.
+
+    Each FILE (.npz, .pt or .safetensors) holds `logits` (E, N, C), `labels` (N,) and `costs` (E,), the
+    cumulative cost of each exit; several FILEs are the seeds of one configuration (mean +- std tables)."""
+    from .score import format_score, score, write_score
+
+    result = score(list(files), val=list(val_files) or None, base_flops=base_flops, criterion=criterion)
+    written = write_score(result, out)
+    click.echo("\n".join(format_score(result)))
+    click.echo(f"wrote {', '.join(str(p) for p in written)}")
+
+
 @main.command()
 def models() -> None:
     """List the registered models."""

@@ -37,9 +37,9 @@ from .io import atomic_write_json, load_weights
 from .models import MultiExitModel, build_model
 from .reports import maybe_plot
 from .results import RESULTS, Results, TrainInfo
+from .score import calibrates, evaluate_logits
 from .training import CHECKPOINT, train
 from .training.state import PROBE_LOG
-from .tree import to_jsonable
 
 WEIGHTS_FILES = ("model.safetensors", "model.pt")
 
@@ -169,25 +169,22 @@ def load_init(model: MultiExitModel, path: str | Path) -> None:
 
 
 def evaluate_model(model: MultiExitModel, splits: Any, cfg: RunConfig, device: torch.device | None = None) -> dict:
-    """Test-set results (the ``exits``, ``curve``, ``budgets`` and ``base_flops`` parts of results.json)."""
+    """Test-set results (the ``exits``, ``curve``, ``budgets`` and ``base_flops`` parts of results.json).
+
+    The model's logits go through ``score.evaluate_logits``, the evaluation ``python -m earlyexit score``
+    applies to another implementation's logits.
+    """
     device = device or next(model.parameters()).device
     example = model.example_input(1, device=device)
     costs = metrics.exit_costs(model, example)
     base = metrics.backbone_cost(model, example)
     logits, labels = metrics.evaluate(model, splits.test.batches(cfg.eval.batch_size), device=device)
-    curve = metrics.threshold_curve(logits, labels, costs, thresholds=cfg.eval.thresholds, criterion=cfg.eval.criterion)
-    statics = metrics.static_points(logits, labels, costs)
-    for s in statics:
-        s["stage"] = model.exit_after[s["index"]]
-    out = {"base_flops": base, "exits": statics, "curve": curve, "budgets": metrics.budget_table(curve, statics, base)}
-    if cfg.eval.criterion in ("confidence", "entropy") and len(costs) > 1:
+    val_logits = None
+    if calibrates(cfg.eval.criterion, len(costs)):
         # thresholds chosen on validation data for each target cost, then applied unchanged to the test set
         val_logits, _ = metrics.evaluate(model, splits.val.batches(cfg.eval.batch_size), device=device)
-        for mode in metrics.CALIBRATION_MODES:
-            cal = metrics.calibrated_curve(val_logits, logits, labels, costs, criterion=cfg.eval.criterion, mode=mode)
-            out[f"calibrated_{mode}"] = to_jsonable(cal)  # infinite thresholds (always / never fires) -> null
-        out["calibrated_budgets"] = metrics.budget_table(out["calibrated_geometric"], [], base)
-    return out
+    return evaluate_logits(logits, labels, costs, base, criterion=cfg.eval.criterion, thresholds=cfg.eval.thresholds,
+                           val_logits=val_logits, stages=model.exit_after)
 
 
 def check_run(cfg: RunConfig) -> None:
