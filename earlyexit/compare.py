@@ -20,7 +20,10 @@ Budgets (``budget``):
 Everything resumes: a finished run folder is kept, a started one continues
 from its checkpoint, a finished phase 1 is reloaded. ``DIR/summary.json``
 holds the summaries over seeds (``earlyexit.reports.summarize_runs``), and the
-figure ``DIR/curves.png`` the three regimes' curves.
+figure ``DIR/curves.png`` the three regimes' curves. The matched budget's
+joint runs get folders of their own (``...-joint-matched-sSEED``), and its
+summary and figure a ``-matched`` suffix, so both budgets can share one
+folder: the second pass (``resume=True``) reuses phase 1, disjoint and mixed.
 """
 
 from __future__ import annotations
@@ -95,16 +98,18 @@ def compare_regimes(cfg: RunConfig, seeds: Sequence[int], out: str | Path, *, bu
             phases = list(joint.train.phases)
             phases[1] = replace(phases[1], epochs=epochs, patience=None)
             joint = replace(joint, train=replace(joint.train, phases=tuple(phases)))
-        d = run_dir(out, c, "joint", seed)
-        emit("run", regime="joint", seed=seed, out=str(d))
+        joint_tag = "joint" if budget == "paper" else "joint-matched"  # both budgets can share one folder
+        d = run_dir(out, c, joint_tag, seed)
+        emit("run", regime=joint_tag, seed=seed, out=str(d))
         _single(joint, splits, d, emit)
         for regime in REGIMES:
-            dirs[regime].append(str(run_dir(out, c, regime, seed)))
+            dirs[regime].append(str(run_dir(out, c, joint_tag if regime == "joint" else regime, seed)))
     all_dirs = [Path(d) for r in REGIMES for d in dirs[r]]
     summary = {"budget": budget, "seeds": [int(s) for s in seeds], "runs": dirs,
                "summary": summarize_runs(all_dirs)}
-    atomic_write_json(out / "summary.json", summary)
-    maybe_plot(all_dirs, out / "curves.png")
+    suffix = "" if budget == "paper" else f"-{budget}"
+    atomic_write_json(out / f"summary{suffix}.json", summary)
+    maybe_plot(all_dirs, out / f"curves{suffix}.png")
     return summary
 
 

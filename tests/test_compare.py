@@ -52,7 +52,8 @@ def test_shared_phase1_is_bit_identical_to_separate_runs(tmp_path):
 def test_matched_budget_gives_joint_the_epochs_of_mixed_and_resume_keeps_finished_runs(tmp_path):
     out = tmp_path / "cmp"
     compare_regimes(CFG, [1], out, budget="matched")
-    joint = json.loads((run_dir(out, CFG, "joint", 1) / "results.json").read_text())
+    joint = json.loads((run_dir(out, CFG, "joint-matched", 1) / "results.json").read_text())
+    assert (out / "summary-matched.json").is_file()
     assert joint["train"]["phases"][0]["grid"][0]["epochs"] == 4  # phase 1 (2) + phase 2 (2) of mixed
     before = (run_dir(out, CFG, "mixed", 1) / "results.json").read_bytes()
     with pytest.raises(EarlyExitError, match="--resume"):
