@@ -230,17 +230,26 @@ def _run_config(*, regime, seed, init, model_name, exits, weights, model_opts, d
 @click.option("--seed", default=_T.seed, show_default=True, type=int, help="Seed of init, data order and augmentation.")
 @click.option("--init", default=None, help="Start from these weights: a run folder or a weights file "
               "(a pretrained backbone instead of phase 1; required by '--+').")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="Rerun the configuration of this config.json (e.g. a committed run's); excludes the other run options.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Run folder (default runs/MODEL-DATASET-REGIME-sSEED).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
+@click.pass_context
 @_user_errors
-def run(out, resume, force, **flags) -> None:
+def run(ctx, config_file, out, resume, force, **flags) -> None:
     """Train one model in one regime, evaluate it, write a run folder."""
     from .runs import default_out_dir, run_experiment
 
     if resume and force:
         raise EarlyExitError("--resume and --force exclude each other")
-    cfg = _run_config(**flags)
+    if config_file is not None:
+        given = [k for k in flags if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise EarlyExitError(f"--config excludes the other run options (got --{given[0].replace('_', '-')})")
+        cfg = _config_file(Path(config_file))
+    else:
+        cfg = _run_config(**flags)
     out_dir = Path(out) if out else default_out_dir(cfg)
     t0 = time.time()
     from . import distributed as dist
@@ -279,6 +288,22 @@ def compare(seeds, budget, out, resume, **flags) -> None:
     for group in summary["summary"]:
         click.echo("\n".join(format_summary(group)))
     click.echo(f"total time {time.time() - t0:.0f}s; comparison in {out}")
+
+
+def _config_file(path: Path) -> RunConfig:
+    """The ``RunConfig`` of a run's config.json (its saved data shapes are the run's, not options)."""
+    import json
+
+    from .config import run_config_from_dict
+
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise EarlyExitError(f"--config: cannot read {path}: {e}") from None
+    try:
+        return run_config_from_dict(raw)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise EarlyExitError(f"--config: {path} is not a run configuration ({type(e).__name__}: {e})") from None
 
 
 def _model_options(items: tuple[str, ...]) -> dict:

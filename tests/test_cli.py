@@ -294,3 +294,16 @@ def test_reproduce_script_smoke_preset(tmp_path):
     assert summary.count("seeds [0, 1]") == 3  # joint, disjoint, mixed: mean +- std over both seeds
     bad = subprocess.run(["bash", str(script), "nonsense"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert bad.returncode == 2
+
+
+def test_config_reruns_a_finished_run_exactly(finished_run, tmp_path):
+    out, _ = finished_run
+    r = _run(["run", "--config", str(out / "config.json"), "--out", str(tmp_path / "again")])
+    assert r.exit_code == 0, r.output
+    a = json.loads((out / "results.json").read_text())
+    b = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert [e["accuracy"] for e in a["exits"]] == [e["accuracy"] for e in b["exits"]] and a["curve"] == b["curve"]
+    _expect_error(["run", "--config", str(out / "config.json"), "--lr", "0.5", "--out", str(tmp_path / "x")],
+                  "--config excludes the other run options (got --lr)")
+    (tmp_path / "bad.json").write_text("{}")
+    _expect_error(["run", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "y")], "not a run configuration")
