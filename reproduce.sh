@@ -1,52 +1,123 @@
 #!/usr/bin/env bash
-# The paper's main comparison: joint, disjoint and mixed training of the same early-exit model,
-# over several seeds, with accuracy-vs-FLOPs curves and the budget table (mean +- std over seeds).
+# Reproduce "Joint or Disjoint: Mixing Training Regimes for Early-Exit Models": joint, disjoint and mixed
+# training of the same early-exit model over seeds (phase 1 shared by disjoint and mixed), the paper's
+# budget tables, curves and analyses.
 #
-#   ./reproduce.sh quick   ResNet-20 on Fashion-MNIST, 2 seeds, short schedules (CPU, about an hour)
 #   ./reproduce.sh smoke   a toy MLP on synthetic data, 2 seeds, one epoch per phase (seconds; checks the pipeline)
-#   ./reproduce.sh full    ResNet-56 on CIFAR-10 (needs the CIFAR files in $EARLYEXIT_DATA), ViT on CIFAR-10,
-#                          BERT (MiniLM-L6) on SST-2; 3 seeds, paper-length schedules (a GPU)
+#   ./reproduce.sh cpu     the experiments of RESULTS.md on a 2-core CPU: writes results/ (runs resume; rerun to continue)
+#   ./reproduce.sh gpu     the same experiments at the paper's scale (full data, paper-length schedules with early
+#                          stopping, CIFAR-10/100 when their files are in $EARLYEXIT_DATA), for a machine with a GPU
 #
-# Runs land in runs/<preset>/; each run folder holds config.json, history.jsonl, results.json,
-# the weights and curve.png. Set PYTHON to choose the interpreter.
+# Each experiment is one `compare` (or `run`) folder; every run folder holds config.json, history.jsonl,
+# results.json, gradients.jsonl where logged, and the weights (results/ keeps no weights: see .gitignore).
+# `python -m earlyexit run --config results/EXP/RUN/config.json --out DIR` reruns any one run. Set PYTHON to
+# choose the interpreter; set ONLY to a space-separated list of experiment names to run just those.
 set -euo pipefail
-PRESET=${1:-quick}
+PRESET=${1:-}
 PY=${PYTHON:-python}
-OUT=runs/$PRESET
+EE() { "$PY" -m earlyexit "$@"; }
 
-run() {  # run NAME ARGS...: skip finished runs, resume interrupted ones
-    local dir=$OUT/$1; shift
-    if [ -f "$dir/results.json" ]; then return; fi
-    if [ -f "$dir/checkpoint.pt" ]; then "$PY" -m earlyexit run "$@" --out "$dir" --resume
-    else "$PY" -m earlyexit run "$@" --out "$dir"; fi
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+
+compare() {  # compare OUT ARGS...: the three regimes over the seeds, resumable
+    local out=$1; shift
+    if [ -f "$out/summary.json" ]; then return; fi
+    if [ -d "$out" ]; then EE compare "$@" --out "$out" --resume; else EE compare "$@" --out "$out"; fi
 }
 
-experiment() {  # experiment TAG SEEDS ARGS...: the three regimes over the seeds, then plot and summary
-    local tag=$1 seeds=$2; shift 2
-    local dirs=()
-    for regime in joint disjoint mixed; do
-        for seed in $seeds; do
-            run "$tag-$regime-s$seed" --regime "$regime" --seed "$seed" "$@"
-            dirs+=("$OUT/$tag-$regime-s$seed")
-        done
-    done
-    "$PY" -m earlyexit plot "${dirs[@]}" -o "$OUT/$tag.png" || true  # needs matplotlib
-    "$PY" -m earlyexit summary "${dirs[@]}" | tee "$OUT/$tag-summary.txt"
+matched() {  # matched OUT ARGS...: the matched-budget joint runs beside a finished paper-budget comparison
+    local out=$1; shift
+    if [ -f "$out/summary-matched.json" ]; then return; fi
+    EE compare "$@" --budget matched --out "$out" --resume
 }
 
-mkdir -p "$OUT"
+run_one() {  # run_one OUT ARGS...: one run, resumable
+    local out=$1; shift
+    if [ -f "$out/results.json" ]; then return; fi
+    if [ -f "$out/checkpoint.pt" ]; then EE run "$@" --out "$out" --resume; else EE run "$@" --out "$out"; fi
+}
+
 case "$PRESET" in
     smoke)
-        experiment mlp-synthetic "0 1" --model mlp --dataset synthetic --epochs 1,1,1 --batch-size 32
+        OUT=runs/smoke
+        mkdir -p "$OUT"
+        dirs=()
+        for regime in joint disjoint mixed; do
+            for seed in 0 1; do
+                run_one "$OUT/mlp-synthetic-$regime-s$seed" --model mlp --dataset synthetic --epochs 1,1,1 \
+                    --batch-size 32 --regime "$regime" --seed "$seed"
+                dirs+=("$OUT/mlp-synthetic-$regime-s$seed")
+            done
+        done
+        EE plot "${dirs[@]}" -o "$OUT/mlp-synthetic.png" || true  # needs matplotlib
+        EE summary "${dirs[@]}" | tee "$OUT/mlp-synthetic-summary.txt"
         ;;
-    quick)
-        experiment resnet20-fmnist "0 1" --model resnet20 --dataset fashion-mnist --train-size 20000 --epochs 4,4,4
+    cpu)
+        R=results
+        # 1. ResNet-20 on Fashion-MNIST (12,000 images: 10,800 train, 1,200 validation), an IC after every
+        #    block, SGD; gradient cosines logged every 20 steps; then the matched-budget control.
+        FM=(--model resnet20 --dataset fashion-mnist --train-size 12000 --epochs 8 --seeds 0,1,2)
+        if want resnet20; then
+            compare "$R/resnet20-fmnist" "${FM[@]}" --exits every:1 --grad-log-every 20
+            matched "$R/resnet20-fmnist" "${FM[@]}" --exits every:1 --grad-log-every 20
+        fi
+        # 1b. the paper's placement (every other block from the fifth), one seed
+        if want resnet20-paper-exits; then
+            compare "$R/resnet20-fmnist-paper-exits" --model resnet20 --dataset fashion-mnist --train-size 12000 \
+                --epochs 8 --seeds 0
+        fi
+        # 6. undertrained backbone (Figure 13): mixed with phase 1 cut to a quarter of its epochs
+        if want undertrained; then
+            for seed in 0 1 2; do
+                run_one "$R/resnet20-fmnist-undertrained/resnet20-fashion-mnist-mixed-s$seed" --model resnet20 \
+                    --dataset fashion-mnist --train-size 12000 --exits every:1 --epochs "2;8;8" --regime mixed --seed "$seed"
+            done
+        fi
+        # 2. the paper's ViT (patch 4, width 256, 7 blocks, 8 heads; ICs after blocks 2-6, the 7th is the final
+        #    exit), AdamW without weight decay, phase-1 lr 5e-4, phases 2/3 choose from a small grid.
+        VIT=(--model vit --dataset fashion-mnist --train-size 12000 --optimizer adamw --weight-decay 0
+             --lr "5e-4;1e-3,5e-4;1e-3,5e-4" --epochs 8 --batch-size 128)
+        if want vit; then compare "$R/vit-fmnist" "${VIT[@]}" --seeds 0,1,2; fi
+        # 5. IC density (heads every 1, 2, 3 blocks) and IC size (the appendix's heads) on that ViT, 2 seeds
+        if want vit-density; then
+            for n in 1 2 3; do compare "$R/vit-fmnist-every$n" "${VIT[@]}" --exits "every:$n" --seeds 0,1; done
+        fi
+        if want vit-heads; then
+            for head in mlp1024; do compare "$R/vit-fmnist-head-$head" "${VIT[@]}" --model-opt "head=$head" --seeds 0,1; done
+        fi
+        # 3. BERT with the MiniLM-L6 weights on SST-2 (AdamW, cosine, weight decay 1e-4, batch 32)
+        if want bert; then
+            compare "$R/bert-sst2" --model bert --weights minilm-l6 --model-opt head_pool=mean --dataset sst2 \
+                --optimizer adamw --lr 5e-5 --weight-decay 1e-4 --batch-size 32 --epochs 2 --seeds 0,1,2
+        fi
+        # 4. the analyses of the seed-0 models of experiment 1 (one per regime)
+        if want analyses && [ -f "$R/resnet20-fmnist/summary.json" ]; then
+            A=$R/resnet20-fmnist
+            EE analyze "$A"/resnet20-fashion-mnist-{joint,disjoint,mixed}-s0 --what rank,information,gradients,landscape,plane \
+                --split train --max-samples 512 --steps 15 --landscape-steps 11 --out "$R/resnet20-fmnist-analyses"
+        fi
         ;;
-    full)
-        experiment resnet56-cifar10 "0 1 2" --model resnet56 --dataset cifar10 --epochs 100,100,100 --lr 0.1,0.05 --patience 20
-        experiment vit-cifar10 "0 1 2" --model vit --dataset cifar10 --optimizer adamw --lr 1e-3,5e-4 --epochs 100,100,100 --patience 20
-        experiment bert-sst2 "0 1 2" --model bert --weights minilm-l6 --dataset sst2 --optimizer adamw --lr 5e-5,3e-5 \
-            --weight-decay 0.01 --epochs 5,5,5 --batch-size 32
+    gpu)
+        R=results-gpu
+        FM=(--model resnet20 --dataset fashion-mnist --epochs 100 --patience 20 --lr "0.1;0.1,0.05;0.1,0.05" --seeds 0,1,2)
+        if want resnet20; then
+            compare "$R/resnet20-fmnist" "${FM[@]}" --exits every:1 --grad-log-every 100
+            matched "$R/resnet20-fmnist" "${FM[@]}" --exits every:1 --grad-log-every 100
+        fi
+        if want cifar && "$PY" -c "import earlyexit as e; e.load_dataset('cifar10', train_size=10)" 2>/dev/null; then
+            compare "$R/resnet56-cifar10" --model resnet56 --dataset cifar10 --epochs 100 --patience 20 \
+                --lr "0.1;0.1,0.05;0.1,0.05" --seeds 0,1,2
+            compare "$R/vit-cifar10" --model vit --dataset cifar10 --optimizer adamw --weight-decay 0 \
+                --lr "5e-4;1e-3,5e-4;1e-3,5e-4" --epochs 100 --patience 20 --seeds 0,1,2
+        fi
+        if want vit; then
+            compare "$R/vit-fmnist" --model vit --dataset fashion-mnist --optimizer adamw --weight-decay 0 \
+                --lr "5e-4;1e-3,5e-4;1e-3,5e-4" --epochs 100 --patience 20 --seeds 0,1,2
+        fi
+        if want bert; then
+            compare "$R/bert-sst2" --model bert --weights minilm-l6 --model-opt head_pool=mean --dataset sst2 \
+                --optimizer adamw --lr "5e-5,3e-5" --weight-decay 1e-4 --batch-size 32 --epochs 5 --seeds 0,1,2
+        fi
         ;;
-    *) echo "usage: $0 [smoke|quick|full]" >&2; exit 2 ;;
+    *) echo "usage: $0 smoke|cpu|gpu" >&2; exit 2 ;;
 esac
