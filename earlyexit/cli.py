@@ -370,13 +370,18 @@ def bench(model_name, dataset, data_dir, batch_size, steps, run_dir, device) -> 
 
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--markdown", is_flag=True, help="Print Markdown tables (as RESULTS.md holds them).")
 @_user_errors
-def summary(run_dirs) -> None:
+def summary(run_dirs, markdown) -> None:
     """Mean +- std over seeds of per-exit accuracy and two budget tables, grouped by model, dataset, regime
     and method: the paper's rule (curves averaged over seeds) and each seed's best within budget."""
-    from .reports import format_summary, summarize_runs
+    from .reports import format_summary, markdown_summary, summarize_runs
 
-    for g in summarize_runs([Path(d) for d in run_dirs]):
+    groups = summarize_runs([Path(d) for d in run_dirs])
+    if markdown:
+        click.echo(markdown_summary(groups), nl=False)
+        return
+    for g in groups:
         click.echo("\n".join(format_summary(g)))
 
 

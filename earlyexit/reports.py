@@ -164,6 +164,38 @@ def format_summary(group: dict) -> list[str]:
     ]
 
 
+_REGIME_NAMES = {"-+-": "joint", "+-+": "disjoint", "++-": "mixed"}
+
+
+def _md_cell(v: dict | None) -> str:
+    return "-" if v is None else f"{v['mean'] * 100:.2f} +- {v['std'] * 100:.2f}"
+
+
+def markdown_summary(groups: Sequence[dict]) -> str:
+    """Markdown tables of ``summarize_runs`` groups, as RESULTS.md prints them (``summary --markdown``).
+
+    Three tables, one row per configuration: the paper's budget table, the best within budget, and each
+    exit's test accuracy; percentages as mean +- std over the seeds.
+    """
+    def label(g: dict) -> str:
+        regime = _REGIME_NAMES.get(g["regime"], g["regime"])
+        method = f" {g['method']}" if g.get("method") else ""
+        return f"{g['model']} {regime}{method} (seeds {','.join(str(s) for s in g['seeds'])})"
+
+    out = []
+    for title, key in ((PAPER_BUDGETS_TITLE, "paper_budgets"), (SEED_BUDGETS_TITLE, "budgets")):
+        names = list(groups[0][key]) if groups else []
+        out += [f"{title[0].upper()}{title[1:]}:", "", "| run | " + " | ".join(names) + " |",
+                "|---|" + "---|" * len(names)]
+        out += ["| " + label(g) + " | " + " | ".join(_md_cell(g[key].get(n)) for n in names) + " |" for g in groups]
+        out.append("")
+    n = max((len(g["exits"]) for g in groups), default=0)
+    out += ["Test accuracy of each exit (every sample leaves there), %:", "",
+            "| run | " + " | ".join(f"exit {i}" for i in range(n)) + " |", "|---|" + "---|" * n]
+    out += ["| " + label(g) + " | " + " | ".join(_md_cell(e) for e in g["exits"]) + " |" for g in groups]
+    return "\n".join(out) + "\n"
+
+
 def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve") -> None:
     """Draw the runs' accuracy-vs-FLOPs curves (``runs_figure``) and write ``out_file`` (PNG, PDF, SVG).
 
