@@ -127,8 +127,8 @@ def main() -> None:
               "final exit (phase 1 always uses the final exit).")
 @click.option("--batch-size", default=_T.batch_size, show_default=True, type=int, help="Global batch size.")
 @click.option("--method", default=None, help="Early-exit method: sdn, pbee, ztw, gpf (default: plain ICs).")
-@click.option("--weighting", default=None, help="Loss weights over exits: uniform, sdn, han, pabee, gradient-equilibrium "
-              "(default: the method's, else uniform).")
+@click.option("--weighting", default=None, help="Loss weights over exits: mean, sum (alias uniform), sdn, sdn:R (SDN's "
+              "ramp over R epochs), han, han-decreasing, pabee, gradient-equilibrium (default: the method's, else mean).")
 @click.option("--criterion", default=None, help="Exit criterion of the threshold curve: confidence, entropy, patience "
               "(default: the method's, else confidence).")
 @click.option("--seed", default=_T.seed, show_default=True, type=int, help="Seed of init, data order and augmentation.")
