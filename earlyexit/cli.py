@@ -181,7 +181,8 @@ def _config_options(fn: Callable) -> Callable:
         click.option("--early-stop", default=None, help=f"Early stopping rule, for every phase or 'P1;P2;P3': 'metric' "
                   "(patience on --val-metric) or 'per_exit' (one patience count per exit, stop when every exit has "
                   f"stalled, keep the last weights in which any exit improved; the paper's). Default {_P.early_stop}."),
-        click.option("--grad-clip", default=None, help="Clip the global gradient norm to this value (default off)."),
+        click.option("--grad-clip", default=None, help="Clip the global gradient norm to this value, or 'none' "
+                     f"(default {_T.grad_clip}, the paper's appendix D.3)."),
         click.option("--grad-log-every", default=None, help="Every N steps of phases 2 and 3, log each exit's gradient "
                   "cosine with the total backbone gradient to gradients.jsonl (the paper's Figure 4; default off). "
                   "Training is unchanged, bit for bit."),
@@ -192,8 +193,9 @@ def _config_options(fn: Callable) -> Callable:
                   "final exit (phase 1 always uses the final exit)."),
         click.option("--batch-size", default=_T.batch_size, show_default=True, type=int, help="Global batch size."),
         click.option("--method", default=None, help="Early-exit method: sdn, pbee, ztw, gpf (default: plain ICs)."),
-        click.option("--weighting", default=None, help="Loss weights over exits: uniform, sdn, han, pabee, gradient-equilibrium "
-                  "(default: the method's, else uniform)."),
+        click.option("--weighting", default=None, help="Loss weights over exits: mean, sum (alias uniform), sdn, sdn:R "
+                     "(SDN's ramp over R epochs), han, han-decreasing, pabee, gradient-equilibrium (default: the "
+                     "method's, else mean)."),
         click.option("--criterion", default=None, help="Exit criterion of the threshold curve: confidence, entropy, patience "
                   "(default: the method's, else confidence)."),
         click.option("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)."),
@@ -210,7 +212,12 @@ def _run_config(*, regime, seed, init, model_name, exits, weights, model_opts, d
         raise EarlyExitError(f"--batch-size must be > 0, got {batch_size}")
     phases = _phases(epochs, val_metric, lr=lr, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                      patience=patience, early_stop=early_stop)
-    clip = _optional(grad_clip, "--grad-clip", low=0, strict=True)
+    if grad_clip is None:
+        clip = _T.grad_clip  # the config's default
+    elif grad_clip.strip().lower() in ("none", "off"):
+        clip = None
+    else:
+        clip = _optional(grad_clip, "--grad-clip", low=0, strict=True)
     log_every = _optional(grad_log_every, "--grad-log-every", kind=int, low=1)
     size = _optional(image_size, "--image-size", kind=int, low=1)
     kwargs = {"weights": weights} if weights else {}

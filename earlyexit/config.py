@@ -35,7 +35,7 @@ SCHEDULES = ("cosine", "constant")
 VAL_METRICS = ("mean", "final")
 EARLY_STOPS = ("metric", "per_exit")
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
-DEFAULT_WEIGHTING = "uniform"
+DEFAULT_WEIGHTING = "mean"       # the paper's code averages the exits' losses (earlyexit.weighting)
 DEFAULT_CRITERION = "confidence"
 
 
@@ -46,11 +46,13 @@ class MethodDefaults:
     paper: str = ""
 
 
-# The early-exit methods' own loss weighting and exit rule (earlyexit.methods implements them).
+# The early-exit methods' loss weighting and exit rule (earlyexit.methods implements them). The weightings
+# follow the code of "Joint or Disjoint": it averages the exits' losses for PBEE and both ZTW stages, and
+# weighs GPF's exits as PABEE does; SDN keeps its own ramp (that code averages SDN's losses as well).
 METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     "sdn": MethodDefaults("sdn", "confidence", "Kaya et al., ICML 2019"),
-    "pbee": MethodDefaults("pabee", "patience", "Zhou et al., NeurIPS 2020"),
-    "ztw": MethodDefaults("uniform", "confidence", "Wołczyk et al., NeurIPS 2021"),
+    "pbee": MethodDefaults("mean", "patience", "Zhou et al., NeurIPS 2020"),
+    "ztw": MethodDefaults("mean", "confidence", "Wołczyk et al., NeurIPS 2021"),
     "gpf": MethodDefaults("pabee", "entropy", "Liao et al., NAACL 2021"),
 }
 
@@ -132,7 +134,7 @@ class TrainConfig:
     weighting: str | None = None    # loss weights alpha_k over exits (earlyexit.weighting); None = DEFAULT_WEIGHTING
     seed: int = 0                   # seeds model init, data order, augmentation and dropout
     device: str | None = None       # "cpu", "cuda", "cuda:1"; None = CUDA if available
-    grad_clip: float | None = None  # max global gradient norm; None = off
+    grad_clip: float | None = 1.0   # max global gradient norm (the paper's appendix D.3: 1); None = off
     grad_log_every: int | None = None  # phases 2 and 3: every N steps, the step probe's record (run_experiment: each
                                        # exit's gradient cosine, gradients.jsonl); None = off
 
@@ -148,9 +150,12 @@ class TrainConfig:
         _number(self.batch_size, "batch size", low=1, integer=True)
         _number(self.seed, "seed", integer=True)
         if self.weighting is not None:
-            from .weighting import list_weightings
+            from .weighting import get_weighting
 
-            _choice(self.weighting, list_weightings(), "weighting")
+            try:
+                get_weighting(self.weighting)  # a registered name, or a parametrised one such as "sdn:20"
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.grad_clip is not None:
             _number(self.grad_clip, "gradient clipping norm", low=0, strict=True)
         if self.grad_log_every is not None:

@@ -64,8 +64,9 @@ def test_method_defaults_are_resolved_by_the_config(method):
 
 def test_plain_run_defaults():
     cfg = RunConfig()
-    assert cfg.train.weighting == "uniform" and cfg.eval.criterion == "confidence"
-    assert TrainConfig().weighting is None and TrainConfig().loss_weighting == "uniform"
+    assert cfg.train.weighting == "mean" and cfg.eval.criterion == "confidence"
+    assert TrainConfig().weighting is None and TrainConfig().loss_weighting == "mean"
+    assert TrainConfig().grad_clip == 1.0
 
 
 def test_cli_defaults_are_the_configs():
@@ -103,7 +104,7 @@ def test_library_and_cli_give_the_same_pbee_run(tmp_path):
     cli = json.loads((tmp_path / "cli" / "results.json").read_text())
     for res in (lib, cli):
         res["train"].pop("seconds")
-    assert lib == cli and lib["weighting"] == "pabee" and lib["curve"]["criterion"] == "patience"
+    assert lib == cli and lib["weighting"] == "mean" and lib["curve"]["criterion"] == "patience"
     a = json.loads((tmp_path / "lib" / "config.json").read_text())
     b = json.loads((tmp_path / "cli" / "config.json").read_text())
     assert a == b

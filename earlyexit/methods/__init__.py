@@ -15,8 +15,8 @@ Methods:
 | name | paper | exits | criterion | weighting | extra stage |
 |------|-------|-------|-----------|-----------|-------------|
 | sdn  | Kaya et al., ICML 2019 | independent ICs | confidence | sdn | none |
-| pbee | Zhou et al., NeurIPS 2020 (PABEE) | independent ICs | patience | pabee | none |
-| ztw  | Wołczyk et al., NeurIPS 2021 | cascading ICs, then geometric ensembles | confidence | uniform | ensembles on the frozen ICs |
+| pbee | Zhou et al., NeurIPS 2020 (PABEE) | independent ICs | patience | mean | none |
+| ztw  | Wołczyk et al., NeurIPS 2021 | cascading ICs, then geometric ensembles | confidence | mean | ensembles on the frozen ICs |
 | gpf  | Liao et al., NAACL 2021 | past states + imitated future states, gated | entropy | pabee | none |
 """
 

@@ -56,6 +56,10 @@ class RewiredModel(MultiExitModel):
         """The source architecture's example input (e.g. token ids for BERT)."""
         return self._source_cls.example_input(self, batch_size, device, **kw)
 
+    def map_ic_input(self, state: Any, fn: Any) -> Any:
+        """What an IC reads of the state, as the source architecture declares it."""
+        return self._source_cls.map_ic_input(self, state, fn)
+
     # --- exits -----------------------------------------------------------------
     def exit_step(self, k: int, state: Any, memory: Any) -> tuple[Tensor, Any]:
         """Logits ``(B, C)`` of exit ``k`` and the memory handed to exit ``k + 1``."""

@@ -3,12 +3,13 @@
 An IC after every layer; a sample leaves once ``t`` consecutive ICs after
 the first have agreed with their predecessor, i.e. once the same arg-max has
 held at ``t + 1`` consecutive exits (``earlyexit.metrics``' ``patience``
-criterion with ``p = t + 1``), and at the last exit otherwise. Patience
-``t = 0`` means "use all layers": no sample leaves early, as in PABEE's
-published inference code, which runs the whole model when the patience is 0
-(the criterion's ``p = 0``). ``patience_threshold`` converts. Training weighs
-exit ``k`` (0-based) by ``k + 1``, normalised by the sum of the weights
-(weighting ``pabee``).
+criterion with ``p = t + 1``; ``patience_threshold`` converts), and at the
+last exit otherwise. Patience ``t = 0`` means "use all layers": no sample
+leaves early, as in PABEE's published inference code, which runs the whole
+model when the patience is 0 (the criterion's ``p = 0``). PABEE's own loss
+weighs exit ``k`` (0-based) by ``k + 1``, normalised by the sum of the weights
+(weighting ``pabee``); the code of "Joint or Disjoint" trains PBEE's ICs with
+the mean of the exits' losses, the default here (weighting ``mean``).
 """
 
 from __future__ import annotations

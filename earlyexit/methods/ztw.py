@@ -21,8 +21,13 @@ Two additions to a multi-exit model, trained in turn:
    ``EnsembleModel``, whose "backbone" holds the ICs and whose "heads" are the
    ensembles, so the one training loop does it.
 
-The log-weights start at 0 (the plain geometric mean); ZTW draws them from
-N(0, 0.01^2).
+The log-weights start as ZTW's do: drawn from a normal distribution with
+mean 0 and standard deviation 0.01 (ZTW's code calls ``torch.normal(0, 0.01)``,
+whose second argument is the standard deviation: variance 1e-4), so the
+ensembles start close to the plain geometric mean; the biases start at 0.
+The ensemble stage weighs the ensembles' losses as the code of "Joint or
+Disjoint" does: the mean over the model's outputs, the frozen final exit
+included (weighting ``mean``, each ensemble ``1 / E``).
 """
 
 from __future__ import annotations
@@ -106,11 +111,14 @@ class GeometricEnsemble(nn.Module):
     Args:
         members: number of ICs combined.
         num_classes: ``C``.
+        init_std: standard deviation of the normal draw of the log-weights ``w`` (ZTW's: 0.01).
     """
 
-    def __init__(self, members: int, num_classes: int) -> None:
+    INIT_STD = 0.01
+
+    def __init__(self, members: int, num_classes: int, *, init_std: float = INIT_STD) -> None:
         super().__init__()
-        self.log_weight = nn.Parameter(torch.zeros(members))
+        self.log_weight = nn.Parameter(torch.randn(members) * init_std)  # N(0, init_std^2), as ZTW
         self.bias = nn.Parameter(torch.zeros(num_classes))
 
     def forward(self, logp: Tensor) -> Tensor:
@@ -183,8 +191,9 @@ def train_ensembles(model: MultiExitModel, data: Any, config: Any = None, *, out
     """ZTW's second stage: train the ensembles on the frozen backbone and ICs.
 
     Runs ``earlyexit.train.train`` with the regime ``"--+"`` (phase 3 alone,
-    its optimiser settings from ``config.phases[2]``) and uniform loss weights
-    (ZTW sums the ensembles' losses) on ``add_ensembles(model)``.
+    its optimiser settings from ``config.phases[2]``) and the loss weighting
+    ``mean`` (each ensemble ``1 / E``, as the paper's code averages over the
+    outputs, the frozen final exit included) on ``add_ensembles(model)``.
 
     Args:
         model: the trained ``CascadeModel`` (or an ``EnsembleModel`` to train further).
@@ -199,6 +208,6 @@ def train_ensembles(model: MultiExitModel, data: Any, config: Any = None, *, out
     from ..training import train
 
     ens = add_ensembles(model)
-    cfg = replace(config if config is not None else TrainConfig(), regime="--+", weighting="uniform")
+    cfg = replace(config if config is not None else TrainConfig(), regime="--+", weighting="mean")
     record = train(ens, data, config=cfg, out_dir=out_dir, **train_kw)
     return ens, record

@@ -27,7 +27,8 @@ Classification" (ICLR 2018) and the layer layout of the authors' code:
 Every MSDNet block is one stage; the state between stages is a list of
 ``(B, C_s, H_s, W_s)`` tensors, one per active scale, finest first. The last
 block's classifier is the backbone's own head; by default every earlier block
-carries an IC (the paper's layout: a classifier after every block).
+carries an IC (the paper's layout: a classifier after every block). The model
+(``MSDNet``) declares that its ICs read the coarsest scale (``map_ic_input``).
 
 Every convolution is followed by its BatchNorm (``ConvBNReLU``); the parts
 declare these pairs (``conv_bn_pairs``) for folding.
@@ -213,6 +214,14 @@ class MSDClassifier(nn.Module):
         return self.linear(self.pool(x).flatten(1))  # (B, num_classes)
 
 
+class MSDNet(MultiExitModel):
+    """A ``MultiExitModel`` whose states are lists of scales and whose ICs read the coarsest one."""
+
+    def map_ic_input(self, state: list[Tensor], fn: Any) -> list[Tensor]:
+        """``fn`` on the coarsest scale only: the part MSDNet's classifiers read (and IMTA rescales)."""
+        return [*state[:-1], fn(state[-1])]
+
+
 def msdnet_head(info: dict, num_classes: int, *, width: int | None = None) -> nn.Module:
     """``make_head`` for MSDNet: its own classifier, sized from ``info["num_chs"]`` (the coarsest scale).
 
@@ -364,8 +373,8 @@ def msdnet(
     make_head = functools.partial(msdnet_head, width=head_width)
     final = make_head(info[-1], num_classes)
     chosen = resolve_exits(exits, stem, stages, final, (1, *input_shape), default=list(range(num_blocks - 1)))
-    model = MultiExitModel(stem=stem, stages=stages, head=final, exits=chosen, make_head=make_head,
-                           feature_info=info, num_classes=num_classes, input_shape=input_shape)
+    model = MSDNet(stem=stem, stages=stages, head=final, exits=chosen, make_head=make_head,
+                   feature_info=info, num_classes=num_classes, input_shape=input_shape)
     init_conv_bn(model, zero_linear_bias=True)  # the authors' init
     return model
 

@@ -20,6 +20,8 @@ Contracts (relied on by training, metrics and inference):
 - When every backbone parameter is frozen (``requires_grad=False``), the
   stages run under ``torch.no_grad()``: phase 3 keeps no activations of the
   backbone, only of the heads.
+- ``map_ic_input(state, fn)`` applies ``fn`` to the part of a state an IC
+  reads (default: all of it; MSDNet: its coarsest scale).
 - Parts describe themselves: a block or head whose BatchNorm layers directly
   follow a convolution declares ``conv_bn_pairs() -> [(conv name, BN name)]``
   (names relative to the part), gathered by ``MultiExitModel.conv_bn_pairs``
@@ -126,6 +128,14 @@ class MultiExitModel(nn.Module):
     def head(self, k: int, state: State) -> Tensor:
         """Logits ``(B, C)`` of exit ``k`` from the state after stage ``exit_after[k]``."""
         return self.heads[k](state)
+
+    def map_ic_input(self, state: State, fn: Callable[[Any], Any]) -> State:
+        """``state`` with ``fn`` applied to the part of it that an IC head reads, the rest unchanged.
+
+        The default: an IC reads the whole state. A backbone whose ICs read only part of the state overrides
+        this (MSDNet: the coarsest scale). Gradient equilibrium rescales the gradient of that part alone.
+        """
+        return fn(state)
 
     def _backbone_grad(self) -> bool:
         if not torch.is_grad_enabled():

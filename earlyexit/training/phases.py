@@ -14,10 +14,13 @@ phase ``p`` runs. What a phase does is one ``Phase`` row of ``PHASES``:
 own classifier); "heads" the IC heads. Phase 1 never runs the ICs; phase 3
 keeps the backbone in eval mode, so its BatchNorm statistics and dropout are
 frozen along with its weights. Where the loss weights apply, exit ``k``'s loss
-weighs ``alpha_k`` of the run's weighting (``earlyexit.weighting``),
-and a weighting with a ``prepare`` hook installs it; elsewhere the one counted
-exit weighs 1. Phase 1 picks its best epoch by the final exit's accuracy; the
-others by the phase config's ``metric``.
+weighs ``alpha_k`` of the run's weighting (``earlyexit.weighting``), asked
+for with the phase, the epoch and the progress (``phase_loss_weights``), and a
+weighting with a ``prepare`` hook installs it; elsewhere the one counted exit
+weighs 1. The weighting always gives all ``E`` exits' weights and phase 3 takes
+the ICs' entries: under ``mean`` each IC weighs ``1 / E`` there, ``E``
+counting the frozen final exit, as in the paper's code. Phase 1 picks its best
+epoch by the final exit's accuracy; the others by the phase config's ``metric``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Callable, Iterator
 from torch import nn
 
 from ..models.multiexit import MultiExitModel
+from ..weighting import TrainingPoint, Weighting, weights_at
 
 ExitSet = str  # "final" (the backbone's own exit), "ics" (every IC), "all"
 Group = str    # "backbone" or "heads"
@@ -94,6 +98,14 @@ def loss_weights(phase: int, alphas: list[float], exits: list[int]) -> list[floa
     return [1.0] * len(exits)
 
 
+def phase_loss_weights(phase: int, weighting: Weighting, num_exits: int, exits: list[int],
+                       point: TrainingPoint) -> list[float]:
+    """The weights of the counted ``exits``' losses at ``point`` of ``phase`` (``loss_weights`` of the weighting's list)."""
+    if not phase_spec(phase).weighted:
+        return [1.0] * len(exits)
+    return loss_weights(phase, weights_at(weighting, num_exits, point), exits)
+
+
 def val_metric(phase: int, acc: list[float], metric: str) -> float:
     """The validation figure that picks the best epoch: the final exit's accuracy, or the mean over ``acc``."""
     if (phase_spec(phase).metric or metric) == "final":
@@ -119,5 +131,5 @@ def set_mode(model: MultiExitModel, phase: int) -> None:
             m.eval()
 
 
-__all__ = ["Phase", "PHASES", "phase_spec", "phase_exits", "validated_exits", "loss_weights", "val_metric",
-           "set_trainable", "set_mode"]
+__all__ = ["Phase", "PHASES", "phase_spec", "phase_exits", "validated_exits", "loss_weights", "phase_loss_weights",
+           "val_metric", "set_trainable", "set_mode"]

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from ..config import PhaseConfig
 from ..device import autocast_context as autocast
 from .optim import lr_at
-from .phases import loss_weights
-from ..weighting import Weighting
+from .phases import phase_loss_weights
+from ..weighting import TrainingPoint, Weighting
 
 CUDA_CHECK_EVERY = 25  # steps between two finiteness checks of the loss on CUDA
 
@@ -55,7 +55,7 @@ class StepSetup:
     params: Sequence[nn.Parameter]   # the trainable parameters (gradient clipping)
     pc: PhaseConfig                  # schedule of the phase
     lr: float                        # base learning rate of the grid point
-    total: int                       # steps of the phase: the schedule's length and the weighting's progress
+    total: int                       # steps of the phase (pc.epochs epochs): the schedule's length, the weighting's progress
     device: torch.device
     grad_clip: float | None          # max global gradient norm; None: off
     on_non_finite: Callable[[Tensor, int], NoReturn]  # raises, given the loss and the step index in the epoch
@@ -68,7 +68,7 @@ def train_step(setup: StepSetup, x: Any, y: Tensor, *, step: int, index: int, su
         setup: the epoch's fixed parts.
         x: the input batch (tensor or pytree), on ``setup.device``.
         y: ``(B,)`` labels, on ``setup.device``.
-        step: the step's index in the phase (schedule and weighting progress).
+        step: the step's index in the phase (schedule, and the weighting's progress and epoch).
         index: the step's index in the epoch (when CUDA checks the loss).
         sums: the epoch's running sums, updated in place.
     Returns:
@@ -77,7 +77,7 @@ def train_step(setup: StepSetup, x: Any, y: Tensor, *, step: int, index: int, su
     s = setup
     for g in s.opt.param_groups:
         g["lr"] = lr_at(s.pc, s.lr, step, s.total)
-    alphas = loss_weights(s.phase, s.weighting(s.num_exits, step / max(s.total, 1)), s.exits)
+    alphas = phase_loss_weights(s.phase, s.weighting, s.num_exits, s.exits, training_point(s, step))
     with autocast(s.device):
         outs = s.net(x, exits=s.exits)  # one (B, C) per counted exit
         losses = [F.cross_entropy(o.float(), y) for o in outs]
@@ -97,4 +97,12 @@ def train_step(setup: StepSetup, x: Any, y: Tensor, *, step: int, index: int, su
     return loss
 
 
-__all__ = ["CUDA_CHECK_EVERY", "RunningSums", "StepSetup", "train_step"]
+def training_point(setup: StepSetup, step: int) -> TrainingPoint:
+    """Where step ``step`` of the phase stands: its epoch (``total`` covers ``pc.epochs`` epochs) and progress."""
+    epochs = max(setup.pc.epochs, 1)
+    per_epoch = max(setup.total // epochs, 1)
+    return TrainingPoint(phase=setup.phase, epoch=min(step // per_epoch, epochs - 1), epochs=setup.pc.epochs,
+                         progress=min(step / max(setup.total, 1), 1.0))
+
+
+__all__ = ["CUDA_CHECK_EVERY", "RunningSums", "StepSetup", "train_step", "training_point"]
