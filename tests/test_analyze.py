@@ -24,7 +24,7 @@ def runs(tmp_path_factory):
     for regime, seed, every in (("joint", 0, 2), ("mixed", 1, None), ("disjoint", 2, None)):
         pc = PhaseConfig(epochs=1, lr=(0.05, 0.02) if every else (0.05,))
         cfg = RunConfig(model=ModelConfig(name="mlp", kwargs={"width": 16, "depth": 3}),
-                        data=DataConfig(name="synthetic"), train=TrainConfig(regime=regime, phases=(pc, pc, pc), batch_size=50, device="cpu", seed=seed,
+                        data=DataConfig(name="synthetic"), train=TrainConfig(regime=regime, phases=(pc, pc, pc), batch_size=50, device="cpu", seed=seed, weighting="sum",
                                           grad_log_every=every), eval=EvalConfig(thresholds=5))
         run_experiment(cfg, root / regime)
         out.append(root / regime)
@@ -48,7 +48,7 @@ def test_every_analysis_writes_json_and_its_figure(runs, tmp_path):
     layers = ["stages.0.0", "stages.1.0", "stages.2.0", "heads.2.linear"]  # every backbone Linear, no IC head
     assert [row["layer"] for row in first["rank"]] == layers
     assert all(1 <= row["rank"] <= min(row["samples"], row["features"]) for row in first["rank"])
-    assert [row["layer"] for row in first["information"]] == layers and first["information"][0]["method"] == "jensen"
+    assert [row["layer"] for row in first["information"]] == layers and first["information"][0]["method"] == "mc"
     assert len(first["gradients"]["cos"]) == 3 and all(-1 <= c <= 1 for c in first["gradients"]["cos"])
     assert first["gradients"]["weights"] == [1.0, 1.0, 1.0]
     land = first["landscape"]
