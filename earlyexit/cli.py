@@ -403,7 +403,9 @@ def summary(run_dirs, markdown) -> None:
 @click.option("--third", default=None, type=click.Path(file_okay=False),
               help="Third run (plane; default: the third RUN_DIR).")
 @click.option("--max-samples", default=512, show_default=True, type=int, help="Samples used by each analysis.")
-@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True, help="Data split.")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default=None,
+              help="Data split of every analysis (default: the paper's, test for rank and information, train for "
+              "the landscapes and the plane).")
 @click.option("--mi-method", type=click.Choice(["jensen", "mc", "binning", "knn"]), default="mc", show_default=True,
               help="Estimator of information: I(X; Z) per layer with Gaussian noise (jensen, mc), binned entropy per "
               "layer (binning), or the per-exit kNN I(T; Y) with binned I(X; T) (knn).")

@@ -117,3 +117,12 @@ def test_bad_analyze_input_is_one_line(runs, args, message):
     r = CliRunner().invoke(main, ["analyze", str(runs[0]), *args, "--device", "cpu"])
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
     assert r.output.strip().count("\n") == 0 and message in r.output
+
+
+def test_default_splits_are_the_papers(runs):
+    """Rank and information on the test split (Figures 3, 5); the loss landscape on the training split (appendix A)."""
+    res = analyze_run(runs[0], what=("rank", "landscape"), max_samples=32, n_features=16, landscape_steps=(3, 3),
+                      device="cpu")
+    assert res["split"] == "test" and res["loss_split"] == "train"
+    forced = analyze_run(runs[0], what=("rank",), max_samples=32, n_features=16, split="val", device="cpu")
+    assert forced["split"] == "val" and forced["loss_split"] == "val"

@@ -56,7 +56,7 @@ def _load_other(path: str | Path, cfg: Any, dev: Any) -> Any:
 
 
 def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradients", "information"),
-                max_samples: int = 512, split: str = "test", other: str | Path | None = None,
+                max_samples: int = 512, split: str | None = None, other: str | Path | None = None,
                 third: str | Path | None = None, device: str | None = None, batch_size: int = 256, seed: int = 0,
                 mi_method: str = "mc", sigma: float = 0.1, n_features: int = 6000,
                 landscape_steps: int | Sequence[int] = (11, 11), landscape_span: float = 1.0,
@@ -67,7 +67,9 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
         run_dir: a run folder (``config.json`` and the final weights).
         what: names from ``ANALYSES`` (see the module docstring).
         max_samples: samples used by each analysis (``gradients``: training samples, in batches).
-        split: the split that rank, information, landscape, plane and connectivity are measured on.
+        split: the split that rank, information, landscape, plane and connectivity are measured on; None
+            (the default): the paper's, the test split for rank and information (Figures 3 and 5), the training
+            split for the losses of the landscapes and the plane (appendix A, Figure 2).
         other: a second run of the same architecture (``connectivity``, ``plane``).
         third: a third run (``plane``).
         device: ``"cpu"``, ``"cuda"``, ...; None = CUDA when available.
@@ -105,7 +107,7 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
     bad = [w for w in what if w not in ANALYSES]
     if bad:
         raise ValueError(f"unknown analysis {bad[0]!r}; valid: {', '.join(ANALYSES)}")
-    if split not in SPLITS:
+    if split is not None and split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if mi_method not in MI_METHODS:
         raise ValueError(f"unknown estimator {mi_method!r}; valid: {', '.join(MI_METHODS)}")
@@ -120,11 +122,14 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
     splits = load_data(cfg)
     bs = min(batch_size, max_samples)
     n_batches = math.ceil(max_samples / bs)
-    batches = list(itertools.islice(getattr(splits, split).batches(bs), n_batches))
+    feature_split, loss_split = split or "test", split or "train"
+    batches = list(itertools.islice(getattr(splits, feature_split).batches(bs), n_batches))
+    loss_batches = batches if loss_split == feature_split else \
+        list(itertools.islice(getattr(splits, loss_split).batches(bs), n_batches))
     weights = _weights(cfg, model.num_exits)
     out: dict[str, Any] = {"run": str(run_dir), "model": cfg.model.name, "dataset": cfg.data.name,
                            "regime": parse_regime(cfg.train.regime), "regime_name": cfg.train.regime,
-                           "exit_after": list(model.exit_after), "split": split,
+                           "exit_after": list(model.exit_after), "split": feature_split, "loss_split": loss_split,
                            "num_samples": min(sum(len(y) for _, y in batches), max_samples), "weights": weights}
     if "rank" in what:
         from .layer_rank import layer_ranks
@@ -163,22 +168,22 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
     if "landscape" in what:
         from .landscape import loss_surface
 
-        out["landscape"] = loss_surface(model, batches, steps=landscape_steps, span=landscape_span, seed=seed,
+        out["landscape"] = loss_surface(model, loss_batches, steps=landscape_steps, span=landscape_span, seed=seed,
                                         weights=weights)
     if "plane" in what or "connectivity" in what:
         bn = list(itertools.islice(splits.train.batches(bs), n_batches))  # BatchNorm re-estimation: unaugmented
         model_b = _load_other(other, cfg, dev)
     if "plane" in what:
         model_c = _load_other(third, cfg, dev)
-        out["plane"] = {**_plane(model, model_b, model_c, batches, bn, steps=steps, weights=weights, seed=seed),
+        out["plane"] = {**_plane(model, model_b, model_c, loss_batches, bn, steps=steps, weights=weights, seed=seed),
                         "runs": {"ref": str(run_dir), "a": str(other), "b": str(third)}}
     if "connectivity" in what:
         from .connectivity import interpolation_path, weight_matching
 
-        path = interpolation_path(model, model_b, batches, steps=path_steps, bn_batches=bn)
+        path = interpolation_path(model, model_b, loss_batches, steps=path_steps, bn_batches=bn)
         # an architecture without permutation rules (or no scipy): the plain path only
         matched = weight_matching(model, model_b, seed=seed) if matchable(model) else None
-        matched_path = (interpolation_path(model, matched, batches, steps=path_steps, bn_batches=bn)
+        matched_path = (interpolation_path(model, matched, loss_batches, steps=path_steps, bn_batches=bn)
                         if matched is not None else None)
         out["connectivity"] = {"other": str(other), "path": path, "matched_path": matched_path}
     return to_jsonable(out)
