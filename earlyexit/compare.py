@@ -102,7 +102,7 @@ def compare_regimes(cfg: RunConfig, seeds: Sequence[int], out: str | Path, *, bu
             dirs[regime].append(str(run_dir(out, c, regime, seed)))
     all_dirs = [Path(d) for r in REGIMES for d in dirs[r]]
     summary = {"budget": budget, "seeds": [int(s) for s in seeds], "runs": dirs,
-               "summary": summarize_runs(all_dirs)}
+               "summary": summarize_runs(all_dirs, same_config=budget != "matched")}  # matched: joint's epochs vary
     atomic_write_json(out / "summary.json", summary)
     maybe_plot(all_dirs, out / "curves.png")
     return summary
