@@ -36,8 +36,10 @@ import torch
 from . import runs
 from .config import RunConfig
 from .errors import EarlyExitError
-from .io import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, load_state_strict
+from .io import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, load_state_strict,
+                 remove_stale_temps)
 from .reports import maybe_plot, summarize_runs
+from .rundir import RunLock
 from .results import RESULTS, Results, TrainInfo
 from .training import CHECKPOINT, HISTORY, train
 
@@ -76,7 +78,13 @@ def compare_regimes(cfg: RunConfig, seeds: Sequence[int], out: str | Path, *, bu
     if out.exists() and any(out.iterdir()) and not resume:
         raise EarlyExitError(f"{out} already holds a comparison; pass --resume to continue it")
     runs.check_run(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):  # one comparison per folder at a time
+        remove_stale_temps(out)
+        return _compare(cfg, seeds, out, budget=budget, log=log)
+
+
+def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
+             log: Callable[..., None] | None) -> dict:
     emit = log or (lambda *a, **k: None)
     dirs: dict[str, list[str]] = {r: [] for r in REGIMES}
     for seed in seeds:

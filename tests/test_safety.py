@@ -24,9 +24,8 @@ from click.testing import CliRunner
 from earlyexit import data as D
 from earlyexit.cli import main
 from earlyexit.errors import DataError
-from earlyexit.io import load_plain_pickle
-from earlyexit.rundir import LOCK, STASH, RunLock, lock_holder
-from earlyexit.runs import RUN_FILES
+
+LOCK, STASH = ".lock", ".previous-run"  # earlyexit.rundir's names (imported where needed)
 
 QUICK = ["--model", "mlp", "--dataset", "synthetic", "--batch-size", "32", "--device", "cpu"]
 
@@ -130,6 +129,8 @@ def test_real_cifar_layouts_still_load(tmp_path):
            b"\x85U\x01b\x87R(K\x01K\x02K\x03\x86cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NNN"
            b"J\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T" + len(raw).to_bytes(4, "little") + raw +
            b"tbU\x06labels]q\x05(K\x01K\x02eu.")
+    from earlyexit.io import load_plain_pickle
+
     d = load_plain_pickle(io.BytesIO(py2))
     assert d["labels"] == [1, 2] and d["data"].tolist() == [[0, 1, 2], [3, 4, 5]] and d["data"].dtype == np.uint8
     now = {"data": np.arange(6, dtype=np.uint8).reshape(2, 3), "labels": [1, 2], "name": "x", "b": b"y",
@@ -206,6 +207,7 @@ def test_a_crash_mid_replacement_is_settled_by_the_next_run(copy_of):
     """kill -9 after --force set the old run aside, before the new one's first checkpoint: the next run in
     the folder puts the old run back (here --resume, which then continues it)."""
     from earlyexit.rundir import stash_run
+    from earlyexit.runs import RUN_FILES
     from earlyexit.training import CHECKPOINT
 
     before = _files(copy_of)
@@ -240,6 +242,8 @@ def test_a_live_lock_refuses_a_second_run(copy_of, force):
 
 
 def test_a_stale_lock_is_taken_over_and_cleared(tmp_path):
+    from earlyexit.rundir import lock_holder
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     out = tmp_path / "run"
@@ -254,6 +258,8 @@ def test_a_stale_lock_is_taken_over_and_cleared(tmp_path):
 
 def test_lock_held_by_another_process(tmp_path):
     """A lock flock-ed by a live process (whatever pid its file names) is refused; released, it is free."""
+    from earlyexit.rundir import RunLock, lock_holder
+
     child = subprocess.Popen([sys.executable, "-c",
                               "import sys, time; from earlyexit.rundir import RunLock; "
                               f"RunLock({str(tmp_path / 'r')!r}).acquire(); print('locked', flush=True); "
@@ -277,6 +283,8 @@ def test_lock_held_by_another_process(tmp_path):
 def test_two_runs_into_one_folder(tmp_path):
     """A second `run` (and a `run --force`) into the folder of a run in progress in another process: one
     line, exit 2, nothing touched; the first run finishes with its own config and weights."""
+    from earlyexit.rundir import lock_holder
+
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     first = subprocess.Popen([sys.executable, "-m", "earlyexit", "run", *QUICK, "--epochs", "8", "--lr", "0.02",
