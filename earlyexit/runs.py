@@ -21,6 +21,7 @@ A run folder holds (all written atomically):
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import time
 from pathlib import Path
@@ -382,6 +383,9 @@ def _prepare(cfg: RunConfig, *, resume: bool) -> tuple[Any, MultiExitModel]:
     return splits, model
 
 
+_WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+
+
 def _failed(e: BaseException, out: Path, *, main: bool, stashed: bool) -> BaseException:
     """The error a failed training ends with, after putting back a replaced run that the new one never replaced."""
     started = (out / CHECKPOINT).exists()
@@ -399,7 +403,8 @@ def _failed(e: BaseException, out: Path, *, main: bool, stashed: bool) -> BaseEx
         return RunInterrupted(f"interrupted before the first checkpoint: nothing of this run was saved{kept}")
     if isinstance(e, OSError):
         last = f"; the last good checkpoint is kept in {out / CHECKPOINT}" if started else kept
-        return EarlyExitError(f"{describe_os_error(e, 'cannot write')}{last}")
+        verb = "cannot write" if e.errno in _WRITE_ERRORS else "cannot access"
+        return EarlyExitError(f"{describe_os_error(e, verb)}{last}")
     if restored and isinstance(e, EarlyExitError):
         return type(e)(f"{' '.join(str(e).split())}{kept}")
     return e

@@ -431,3 +431,51 @@ def test_property_tests_run_derandomized():
 
     if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci":
         assert settings.default.derandomize and settings.default.deadline is None
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["eval", "{missing}"], "is not a run folder (no config.json)"),
+    (["eval", "{run}", "--criterion", "vibes"], "unknown criterion 'vibes'"),
+    (["summary", "{missing}"], "has no results.json"),
+    (["plot", "{missing}", "-o", "{tmp}/f.png"], "has no results.json"),
+    (["analyze", "{missing}"], "is not a run folder (no config.json)"),
+    (["analyze", "{run}", "--what", "nonsense"], "unknown analysis 'nonsense'"),
+    (["analyze", "{run}", "--what", "rank", "--max-samples", "0"], "max_samples must be >= 1"),
+    (["bench", "--model", "nope"], "unknown model 'nope'"),
+    (["bench", "--model", "mlp", "--dataset", "synthetic", "--steps", "0"], "steps >= 1"),
+    (["bench", "--model", "mlp", "--dataset", "synthetic", "--run", "{missing}"], "is not a run folder"),
+])
+def test_every_command_fails_in_one_line(args, pattern, finished, tmp_path):
+    fill = {"missing": str(tmp_path / "missing"), "run": str(finished), "tmp": str(tmp_path)}
+    _one_line_error(_invoke([a.format(**fill) for a in args]), pattern)
+
+
+def test_results_json_holds_exactly_the_documented_schema(finished):
+    """Every key of a real run's results.json is a documented field of its part, and no documented required
+    field is missing (the schema printed in the README is generated from the same dataclasses)."""
+    import dataclasses
+
+    from earlyexit.results import CalibratedCurve, Curve, ExitResult, Results, Timing, TrainInfo
+
+    def names(cls, skip=()):
+        return {f.name for f in dataclasses.fields(cls)} - set(skip)
+
+    def required(cls):
+        return {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+
+    res = json.loads((finished / "results.json").read_text())
+    assert required(Results) <= set(res) <= names(Results)
+    assert {"calibrated_geometric", "calibrated_global", "calibrated_budgets", "train", "timing"} <= set(res)
+    for e in res["exits"]:
+        assert required(ExitResult) <= set(e) <= names(ExitResult)
+    assert set(res["curve"]) == names(Curve)
+    for k in ("calibrated_geometric", "calibrated_global"):
+        assert set(res[k]) == names(CalibratedCurve)
+    assert set(res["train"]) <= names(TrainInfo, skip=("seconds",)) and "phases" in res["train"]
+    assert set(res["timing"]) == names(Timing) and res["timing"]["train_seconds"] > 0
+    assert set(res["budgets"]) == set(res["calibrated_budgets"]) == {"25%", "50%", "75%", "100%", "max"}
+    for p in res["train"]["phases"]:
+        assert set(p) == {"phase", "lr", "best_epoch", "best_val", "grid"}
+        assert all(set(g) == {"lr", "best_val", "best_epoch", "epochs"} for g in p["grid"])
+    assert Results.from_json(finished).to_dict() == res
