@@ -246,7 +246,7 @@ def _run_config(*, regime, seed, init, model_name, exits, weights, model_opts, d
 @click.option("--seed", default=_T.seed, show_default=True, type=int, help="Seed of init, data order and augmentation.")
 @click.option("--init", default=None, help="Start from these weights: a run folder or a weights file "
               "(a pretrained backbone instead of phase 1; required by '--+').")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run folder (default runs/MODEL-DATASET-REGIME-sSEED).")
+@click.option("--out", default=None, help="Run folder (default runs/MODEL-DATASET-REGIME-sSEED).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
 @_user_errors

@@ -36,6 +36,8 @@ def describe_os_error(e: OSError, what: str = "") -> str:
     cause = e.strerror or " ".join(str(e).split()) or type(e).__name__
     if e.errno == errno.ENOSPC:
         cause = "no space left on the device"
+    elif e.errno == errno.EEXIST and path and not os.path.isdir(path):
+        cause = "it exists and is not a folder"
     head = f"{what} " if what else ""
     return f"{head}{path}: {cause}" if path else f"{head.strip() or 'file system error'}: {cause}"
 

@@ -83,7 +83,8 @@ def make_model(cfg: RunConfig, splits: Any, *, staged: bool = False) -> MultiExi
     kw = dict(cfg.model.kwargs)
     size = getattr(splits, "image_size", None)
     if size is not None:
-        if "image_size" in kw and kw["image_size"] != size:
+        given = kw.get("image_size")
+        if isinstance(given, int) and not isinstance(given, bool) and given != size:  # other types: the type check
             raise ConfigError(f"model option image_size={kw['image_size']!r} contradicts the data's {size}-pixel "
                               "images; resize the data instead (--image-size, DataConfig.image_size)")
         kw.setdefault("image_size", size)
@@ -230,6 +231,10 @@ def check_resume(cfg: RunConfig, out: Path) -> None:
     f = out / "config.json"
     if f.is_file():
         saved, where = read_run_config(f), "its config.json"
+        shapes = json.loads(f.read_text()).get("shapes")
+        if shapes is not None and not _valid_shapes(shapes):
+            raise EarlyExitError(f"{f} is not a valid run config: its shapes {shapes!r} are not "
+                                 "{num_classes, in_chans, image_size} of positive integers (or null)")
     else:
         ckpt = load_checkpoint(out / CHECKPOINT, mmap=True)
         opts = ckpt.get("options") if isinstance(ckpt, dict) else None

@@ -479,3 +479,17 @@ def test_results_json_holds_exactly_the_documented_schema(finished):
         assert set(p) == {"phase", "lr", "best_epoch", "best_val", "grid"}
         assert all(set(g) == {"lr", "best_val", "best_epoch", "epochs"} for g in p["grid"])
     assert Results.from_json(finished).to_dict() == res
+
+
+def test_a_folder_in_the_way_and_a_foreign_run_for_bench(finished, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    _one_line_error(_invoke(["run", *QUICK, "--out", str(tmp_path / "afile")]), "it exists and is not a folder")
+    bad = tmp_path / "bad"
+    shutil.copytree(finished, bad)
+    (bad / "config.json").write_text("[]")
+    _one_line_error(_invoke(["bench", "--model", "mlp", "--dataset", "synthetic", "--run", str(bad)]),
+                    "is not a valid run config")  # before any timing is printed
+    shapes = json.loads((finished / "config.json").read_text())
+    shapes["shapes"] = {"num_classes": "ten"}
+    (bad / "config.json").write_text(json.dumps(shapes))
+    _one_line_error(_invoke(["run", *QUICK, "--epochs", "1", "--out", str(bad), "--resume"]), "its shapes")

@@ -189,6 +189,9 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
         if not isinstance(d, dict):
             raise TypeError(f"it holds a {type(d).__name__}, not a dict")
         d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+        missing = [k for k in ("data", label_key) if k not in d]
+        if missing:
+            raise ValueError(f"it has no {missing[0]!r} entry")
         x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # rows are R, G, B planes of 32x32
         y = np.asarray(d[label_key], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError, AttributeError,
