@@ -28,6 +28,7 @@ from .errors import EarlyExitError
 
 LOCK = ".lock"
 STASH = ".previous-run"
+_COMPLETE = ".complete"  # in the stash: every file of the previous run was moved
 
 
 def describe_os_error(e: OSError, what: str = "") -> str:
@@ -188,28 +189,36 @@ def stash_run(out: Path, names: Sequence[str], first: str) -> list[str]:
         The names moved.
     """
     stash = out / STASH
-    if stash.exists():
-        shutil.rmtree(stash)
+    if stash.exists():  # settle() resolves a stash before any new run starts; never overwrite one
+        raise EarlyExitError(f"{stash} holds a previous run that was being replaced; run again in {out} to settle it")
     stash.mkdir()
     moved = []
     for name in [first, *[n for n in names if n != first]]:
         if (out / name).exists():
             os.replace(out / name, stash / name)  # one rename each: the same file system
             moved.append(name)
+    (stash / _COMPLETE).touch()  # every file moved: what is left in the folder from now on is the new run's
     return moved
 
 
 def restore_run(out: Path, names: Sequence[str]) -> bool:
-    """Put a stashed run back (the new run's files of ``names`` are removed first); False when there is none."""
+    """Put a stashed run back; False when there is none.
+
+    When the stash was complete, the new run's files of ``names`` that the old run did not have are removed;
+    after a stash cut short, the files still in the folder are the old run's and stay.
+    """
     stash = out / STASH
     if not stash.is_dir():
         return False
-    kept = {p.name for p in stash.iterdir()}
-    for name in names:
-        if name not in kept:
-            (out / name).unlink(missing_ok=True)
+    complete = (stash / _COMPLETE).exists()
+    kept = {p.name for p in stash.iterdir()} - {_COMPLETE}
+    if complete:
+        for name in names:
+            if name not in kept:
+                (out / name).unlink(missing_ok=True)
     for name in kept:
         os.replace(stash / name, out / name)
+    (stash / _COMPLETE).unlink(missing_ok=True)
     stash.rmdir()
     return True
 

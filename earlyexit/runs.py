@@ -346,14 +346,15 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
             check_resume(cfg, out)
         splits, model = _prepare(cfg, resume=resume)
         stashed = False
-        if main and not resume:
-            if (out / CHECKPOINT).exists() or (out / "results.json").exists():
-                stashed = bool(stash_run(out, RUN_FILES, CHECKPOINT))
-            clear_out_dir(out)
-            write_config(cfg, splits, out)
-        elif main and not (out / "config.json").is_file():
-            write_config(cfg, splits, out)  # a resumed run writes back a lost config.json
         try:
+            if main and not resume:
+                if (out / CHECKPOINT).exists() or (out / "results.json").exists():
+                    stashed = True  # from the first file moved: a failure from here on puts the run back
+                    stash_run(out, RUN_FILES, CHECKPOINT)
+                clear_out_dir(out)
+                write_config(cfg, splits, out)
+            elif main and not (out / "config.json").is_file():
+                write_config(cfg, splits, out)  # a resumed run writes back a lost config.json
             model, train_info = train_run(cfg, model, splits, out, resume=resume, log=log)
         except BaseException as e:
             raise _failed(e, out, main=main, stashed=stashed) from None

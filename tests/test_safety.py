@@ -221,6 +221,22 @@ def test_a_crash_mid_replacement_is_settled_by_the_next_run(copy_of):
     assert not (copy_of / STASH).exists() and not (copy_of / LOCK).exists()
 
 
+def test_a_crash_while_setting_the_previous_run_aside_loses_nothing(copy_of):
+    """kill -9 in the middle of moving the previous run aside (the checkpoint and results moved, the rest not):
+    the next run in the folder puts every file back as it was."""
+    before = _files(copy_of)
+    (copy_of / STASH).mkdir()
+    for name in ("checkpoint.pt", "results.json"):
+        os.replace(copy_of / name, copy_of / STASH / name)
+    r = _invoke(["run", *QUICK, "--epochs", "1", "--out", str(copy_of), "--resume"])
+    assert r.exit_code == 0, r.output
+    after = _files(copy_of)
+    for name in ("config.json", "history.jsonl", "model.safetensors", "checkpoint.pt"):
+        if name in before:
+            assert after[name] == before[name], name
+    assert not (copy_of / STASH).exists()
+
+
 def test_force_replaces_the_run_once_the_new_one_has_started(copy_of):
     r = _invoke(["run", *QUICK, "--epochs", "2", "--out", str(copy_of), "--force"])
     assert r.exit_code == 0, r.output
