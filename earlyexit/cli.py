@@ -20,21 +20,37 @@ from .errors import EarlyExitError
 
 
 def _user_errors(fn):
-    """Turn the package's user-facing errors into one line on stderr and exit code 2."""
+    """Turn the package's user-facing errors and file-system errors into one line on stderr and exit code 2.
+
+    Under torchrun only rank 0 prints (every rank meets the same error); Ctrl-C exits with 130.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (EarlyExitError, ValueError) as e:  # DataError and CheckpointError are EarlyExitErrors
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            click.echo(f"error: {msg}", err=True)
+        except (EarlyExitError, ValueError, OSError) as e:  # DataError and CheckpointError are EarlyExitErrors
+            if isinstance(e, OSError):
+                from .rundir import describe_os_error
+
+                msg = describe_os_error(e, "cannot access")
+            else:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            _echo_once(f"error: {msg}")
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted; the last checkpoint is kept (continue with --resume)", err=True)
+        except KeyboardInterrupt as e:
+            _echo_once(str(e) or "interrupted")
             sys.exit(130)
 
     return wrapper
+
+
+def _echo_once(msg: str) -> None:
+    """Print on stderr from one process only (rank 0 under torchrun)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(msg, err=True)
 
 
 def _per_phase(text: str | None, flag: str, parse: Callable[[str, str], Any], *, sep: str = ";") -> tuple | None:
@@ -239,7 +255,7 @@ def _run_config(*, regime, seed, init, model_name, exits, weights, model_opts, d
               "(a pretrained backbone instead of phase 1; required by '--+').")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="Rerun the configuration of this config.json (e.g. a committed run's); excludes the other run options.")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run folder (default runs/MODEL-DATASET-REGIME-sSEED).")
+@click.option("--out", default=None, help="Run folder (default runs/MODEL-DATASET-REGIME-sSEED).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
 @click.pass_context

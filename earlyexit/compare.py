@@ -39,8 +39,10 @@ import torch
 from . import runs
 from .config import RunConfig
 from .errors import EarlyExitError
-from .io import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, load_state_strict
+from .io import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, load_state_strict,
+                 remove_stale_temps)
 from .reports import maybe_plot, summarize_runs
+from .rundir import RunLock
 from .results import RESULTS, Results, TrainInfo
 from .training import CHECKPOINT, HISTORY, train
 
@@ -79,7 +81,13 @@ def compare_regimes(cfg: RunConfig, seeds: Sequence[int], out: str | Path, *, bu
     if out.exists() and any(out.iterdir()) and not resume:
         raise EarlyExitError(f"{out} already holds a comparison; pass --resume to continue it")
     runs.check_run(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):  # one comparison per folder at a time
+        remove_stale_temps(out)
+        return _compare(cfg, seeds, out, budget=budget, log=log)
+
+
+def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
+             log: Callable[..., None] | None) -> dict:
     emit = log or (lambda *a, **k: None)
     dirs: dict[str, list[str]] = {r: [] for r in REGIMES}
     for seed in seeds:
@@ -106,7 +114,7 @@ def compare_regimes(cfg: RunConfig, seeds: Sequence[int], out: str | Path, *, bu
             dirs[regime].append(str(run_dir(out, c, joint_tag if regime == "joint" else regime, seed)))
     all_dirs = [Path(d) for r in REGIMES for d in dirs[r]]
     summary = {"budget": budget, "seeds": [int(s) for s in seeds], "runs": dirs,
-               "summary": summarize_runs(all_dirs)}
+               "summary": summarize_runs(all_dirs, same_config=budget != "matched")}  # matched: joint's epochs vary
     suffix = "" if budget == "paper" else f"-{budget}"
     atomic_write_json(out / f"summary{suffix}.json", summary)
     maybe_plot(all_dirs, out / f"curves{suffix}.png")

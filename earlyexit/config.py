@@ -75,11 +75,18 @@ def _choice(value: Any, valid: Any, what: str) -> None:
         raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(sorted(valid))}")
 
 
-def _number(value: Any, what: str, *, low: float | None = None, strict: bool = False, integer: bool = False) -> None:
-    """``value`` must be a finite number (an int if ``integer``) >= ``low`` (> when ``strict``)."""
+FLOAT32_MAX = 3.4028234663852886e38  # optimizer settings enter float32 arithmetic: larger values overflow
+
+
+def _number(value: Any, what: str, *, low: float | None = None, strict: bool = False, integer: bool = False,
+            float32: bool = False) -> None:
+    """``value`` must be a finite number (an int if ``integer``; finite in float32 if ``float32``) >= ``low``
+    (> when ``strict``)."""
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type or not math.isfinite(value):
         raise ConfigError(f"{what} must be a finite {'integer' if integer else 'number'}, got {value!r}")
+    if float32 and abs(value) > FLOAT32_MAX:
+        raise ConfigError(f"{what} must be at most {FLOAT32_MAX:.4g} (it overflows float32), got {value!r}")
     if low is not None and (value <= low if strict else value < low):
         raise ConfigError(f"{what} must be {'>' if strict else '>='} {low}, got {value!r}")
 
@@ -115,10 +122,10 @@ class PhaseConfig:
         if not lr:
             raise ConfigError("learning rates: give at least one")
         for v in lr:
-            _number(v, "learning rate", low=0, strict=True)
+            _number(v, "learning rate", low=0, strict=True, float32=True)
         _set(self, "lr", lr)
-        _number(self.weight_decay, "weight decay", low=0)
-        _number(self.momentum, "momentum", low=0)
+        _number(self.weight_decay, "weight decay", low=0, float32=True)
+        _number(self.momentum, "momentum", low=0, float32=True)
         _number(self.epochs, "epochs", integer=True)
         if self.epochs < 0:
             raise ConfigError(f"epochs must be > 0 (or 0 in a phase that does not run), got {self.epochs}")
@@ -157,7 +164,7 @@ class TrainConfig:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         if self.grad_clip is not None:
-            _number(self.grad_clip, "gradient clipping norm", low=0, strict=True)
+            _number(self.grad_clip, "gradient clipping norm", low=0, strict=True, float32=True)
         if self.grad_log_every is not None:
             _number(self.grad_log_every, "gradient log interval (steps)", low=1, integer=True)
 
@@ -172,6 +179,11 @@ class TrainConfig:
         return self.weighting if self.weighting is not None else DEFAULT_WEIGHTING
 
 
+# Builder arguments the run itself sets; a model option of the same name would clash with them.
+RUN_MODEL_ARGS = {"num_classes": "the dataset's classes", "in_chans": "the dataset's channels",
+                  "exits": "ModelConfig.exits, --exits"}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnet20"          # registry name (earlyexit.list_models())
@@ -183,6 +195,12 @@ class ModelConfig:
             raise ConfigError(f"model name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.kwargs, dict):
             raise ConfigError(f"model options must be a dict, got {type(self.kwargs).__name__}")
+        for key in self.kwargs:
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ConfigError(f"model option names must be identifiers, got {key!r}")
+            if key in RUN_MODEL_ARGS:
+                raise ConfigError(f"model option {key!r} is set by the run, not by a model option "
+                                  f"({RUN_MODEL_ARGS[key]})")
         if isinstance(self.exits, list):
             _set(self, "exits", tuple(self.exits))
 
@@ -250,6 +268,20 @@ class RunConfig:
 def to_dict(cfg: Any) -> dict:
     """JSON-ready dict of a (nested) config dataclass."""
     return dataclasses.asdict(cfg)
+
+
+def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted names of the fields in which two config dicts differ, e.g. ``["train.phases[0].lr"]``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in list(a) + [k for k in b if k not in a]:
+            out += config_diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b) and \
+            any(isinstance(v, (dict, list, tuple)) for v in a):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in config_diff(x, y, f"{prefix}[{i}]")]
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON turns tuples into lists)
+    return [] if norm(a) == norm(b) else [prefix or "(the whole config)"]
 
 
 def run_config_from_dict(d: dict) -> RunConfig:

@@ -27,4 +27,8 @@ class TrainingError(EarlyExitError):
     """Training cannot go on (e.g. a non-finite loss)."""
 
 
-__all__ = ["EarlyExitError", "ConfigError", "CheckpointError", "DataError", "TrainingError"]
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; its message says what was kept (the CLI prints it and exits with code 130)."""
+
+
+__all__ = ["EarlyExitError", "ConfigError", "CheckpointError", "DataError", "TrainingError", "RunInterrupted"]

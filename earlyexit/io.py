@@ -1,10 +1,12 @@
-"""Atomic file writes and safe checkpoint loading.
+"""Atomic file writes and loads that never run code from a file.
 
 Every file of a run is written to a temporary file in the same folder and
 renamed over the target, so a killed run leaves either the old file or the
-new one, never half of one. Checkpoints are read with
-``torch.load(weights_only=True)``: tensors and plain containers only, never
-arbitrary pickles.
+new one, never half of one (``remove_stale_temps`` clears what a killed write
+left behind). Checkpoints are read with ``torch.load(weights_only=True)``:
+tensors and plain containers only, never arbitrary pickles. Other pickles
+(CIFAR's python batches) go through ``load_plain_pickle``, which admits only
+plain containers, numbers, strings, bytes and numpy arrays.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,19 +23,26 @@ import torch
 
 from .errors import CheckpointError
 
+TEMP_SUFFIX = ".tmp"  # atomic writes go to ".NAME.<random>.tmp" beside NAME
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    except OSError as e:  # named by the file meant, not by the temporary name
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
@@ -50,13 +60,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True)`` with one-line errors."""
+def load_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors (``mmap``: tensors stay on disk until read)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # corrupt file, truncated zip, foreign pickle
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights only load failed" in msg.lower():
@@ -115,3 +125,79 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
     return d
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: "tuple[str, ...] | None" = None) -> list[Path]:
+    """Remove the temporary files that killed atomic writes left in ``folder`` (of ``names`` only, if given).
+
+    Only ``.NAME.<random>.tmp`` files are touched; call it while no other process writes there (a run
+    holds the folder's lock).
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX) and p.is_file()):
+            continue
+        target = p.name[1:-len(TEMP_SUFFIX)].rsplit(".", 1)[0]  # ".NAME.<random>.tmp" -> NAME
+        if names is None or target in names:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The numpy callables an array's pickle names (numpy 1 and 2 spell the module differently)."""
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for core in ("numpy.core", "numpy._core"):
+        out[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        out[(f"{core}.multiarray", "scalar")] = multiarray.scalar
+        out[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+    return out
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """An unpickler that builds plain data only: any other global (a function, a class) is refused.
+
+    Containers, numbers, strings and bytes need no global at all; numpy arrays, dtypes and scalars need
+    the few reconstruction functions of ``_numpy_globals``; ``_codecs.encode`` turns the latin-1 strings
+    of protocol-2 pickles back into bytes.
+    """
+
+    _ALLOWED: dict[tuple[str, str], Any] | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        import _codecs
+        import builtins
+        import collections
+
+        if _PlainUnpickler._ALLOWED is None:
+            _PlainUnpickler._ALLOWED = {("_codecs", "encode"): _codecs.encode,
+                                        ("collections", "OrderedDict"): collections.OrderedDict,
+                                        **{("builtins", n): getattr(builtins, n)
+                                           for n in ("set", "frozenset", "bytearray", "complex")},
+                                        **_numpy_globals()}
+        import _compat_pickle  # Python 2 names (``__builtin__.set``), mapped as the default find_class maps them
+
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        obj = _PlainUnpickler._ALLOWED.get((module, name))
+        if obj is None:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, and only plain data and numpy arrays are read")
+        return obj
+
+
+def load_plain_pickle(f: Any, *, encoding: str = "latin1") -> Any:
+    """Unpickle plain data (containers, numbers, strings, bytes, numpy arrays) from the binary file ``f``.
+
+    Nothing in the file is executed: a pickle that names any other function or class raises
+    ``pickle.UnpicklingError`` before it is called. ``encoding`` decodes Python 2 strings (CIFAR's batches).
+    """
+    return _PlainUnpickler(f, encoding=encoding).load()

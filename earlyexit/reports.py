@@ -106,11 +106,64 @@ def _stats(vals: list[float]) -> dict:
     return {"mean": float(t.mean()), "std": float(t.std()) if len(vals) > 1 else 0.0}
 
 
-def summarize_runs(run_dirs: Sequence[Path]) -> list[dict]:
+# config.json fields that may differ between the seeds of one configuration: where, not what, was run
+POOL_FREE_FIELDS = ("train.seed", "data.data_dir", "train.device")
+
+
+def check_pool(run_dirs: Sequence[Path], *, same_config: bool = True) -> None:
+    """Refuse to pool a run twice, or runs whose config.json differ in more than ``POOL_FREE_FIELDS``.
+
+    Runs are pooled per configuration (model, dataset, regime, method); within one, every seed must
+    appear once and, with ``same_config``, the runs that have a config.json must agree on every other field.
+    """
+    import json
+
+    from .config import config_diff
+
+    seen: dict[Path, Path] = {}
+    for d in run_dirs:
+        real = Path(d).resolve()
+        if real in seen:
+            raise EarlyExitError(f"{d} is given twice (as {seen[real]}); pool each run once")
+        seen[real] = Path(d)
+    groups: dict[tuple, list[tuple[Path, Results]]] = {}
+    for d in run_dirs:
+        r = read_results(Path(d))
+        groups.setdefault((r.model, r.dataset, r.regime, r.method), []).append((Path(d), r))
+    for key, members in groups.items():
+        seeds: dict[int, Path] = {}
+        for d, r in members:
+            if r.seed in seeds:
+                raise EarlyExitError(f"{_name(key)}: {seeds[r.seed]} and {d} are both seed {r.seed}; "
+                                     "pool each run once")
+            seeds[r.seed] = d
+        if not same_config:
+            continue
+        configs = []
+        for d, _ in members:
+            f = d / "config.json" if d.is_dir() else d.parent / "config.json"
+            if f.is_file():
+                try:
+                    raw = json.loads(f.read_text())
+                except (OSError, ValueError):
+                    raise EarlyExitError(f"{f} is not valid JSON") from None
+                if isinstance(raw, dict):
+                    raw.pop("shapes", None)
+                    configs.append((d, raw))
+        for d, raw in configs[1:]:
+            diff = [x for x in config_diff(configs[0][1], raw) if x not in POOL_FREE_FIELDS]
+            if diff:
+                raise EarlyExitError(f"{_name(key)}: {configs[0][0]} and {d} differ in {', '.join(diff[:4])}"
+                                     f"{' ...' if len(diff) > 4 else ''}; only the seed may differ between pooled runs")
+
+
+def summarize_runs(run_dirs: Sequence[Path], *, same_config: bool = True) -> list[dict]:
     """Mean and standard deviation over seeds of the runs of each configuration, and both budget tables.
 
     Args:
         run_dirs: run folders holding results.json.
+        same_config: refuse runs of one configuration whose config.json differ in more than the seed
+            (``check_pool``; a run given twice or two runs of one seed are refused always).
     Returns:
         One dict per configuration: ``{model, dataset, regime, method, criterion, seeds, exits: [{index, mean,
         std}], paper_budgets: {name: {mean, std} or None}, budgets: {name: {mean, std} or None}}``; accuracies
@@ -118,8 +171,10 @@ def summarize_runs(run_dirs: Sequence[Path]) -> list[dict]:
         ``metrics.ztw_budget_table`` of the seeds' test curves; ``budgets`` averages each seed's results.json
         ``budgets`` (None where a seed has none).
     Raises:
-        EarlyExitError: a configuration's seeds differ in base_flops, criterion or swept thresholds.
+        EarlyExitError: a configuration's seeds differ in base_flops, criterion or swept thresholds, a run
+            is given twice, or the configs differ (``check_pool``).
     """
+    check_pool(run_dirs, same_config=same_config)
     out = []
     for key, rs in group_runs(run_dirs):
         model, dataset, regime, method = key
@@ -329,5 +384,5 @@ def maybe_plot(run_dirs: list[Path], out_file: Path, *, required: bool = False, 
     return True
 
 
-__all__ = ["read_results", "group_runs", "summarize_runs", "format_summary", "plot_runs", "runs_figure", "maybe_plot",
+__all__ = ["read_results", "group_runs", "check_pool", "summarize_runs", "format_summary", "plot_runs", "runs_figure", "maybe_plot",
            "PAPER_BUDGETS_TITLE", "SEED_BUDGETS_TITLE"]

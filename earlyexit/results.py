@@ -11,6 +11,11 @@ field comments here.
 Accuracies are fractions in [0, 1]; FLOPs are per sample, 2 x multiply-adds
 (``earlyexit.metrics.costs``); budget keys are ``"25%"``, ``"50%"``,
 ``"75%"``, ``"100%"`` and ``"max"``.
+
+Everything but ``timing`` describes the result and is deterministic: two runs
+of one config on the CPU write it identically (``Results.comparable``).
+Wall-clock time lives under ``timing`` alone (earlier files kept it in
+``train.seconds``; ``from_json`` reads both).
 """
 
 from __future__ import annotations
@@ -59,9 +64,14 @@ class CalibratedCurve:
 
 @dataclass
 class TrainInfo:
-    seconds: float                  # wall-clock training time, summed over resumes
+    seconds: float | None           # wall-clock training time, summed over resumes (written as timing.train_seconds)
     phases: list                    # per phase: {phase, lr, best_epoch, best_val, grid}
     method_stage: list | None = None  # a method's own stage after the phases (ZTW's ensembles)
+
+
+@dataclass
+class Timing:
+    train_seconds: float | None = None  # wall-clock training time, summed over resumes (differs between runs)
 
 
 @dataclass
@@ -81,15 +91,16 @@ class Results:
     method: str | None = None       # the early-exit method (null: plain ICs)
     weighting: str | None = None    # the loss weighting over exits
     train: TrainInfo | None = None  # how training went (absent for an evaluation without training)
+    timing: Timing | None = None    # wall-clock times: the one part that is not deterministic (comparisons skip it)
 
     @classmethod
     def build(cls, *, regime: str, regime_name: str, model: str, dataset: str, seed: int, evaluation: dict,
               method: str | None, weighting: str | None, train: TrainInfo | dict | None = None) -> "Results":
         """Assemble the results of a run from its identity and the evaluation's dict
         (``base_flops``, ``exits``, ``curve``, ``budgets`` and, where computed, the calibrated parts)."""
+        train_d = dataclasses.asdict(train) if isinstance(train, TrainInfo) else train
         return cls.from_dict({"regime": regime, "regime_name": regime_name, "model": model, "dataset": dataset,
-                              "seed": seed, **evaluation, "method": method, "weighting": weighting,
-                              "train": dataclasses.asdict(train) if isinstance(train, TrainInfo) else train})
+                              "seed": seed, **evaluation, "method": method, "weighting": weighting, "train": train_d})
 
     @classmethod
     def from_dict(cls, d: dict) -> "Results":
@@ -99,16 +110,49 @@ class Results:
         try:
             cal = {k: CalibratedCurve(**d[k]) if d.get(k) is not None else None
                    for k in ("calibrated_geometric", "calibrated_global")}
-            train = d.get("train")
-            return cls(regime=d["regime"], regime_name=d.get("regime_name", d["regime"]), model=d["model"],
-                       dataset=d["dataset"], seed=d["seed"], base_flops=d["base_flops"],
-                       exits=[ExitResult(**e) for e in d["exits"]], curve=Curve(**d["curve"]), budgets=dict(d["budgets"]),
-                       **cal, calibrated_budgets=d.get("calibrated_budgets"), method=d.get("method"),
-                       weighting=d.get("weighting"), train=TrainInfo(**train) if train is not None else None)
+            train = dict(d["train"]) if d.get("train") is not None else None
+            timing = Timing(**d["timing"]) if d.get("timing") is not None else None
+            if train is not None:
+                old = train.pop("seconds", None)  # the earlier layout kept the time here
+                if timing is None and old is not None:
+                    timing = Timing(train_seconds=old)
+                train = TrainInfo(seconds=timing.train_seconds if timing is not None else None, **train)
+            res = cls(regime=d["regime"], regime_name=d.get("regime_name", d["regime"]), model=d["model"],
+                      dataset=d["dataset"], seed=d["seed"], base_flops=d["base_flops"],
+                      exits=[ExitResult(**e) for e in d["exits"]], curve=Curve(**d["curve"]), budgets=dict(d["budgets"]),
+                      **cal, calibrated_budgets=d.get("calibrated_budgets"), method=d.get("method"),
+                      weighting=d.get("weighting"), train=train, timing=timing)
         except KeyError as e:
             raise EarlyExitError(f"results lack the field {e.args[0]!r}") from None
-        except TypeError as e:
-            raise EarlyExitError(f"results do not fit the schema: {e}") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise EarlyExitError(f"results do not fit the schema: {' '.join(str(e).split())[:160]}") from None
+        res._check_types()
+        return res
+
+    def _check_types(self) -> None:
+        """The fields every reader uses have their documented types (a foreign or tampered file: one line)."""
+        def bad(where: str, what: str) -> EarlyExitError:
+            return EarlyExitError(f"results do not fit the schema: {where} must be {what}")
+
+        num = (int, float)
+        for name in ("regime", "regime_name", "model", "dataset"):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "a string")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise bad("seed", "an integer")
+        if not isinstance(self.base_flops, num) or isinstance(self.base_flops, bool):
+            raise bad("base_flops", "a number")
+        if not isinstance(self.budgets, dict):
+            raise bad("budgets", "an object")
+        for i, e in enumerate(self.exits):
+            if not isinstance(e.index, int) or not isinstance(e.flops, num) or not isinstance(e.accuracy, num):
+                raise bad(f"exits[{i}]", "{index: integer, flops: number, accuracy: number}")
+        c = self.curve
+        if not isinstance(c.criterion, str) or not all(isinstance(v, list) for v in
+                                                       (c.thresholds, c.flops, c.accuracy, c.exit_counts)):
+            raise bad("curve", "{criterion: string, thresholds, flops, accuracy, exit_counts: lists}")
+        if self.train is not None and not isinstance(self.train.phases, list):
+            raise bad("train.phases", "a list")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Results":
@@ -129,7 +173,10 @@ class Results:
     def to_dict(self) -> dict:
         """The results.json object: strict JSON, optional parts that were never computed left out."""
         d = dataclasses.asdict(self)
-        for k in ("calibrated_geometric", "calibrated_global", "calibrated_budgets", "train"):
+        seconds = d["train"].pop("seconds") if d.get("train") is not None else None
+        if seconds is not None:
+            d["timing"] = {**(d.get("timing") or {}), "train_seconds": seconds}
+        for k in ("calibrated_geometric", "calibrated_global", "calibrated_budgets", "train", "timing"):
             if d[k] is None:
                 del d[k]
         if d.get("train") is not None and d["train"]["method_stage"] is None:
@@ -138,6 +185,12 @@ class Results:
             if e["stage"] is None:
                 del e["stage"]
         return to_jsonable(d)
+
+    def comparable(self) -> dict:
+        """``to_dict`` without ``timing``: what two runs of one config on the CPU write identically."""
+        d = self.to_dict()
+        d.pop("timing", None)
+        return d
 
     def save(self, path: str | Path) -> Path:
         """Write results.json atomically into ``path`` (a run folder) or to ``path`` (a file)."""
@@ -159,6 +212,8 @@ def _schema(cls: type, indent: str = "") -> list[str]:
     src = inspect.getsource(cls)
     lines = []
     for f in dataclasses.fields(cls):
+        if cls is TrainInfo and f.name == "seconds":
+            continue  # written under timing (train_seconds)
         comment = next((ln.split("#", 1)[1].strip() for ln in src.splitlines()
                         if ln.strip().startswith(f"{f.name}:") and "#" in ln), "")
         lines.append(f"{indent}{f.name:<22}{comment}")
@@ -168,10 +223,11 @@ def _schema(cls: type, indent: str = "") -> list[str]:
 def schema() -> str:
     """The documented schema of results.json, generated from the dataclasses (the README prints it)."""
     out = _schema(Results)
-    for name, cls in (("exits[]", ExitResult), ("curve", Curve), ("calibrated_*", CalibratedCurve), ("train", TrainInfo)):
+    for name, cls in (("exits[]", ExitResult), ("curve", Curve), ("calibrated_*", CalibratedCurve), ("train", TrainInfo),
+                      ("timing", Timing)):
         out.append(f"{name}:")
         out.extend(_schema(cls, "  "))
     return "\n".join(out)
 
 
-__all__ = ["Results", "ExitResult", "Curve", "CalibratedCurve", "TrainInfo", "RESULTS", "schema"]
+__all__ = ["Results", "ExitResult", "Curve", "CalibratedCurve", "TrainInfo", "Timing", "RESULTS", "schema"]

@@ -21,6 +21,7 @@ A run folder holds (all written atomically):
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import time
 from pathlib import Path
@@ -30,11 +31,13 @@ import torch
 
 from . import distributed as dist
 from . import metrics
-from .config import RunConfig, run_config_from_dict, to_dict
+from .config import RunConfig, config_diff, run_config_from_dict, to_dict
 from .device import local_device
-from .errors import CheckpointError, EarlyExitError
-from .io import atomic_write_json, load_weights
+from .errors import CheckpointError, ConfigError, EarlyExitError, RunInterrupted, TrainingError
+from .io import atomic_write_json, load_checkpoint, load_weights, remove_stale_temps
 from .models import MultiExitModel, build_model
+from .preflight import build_checked, check_forward
+from .rundir import RunLock, check_unlocked, describe_os_error, drop_stash, restore_run, settle, stash_run
 from .reports import maybe_plot
 from .results import RESULTS, Results, TrainInfo
 from .score import calibrates, evaluate_logits
@@ -42,6 +45,8 @@ from .training import CHECKPOINT, train
 from .training.state import PROBE_LOG
 
 WEIGHTS_FILES = ("model.safetensors", "model.pt")
+# every file a run writes: what --force replaces (the checkpoint first) and a failed replacement puts back
+RUN_FILES = (CHECKPOINT, "results.json", "history.jsonl", PROBE_LOG, "curve.png", *WEIGHTS_FILES, "config.json")
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
@@ -70,14 +75,23 @@ def clear_out_dir(out: Path) -> None:
 
 
 def make_model(cfg: RunConfig, splits: Any, *, staged: bool = False) -> MultiExitModel:
-    """The run's model: the backbone with ICs, rewired by its method; ``staged``: as after the method's own stage."""
+    """The run's model: the backbone with ICs, rewired by its method; ``staged``: as after the method's own stage.
+
+    The builder options are checked first (``earlyexit.preflight``): a bad ``--model-opt`` is a one-line
+    ``ConfigError``, never a traceback or a model with an empty layer.
+    """
     kw = dict(cfg.model.kwargs)
-    if getattr(splits, "image_size", None) is not None:
-        kw.setdefault("image_size", splits.image_size)
+    size = getattr(splits, "image_size", None)
+    if size is not None:
+        given = kw.get("image_size")
+        if isinstance(given, int) and not isinstance(given, bool) and given != size:  # other types: the type check
+            raise ConfigError(f"model option image_size={kw['image_size']!r} contradicts the data's {size}-pixel "
+                              "images; resize the data instead (--image-size, DataConfig.image_size)")
+        kw.setdefault("image_size", size)
     in_chans = getattr(splits, "in_chans", None)
     exits = list(cfg.model.exits) if isinstance(cfg.model.exits, tuple) else cfg.model.exits
-    model = build_model(cfg.model.name, num_classes=splits.num_classes, in_chans=in_chans if in_chans is not None else 3,
-                        exits=exits, **kw)
+    model = build_checked(cfg.model.name, num_classes=splits.num_classes,
+                          in_chans=in_chans if in_chans is not None else 3, exits=exits, options=kw, build=build_model)
     text_data, text_model = in_chans is None, model.input_shape is None
     if text_data != text_model:
         kind = "text" if text_data else "image"
@@ -179,6 +193,10 @@ def evaluate_model(model: MultiExitModel, splits: Any, cfg: RunConfig, device: t
     costs = metrics.exit_costs(model, example)
     base = metrics.backbone_cost(model, example)
     logits, labels = metrics.evaluate(model, splits.test.batches(cfg.eval.batch_size), device=device)
+    if not torch.isfinite(logits).all():
+        bad = "weights" if any(not torch.isfinite(p).all() for p in model.parameters()) else "outputs"
+        raise TrainingError(f"training diverged: the model's {bad} are not finite (NaN or inf); "
+                            "a smaller --lr or --grad-clip usually helps")
     val_logits = None
     if calibrates(cfg.eval.criterion, len(costs)):
         # thresholds chosen on validation data for each target cost, then applied unchanged to the test set
@@ -203,11 +221,47 @@ def check_run(cfg: RunConfig) -> None:
 
 
 def check_resume(cfg: RunConfig, out: Path) -> None:
-    """``--resume`` only with the options the run in ``out`` was started with."""
-    if (out / "config.json").is_file():
-        saved = json.loads((out / "config.json").read_text())
-        if to_dict(run_config_from_dict(saved)) != to_dict(cfg):
-            raise EarlyExitError(f"--resume: the options differ from those of the run in {out} (see its config.json)")
+    """``--resume`` only with the options the run in ``out`` was started with.
+
+    They are read from ``config.json`` or, when it is missing, from the checkpoint (which records them).
+    """
+    f = out / "config.json"
+    if f.is_file():
+        saved, where = read_run_config(f), "its config.json"
+        shapes = json.loads(f.read_text()).get("shapes")
+        if shapes is not None and not _valid_shapes(shapes):
+            raise EarlyExitError(f"{f} is not a valid run config: its shapes {shapes!r} are not "
+                                 "{num_classes, in_chans, image_size} of positive integers (or null)")
+    else:
+        ckpt = load_checkpoint(out / CHECKPOINT, mmap=True)
+        opts = ckpt.get("options") if isinstance(ckpt, dict) else None
+        if opts is None:
+            return  # a checkpoint of an earlier version, which did not record them
+        try:
+            saved = run_config_from_dict(opts)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{out / CHECKPOINT}: the options it records are not a run config: {e}") from None
+        where = "its checkpoint"
+    if to_dict(saved) != to_dict(cfg):
+        diff = ", ".join(config_diff(to_dict(saved), to_dict(cfg))[:4])
+        raise EarlyExitError(f"--resume: the options differ from those of the run in {out} ({diff}; see {where})")
+
+
+def read_run_config(f: Path) -> RunConfig:
+    """The ``RunConfig`` of a ``config.json``; a one-line ``EarlyExitError`` for a missing, tampered or foreign file."""
+    try:
+        raw = json.loads(f.read_text())
+    except OSError as e:
+        raise EarlyExitError(describe_os_error(e, "cannot read")) from None
+    except (ValueError, UnicodeDecodeError):
+        raise EarlyExitError(f"{f} is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise EarlyExitError(f"{f} is not a valid run config: it holds a {type(raw).__name__}, not an object")
+    try:
+        return run_config_from_dict(raw)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        what = f"the field {e.args[0]!r} is missing" if isinstance(e, KeyError) else " ".join(str(e).split())[:160]
+        raise EarlyExitError(f"{f} is not a valid run config: {what}") from None
 
 
 def write_config(cfg: RunConfig, splits: Any, out: Path) -> None:
@@ -238,7 +292,7 @@ def train_run(cfg: RunConfig, model: MultiExitModel, splits: Any, out: Path, *, 
     """The regime's phases, then the method's own stage (e.g. ZTW's ensembles on the frozen ICs) if it has one."""
     probe = gradient_probe if cfg.train.grad_log_every is not None else None
     record = train(model, splits, config=cfg.train, out_dir=out, resume=resume, augment=cfg.data.augment, log=log,
-                   eval_batch_size=cfg.eval.batch_size, probe=probe)
+                   eval_batch_size=cfg.eval.batch_size, probe=probe, options=to_dict(cfg))
     info = TrainInfo(seconds=record.seconds, phases=[vars(r) for r in record.phases])
     return method_stage(cfg, model, splits, info, log=log)
 
@@ -266,31 +320,97 @@ def results_of(cfg: RunConfig, evaluation: dict, train_info: TrainInfo | dict | 
 
 def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bool = False,
                    log: Callable[..., None] | None = None) -> dict:
-    """Train and evaluate one configuration; write the run folder; return results.json's content."""
+    """Train and evaluate one configuration; write the run folder; return results.json's content.
+
+    The folder is locked for the whole run (``earlyexit.rundir.RunLock``). Everything that can be
+    checked (configs, data, the model build and a forward pass, the optimizers, batch against data and
+    processes) is checked before a previous run's files are touched; with ``force``, the previous run
+    is set aside and comes back if the new one fails before its first checkpoint.
+    """
     out = Path(out)
     check_run(cfg)
     main = dist.world()[0] == 0
+    lock = None
     if main:
-        prepare_out_dir(out, resume=resume, force=force)
-    if resume:
-        check_resume(cfg, out)
-    # everything that can fail on bad input happens before a previous run's files are touched
+        check_unlocked(out)
+        lock = RunLock(out).acquire()
+    try:
+        if main:
+            settle(out, RUN_FILES, CHECKPOINT)  # a --force replacement that a crash cut short
+            remove_stale_temps(out)             # what killed writes left behind
+            prepare_out_dir(out, resume=resume, force=force)
+        if resume:
+            check_resume(cfg, out)
+        splits, model = _prepare(cfg, resume=resume)
+        stashed = False
+        try:
+            if main and not resume:
+                if (out / CHECKPOINT).exists() or (out / "results.json").exists():
+                    stashed = True  # from the first file moved: a failure from here on puts the run back
+                    stash_run(out, RUN_FILES, CHECKPOINT)
+                clear_out_dir(out)
+                write_config(cfg, splits, out)
+            elif main and not (out / "config.json").is_file():
+                write_config(cfg, splits, out)  # a resumed run writes back a lost config.json
+            model, train_info = train_run(cfg, model, splits, out, resume=resume, log=log)
+        except BaseException as e:
+            raise _failed(e, out, main=main, stashed=stashed) from None
+        if main and stashed:
+            drop_stash(out)
+        if not main:
+            return {}
+        try:
+            save_weights(model, out)
+            res = results_of(cfg, evaluate_model(model, splits, cfg), train_info)
+            res.save(out)
+            maybe_plot([out], out / "curve.png")
+        except OSError as e:
+            raise EarlyExitError(f"{describe_os_error(e, 'cannot write')}; the last checkpoint is kept") from None
+        return res.to_dict()
+    finally:
+        if lock is not None:
+            lock.release(remove_empty_out=True)
+
+
+def _prepare(cfg: RunConfig, *, resume: bool) -> tuple[Any, MultiExitModel]:
+    """The data and the model, checked as far as they can be without training (nothing on disk changes)."""
+    from .training.checks import check_training
+
     splits = load_data(cfg)
     torch.manual_seed(cfg.train.seed)
     model = make_model(cfg, splits)
     if cfg.init is not None and not resume:
         load_init(model, cfg.init)
-    if main and not resume:
-        clear_out_dir(out)
-        write_config(cfg, splits, out)
-    model, train_info = train_run(cfg, model, splits, out, resume=resume, log=log)
-    if not main:
-        return {}
-    save_weights(model, out)
-    res = results_of(cfg, evaluate_model(model, splits, cfg), train_info)
-    res.save(out)
-    maybe_plot([out], out / "curve.png")
-    return res.to_dict()
+    check_forward(model, splits.train, what=f"model {cfg.model.name!r} and dataset {cfg.data.name!r}")
+    check_training(model, splits, cfg.train)
+    return splits, model
+
+
+_WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+
+
+def _failed(e: BaseException, out: Path, *, main: bool, stashed: bool) -> BaseException:
+    """The error a failed training ends with, after putting back a replaced run that the new one never replaced."""
+    started = (out / CHECKPOINT).exists()
+    restored = False
+    if main and stashed:
+        if started:
+            drop_stash(out)
+        else:
+            restored = restore_run(out, RUN_FILES)
+            started = False
+    kept = " (the previous run in the folder is kept)" if restored else ""
+    if isinstance(e, KeyboardInterrupt):
+        if started and not restored:
+            return RunInterrupted(f"interrupted; the last checkpoint is kept in {out} (continue with --resume)")
+        return RunInterrupted(f"interrupted before the first checkpoint: nothing of this run was saved{kept}")
+    if isinstance(e, OSError):
+        last = f"; the last good checkpoint is kept in {out / CHECKPOINT}" if started else kept
+        verb = "cannot write" if e.errno in _WRITE_ERRORS else "cannot access"
+        return EarlyExitError(f"{describe_os_error(e, verb)}{last}")
+    if restored and isinstance(e, EarlyExitError):
+        return type(e)(f"{' '.join(str(e).split())}{kept}")
+    return e
 
 
 def _method(cfg: RunConfig) -> Any:
@@ -309,20 +429,29 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[M
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise EarlyExitError(f"{path} is not a run folder (no config.json)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-        cfg = run_config_from_dict(raw)
-    except (ValueError, KeyError, TypeError) as e:
-        raise EarlyExitError(f"{cfg_file} is not a valid run config: {e}") from None
-    if isinstance(raw.get("shapes"), dict):  # the dataset's shapes, saved by the run: no need to read the data
+    cfg = read_run_config(cfg_file)
+    shapes = json.loads(cfg_file.read_text()).get("shapes")
+    if shapes is None:  # an earlier layout: read the shapes from the data
+        meta = _data_meta(cfg)
+    elif _valid_shapes(shapes):  # the dataset's shapes, saved by the run: no need to read the data
         from types import SimpleNamespace
 
-        meta = SimpleNamespace(**raw["shapes"])
+        meta = SimpleNamespace(**{k: shapes.get(k) for k in ("num_classes", "in_chans", "image_size")})
     else:
-        meta = _data_meta(cfg)
+        raise EarlyExitError(f"{cfg_file} is not a valid run config: its shapes {shapes!r} are not "
+                             "{num_classes, in_chans, image_size} of positive integers (or null)")
     model = make_model(cfg, meta, staged=True)
     load_state_strict(model, load_weights(find_weights(path)), source=str(find_weights(path)))
     return model.to(device).eval(), cfg
+
+
+def _valid_shapes(shapes: Any) -> bool:
+    """config.json's ``shapes``: classes >= 1, channels and image side None or >= 1."""
+    if not isinstance(shapes, dict):
+        return False
+    ok = lambda v, none: (v is None and none) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)  # noqa
+    return ok(shapes.get("num_classes"), False) and ok(shapes.get("in_chans"), True) and \
+        ok(shapes.get("image_size"), True)
 
 
 def _data_meta(cfg: RunConfig) -> Any:

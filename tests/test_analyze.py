@@ -48,7 +48,7 @@ def test_every_analysis_writes_json_and_its_figure(runs, tmp_path):
     layers = ["stages.0.0", "stages.1.0", "stages.2.0", "heads.2.linear"]  # every backbone Linear, no IC head
     assert [row["layer"] for row in first["rank"]] == layers
     assert all(1 <= row["rank"] <= min(row["samples"], row["features"]) for row in first["rank"])
-    assert [row["layer"] for row in first["information"]] == layers and first["information"][0]["method"] == "mc"
+    assert [row["layer"] for row in first["information"]] == layers and first["information"][0]["method"] == "mc"  # the default estimator
     assert len(first["gradients"]["cos"]) == 3 and all(-1 <= c <= 1 for c in first["gradients"]["cos"])
     assert first["gradients"]["weights"] == [1.0, 1.0, 1.0]
     land = first["landscape"]

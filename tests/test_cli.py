@@ -233,7 +233,12 @@ def _weights(d: Path) -> Path:
 
 @pytest.mark.slow
 def test_ddp_matches_single_process(tmp_path):
-    args = ["--epochs", "2", "--regime", "mixed", "--lr", "0.02"]  # a gentle lr keeps rounding differences small
+    """Two processes train, validate and choose exactly as one: every phase (3 included), an lr grid, patience.
+
+    Validation accuracies are compared exactly (they are all-reduced counts over the whole split), and so
+    are the chosen learning rates, best epochs and the epochs early stopping ran."""
+    # a gentle lr keeps rounding differences small; patience 1 stops some grid points early
+    args = ["--epochs", "2", "--regime", "+++", "--lr", "0.02,0.01", "--patience", "1"]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_cli(*args, "--out", str(one)), check=True, capture_output=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -242,10 +247,14 @@ def test_ddp_matches_single_process(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, env=env)
     h1 = [json.loads(line) for line in (one / "history.jsonl").read_text().splitlines()]
     h2 = [json.loads(line) for line in (two / "history.jsonl").read_text().splitlines()]
-    assert len(h1) == len(h2) == 4
+    assert len(h1) == len(h2) and {h["phase"] for h in h1} == {1, 2, 3}
     for a, b in zip(h1, h2):
+        assert (a["phase"], a["lr"], a["epoch"]) == (b["phase"], b["lr"], b["epoch"])
+        assert a["val_acc"] == b["val_acc"] and a["val_metric"] == b["val_metric"]
         # the same global batches; only the order of floating-point sums differs
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    r1, r2 = (json.loads((d / "results.json").read_text())["train"]["phases"] for d in (one, two))
+    assert r1 == r2  # chosen lr, best epoch, best validation figure, every grid point's record
     wa, wb = load_weights(_weights(one)), load_weights(_weights(two))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
 

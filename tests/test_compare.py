@@ -19,7 +19,7 @@ CFG = RunConfig(model=ModelConfig(name="mlp", kwargs={"width": 16, "depth": 3}),
 def _strip(obj):
     """Drop wall-clock fields, which differ between any two runs."""
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k != "seconds"}
+        return {k: _strip(v) for k, v in obj.items() if k not in ("seconds", "timing")}
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     return obj

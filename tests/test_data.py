@@ -333,6 +333,7 @@ def test_failed_download_becomes_one_line_error(isolated, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
     timeout = socket.getdefaulttimeout()
+    (isolated / "d").mkdir()  # a --data-dir must exist (a missing one is an error, never a fall-back)
     with pytest.raises(D.DataError) as e:
         D.load_dataset("fashion-mnist", data_dir=isolated / "d")
     msg = str(e.value)
@@ -348,6 +349,7 @@ def test_download_into_data_dir(isolated, monkeypatch):
         fake_mnist(Path(root) / "FashionMNIST" / "raw", n_train=20)
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", fetch)
+    (isolated / "d").mkdir()  # a --data-dir must exist (a missing one is an error, never a fall-back)
     s = D.load_dataset("fashion-mnist", data_dir=isolated / "d")
     assert len(s.train) + len(s.val) == 20 and (isolated / "d" / "FashionMNIST" / "raw").is_dir()
 

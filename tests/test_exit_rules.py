@@ -203,3 +203,29 @@ def test_negative_or_fractional_patience_is_refused():
             threshold_curve(logits, labels, [1, 2], thresholds=[bad], criterion="patience")
         with pytest.raises(ValueError, match="patience"):
             _predict_exits(logits, "patience", bad)
+
+
+@SETTINGS
+@given(saturating_logits(), st.data())
+def test_patience_against_a_naive_reference(out, data):
+    """Patience ties are exact (runs of equal arg-max predictions): the sweep, ``exit_decisions`` and
+    ``predict`` all leave at the first exit whose run of equal predictions reaches ``p`` (``>=``), else last."""
+    logits, labels, costs = out
+    E, N, _ = logits.shape
+    ps = data.draw(st.lists(st.integers(0, E + 1), min_size=1, max_size=4))
+    curve = threshold_curve(logits, labels, costs, thresholds=ps, criterion="patience")
+    pred = logits.argmax(-1)  # (E, N)
+    for j, p in enumerate(ps):
+        want = []
+        for n in range(N):
+            run, leave = 0, E - 1
+            for k in range(E):
+                run = run + 1 if k > 0 and pred[k, n] == pred[k - 1, n] else 1
+                if p > 0 and run >= p:
+                    leave = k
+                    break
+            want.append(leave)
+        want = torch.tensor(want)
+        assert torch.equal(exit_decisions(logits, "patience", p), want), p
+        assert torch.equal(_predict_exits(logits, "patience", p)[1], want), p
+        assert torch.bincount(want, minlength=E).tolist() == curve["exit_counts"][j]

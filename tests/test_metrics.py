@@ -253,8 +253,8 @@ def test_resnet50_backbone_cost_matches_torchvision():
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         ref_model(torch.zeros(1, 3, 224, 224))
     ref = counter.get_total_flops()
-    assert ref == pytest.approx(8.18e9, rel=0.01)
-    assert ours == pytest.approx(ref, rel=0.01)
+    assert ref == pytest.approx(8.18e9, rel=0.01)  # torchvision's published 4.09 GMACs
+    assert ours == ref  # exact: the same convolutions and linear layers, counted by the same rule
     assert time.perf_counter() - t0 < 120
 
 

@@ -6,9 +6,19 @@ from pathlib import Path
 import pytest
 
 from earlyexit.errors import EarlyExitError
-from earlyexit.results import CalibratedCurve, Curve, ExitResult, Results, TrainInfo, schema
+from earlyexit.results import CalibratedCurve, Curve, ExitResult, Results, Timing, TrainInfo, schema
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _in_current_layout(d: dict) -> dict:
+    """A previous-layout results.json as the current layout writes it: the wall-clock time moves from
+    ``train.seconds`` to ``timing.train_seconds``; every other key, value and order stays."""
+    d = json.loads(json.dumps(d))
+    seconds = d["train"].pop("seconds", None) if "train" in d else None
+    if seconds is not None:
+        d["timing"] = {"train_seconds": seconds}
+    return d
 
 
 @pytest.mark.parametrize("name", ["results_previous_layout.json", "results_previous_layout_pbee.json"])
@@ -17,10 +27,22 @@ def test_reads_results_of_the_previous_layout_and_writes_them_back_unchanged(nam
     r = Results.from_json(f)
     assert isinstance(r.curve, Curve) and all(isinstance(e, ExitResult) for e in r.exits)
     assert isinstance(r.train, TrainInfo) and r.regime == "++-" and r.model == "mlp"
-    assert r.to_dict() == json.loads(f.read_text())
+    old = json.loads(f.read_text())
+    assert r.to_dict() == _in_current_layout(old)
+    assert r.timing.train_seconds == r.train.seconds == old["train"]["seconds"]
     out = tmp_path / "results.json"
     r.save(out)
-    assert out.read_text() == f.read_text()  # byte for byte: key order and formatting too
+    # byte for byte as the current layout writes it: key order and formatting too
+    assert out.read_text() == json.dumps(_in_current_layout(old), indent=2) + "\n"
+    again = Results.from_json(out)
+    assert again == r and again.comparable() == {k: v for k, v in r.to_dict().items() if k != "timing"}
+
+
+def test_timing_is_the_only_part_that_differs_between_identical_runs():
+    r = Results.from_json(FIXTURES / "results_previous_layout.json")
+    other = Results.from_dict({**r.to_dict(), "timing": {"train_seconds": 123.0}})
+    assert other.to_dict() != r.to_dict() and other.comparable() == r.comparable()
+    assert "seconds" not in json.dumps(r.comparable())
 
 
 def test_optional_parts_are_absent_when_not_computed():
@@ -36,6 +58,14 @@ def test_optional_parts_are_absent_when_not_computed():
     ("{}", "lack the field 'regime'"),
     ('{"regime": "++-", "model": "m", "dataset": "d", "seed": 0, "base_flops": 1.0, "exits": [{"index": 0}],'
      ' "curve": {}, "budgets": {}}', "do not fit the schema"),
+    ('{"regime": "++-", "model": "m", "dataset": "d", "seed": "zero", "base_flops": 1.0, "exits": [],'
+     ' "curve": {"criterion": "confidence", "thresholds": [], "flops": [], "accuracy": [], "exit_counts": []},'
+     ' "budgets": {}}', "seed must be an integer"),
+    ('{"regime": "++-", "model": "m", "dataset": "d", "seed": 0, "base_flops": 1.0, "exits": 5,'
+     ' "curve": {}, "budgets": {}}', "do not fit the schema"),
+    ('{"regime": "++-", "model": "m", "dataset": "d", "seed": 0, "base_flops": 1.0, "exits": [],'
+     ' "curve": {"criterion": "confidence", "thresholds": [], "flops": [], "accuracy": [], "exit_counts": []},'
+     ' "budgets": [], "train": 3}', "do not fit the schema"),
 ])
 def test_malformed_results_give_one_line(content, pattern, tmp_path):
     f = tmp_path / "results.json"
@@ -52,7 +82,7 @@ def test_missing_results_file(tmp_path):
 
 def test_schema_names_every_field():
     text = schema()
-    for cls in (Results, ExitResult, Curve, CalibratedCurve, TrainInfo):
+    for cls in (Results, ExitResult, Curve, CalibratedCurve, TrainInfo, Timing):
         for name in cls.__dataclass_fields__:
             assert name in text
     assert "base_flops" in text and "phase string actually run" in text

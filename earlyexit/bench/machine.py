@@ -21,6 +21,7 @@ table that follows ``bench.inference``'s.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -82,6 +83,12 @@ def run_bench(*, model: str = "resnet20", dataset: str = "fashion-mnist", data_d
 
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0; got {batch_size}, {steps}, {warmup}")
+    if run_dir is not None:  # a run folder that cannot be read fails now, not after minutes of timing
+        from ..runs import read_run_config
+
+        if not (Path(run_dir) / "config.json").is_file():
+            raise ValueError(f"--run: {run_dir} is not a run folder (no config.json)")
+        read_run_config(Path(run_dir) / "config.json")
     dev = local_device(device)
     splits = load_dataset(dataset, data_dir=data_dir)
     torch.manual_seed(0)

@@ -97,6 +97,9 @@ def load_dataset(name: str = "fashion-mnist", *, data_dir: str | os.PathLike | N
                   download=download, **options)
     if entry.arg is not None:
         kwargs["arg"] = arg
+    if data_dir is not None and not os.path.isdir(os.path.expanduser(os.fspath(data_dir))):
+        # a typo must not fall back silently to another copy of the data ($EARLYEXIT_DATA, the system's)
+        raise DataError(f"data folder {data_dir} does not exist")
     params = inspect.signature(entry.loader).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = sorted(o for o in options if o not in params)
@@ -104,4 +107,22 @@ def load_dataset(name: str = "fashion-mnist", *, data_dir: str | os.PathLike | N
         own = [p for p in params if p not in ("data_dir", "val_fraction", "seed", "train_size", "download", "arg")]
         raise DataError(f"dataset {key!r} does not take option(s) {', '.join(unknown)}; "
                         f"its options: {', '.join(own) or 'none'}")
-    return entry.loader(**kwargs)
+    splits = entry.loader(**kwargs)
+    check_labels(splits)
+    return splits
+
+
+def check_labels(splits: Splits) -> None:
+    """Every split's labels lie in ``0 .. num_classes - 1`` (else a ``DataError`` now, not a crash mid-training)."""
+    k = splits.num_classes
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise DataError(f"{splits.name}: the number of classes must be an integer >= 1, got {k!r}")
+    for part in ("train", "val", "test"):
+        labels = getattr(getattr(splits, part, None), "labels", None)
+        if labels is None or len(labels) == 0:
+            continue
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= k:
+            bad = lo if lo < 0 else hi
+            raise DataError(f"{splits.name}: the {part} split has label {bad}, outside 0..{k - 1} "
+                            f"({k} classes); the label file is corrupt or of another dataset")

@@ -130,8 +130,11 @@ class _ImageFiles(torch.utils.data.Dataset):
         from torchvision.transforms import functional as TF
 
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            img = im.convert("RGB")
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except Exception as e:  # unreadable, truncated or not an image: one line naming the file
+            raise DataError(f"{path}: cannot decode the image: {' '.join(str(e).split())[:160]}") from None
         if img.size != (self.image_size, self.image_size):
             img = TF.center_crop(TF.resize(img, self.image_size), self.image_size)
         return TF.pil_to_tensor(img), label  # (3, S, S) uint8
@@ -185,13 +188,24 @@ class ImageFolderSplit(Split):
             batch_sampler=[idx[part].tolist() for idx, part in zip(plan.batches, plan.slices)],
             num_workers=self.num_workers)
         use_aug = augment and self.augment.active
-        for (xb, yb), idx, part in zip(loader, plan.batches, plan.slices):
+        for (xb, yb), idx, part in zip(_one_line_errors(loader), plan.batches, plan.slices):
             if use_aug:
                 offsets, flips = _draw_augment(self.augment, plan.generator, len(idx))
                 xb = apply_augment(xb, self.augment.crop_pad,
                                    None if offsets is None else offsets[:, part],
                                    None if flips is None else flips[part])
             yield _normalize(xb, self.mean, self.std), yb.to(torch.int64)
+
+
+def _one_line_errors(loader: Any) -> Iterator[Any]:
+    """A ``DataLoader``'s batches; a worker's ``DataError`` comes back as its own one-line message."""
+    try:
+        yield from loader
+    except DataError as e:
+        text = str(e)
+        if "DataError: " in text:  # re-raised from a worker process with its traceback in the message
+            text = text.rsplit("DataError: ", 1)[1]
+        raise DataError(text.strip().splitlines()[0]) from None
 
 
 @dataclass

@@ -24,6 +24,7 @@ import dataclasses
 import gzip
 import os
 import pickle
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DataError
+from ..io import load_plain_pickle
 from .augment import Augment
 from .files import _locate, _one_line
 from .registry import register_dataset
@@ -110,7 +112,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     try:
         with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
             raw = f.read()
-    except OSError as e:
+    except (OSError, EOFError, zlib.error) as e:  # EOFError: a truncated .gz; zlib.error: a corrupt deflate stream
         raise DataError(f"cannot read {path}: {_one_line(e)}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
@@ -128,10 +130,13 @@ def _idx_file(d: Path, stem: str) -> Path:
     return d / stem if (d / stem).is_file() else d / (stem + ".gz")
 
 
-def _read_mnist_folder(d: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _read_mnist_folder(d: Path, num_classes: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     xtr, ytr, xte, yte = (read_idx(_idx_file(d, s)) for s in _MNIST_FILES)
     if xtr.ndim != 3 or len(xtr) != len(ytr) or xte.ndim != 3 or len(xte) != len(yte):
         raise DataError(f"{d}: image and label files do not match")
+    for stem, y in ((_MNIST_FILES[1], ytr), (_MNIST_FILES[3], yte)):
+        if y.ndim != 1 or (y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes)):
+            raise DataError(f"{_idx_file(d, stem)}: labels outside 0..{num_classes - 1}")
     as_x = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8))[:, None]  # (N, 1, H, W)
     as_y = lambda a: torch.from_numpy(a.astype(np.int64))  # (N,)
     return as_x(xtr), as_y(ytr), as_x(xte), as_y(yte)
@@ -178,11 +183,19 @@ def _load_mnist(*, data_dir: Any = None, val_fraction: float = 0.1, seed: int = 
 def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            # The official CIFAR files are Python 2 pickles of plain arrays and lists.
-            d = pickle.load(f, encoding="latin1")
+            # The official CIFAR files are Python 2 pickles of plain arrays and lists: read without running
+            # anything a file names (a planted batch in --data-dir, or in a foreign run's data_dir, is refused).
+            d = load_plain_pickle(f, encoding="latin1")
+        if not isinstance(d, dict):
+            raise TypeError(f"it holds a {type(d).__name__}, not a dict")
+        d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+        missing = [k for k in ("data", label_key) if k not in d]
+        if missing:
+            raise ValueError(f"it has no {missing[0]!r} entry")
         x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # rows are R, G, B planes of 32x32
         y = np.asarray(d[label_key], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as e:
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError, AttributeError,
+            IndexError, MemoryError, zlib.error) as e:
         raise DataError(f"{path} is not a CIFAR batch file: {_one_line(e)}") from None
     if len(x) != len(y):
         raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
@@ -203,10 +216,11 @@ def _cifar(name: str, *, folder: str, train_files: Sequence[str], test_file: str
                 how=how)
     parts = [_read_cifar_batch(d / f, label_key) for f in train_files]
     xte, yte = _read_cifar_batch(d / test_file, label_key)
+    for f, (_, y) in zip([*train_files, test_file], [*parts, (xte, yte)]):
+        if y.ndim != 1 or (y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes)):
+            raise DataError(f"{d / f}: labels outside 0..{num_classes - 1}")
     xtr = np.concatenate([p[0] for p in parts])
     ytr = np.concatenate([p[1] for p in parts])
-    if ytr.min(initial=0) < 0 or max(ytr.max(initial=0), yte.max(initial=0)) >= num_classes:
-        raise DataError(f"{d}: labels outside 0..{num_classes - 1}")
     t = torch.from_numpy
     return _resized(_tensor_splits(name, t(xtr), t(ytr), t(xte), t(yte), num_classes=num_classes, mean=mean, std=std,
                                    augment=Augment(crop_pad=4, flip=True), val_fraction=val_fraction, seed=seed,

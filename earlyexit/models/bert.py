@@ -464,7 +464,7 @@ def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, we
     return model
 
 
-@register_model("bert_tiny", input="text", tiny={}, data_options=text_data_options)
+@register_model("bert_tiny", input="text", tiny={}, data_options=text_data_options, options=(bert,))
 def bert_tiny(**kw: Any) -> BertMultiExit:
     """``bert`` with ``tiny_config()`` and random weights (2 layers, width 64)."""
     if kw.get("weights") is not None:

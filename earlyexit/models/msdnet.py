@@ -385,14 +385,14 @@ _IMAGENET = dict(num_blocks=5, base=4, step=4, step_mode="even", nchannels=32, g
                  bn_factor=(1, 2, 4, 4), reduction=0.5, imagenet_stem=True, head_width=None)
 
 
-@register_model("msdnet_cifar", tiny=dict(image_size=32))
+@register_model("msdnet_cifar", tiny=dict(image_size=32), options=(msdnet,))
 def msdnet_cifar(*, num_classes: int, in_chans: int = 3, exits: Any = None, image_size: int = 32,
                  **kw: Any) -> MultiExitModel:
     """MSDNet for CIFAR (anytime setting: 7 blocks, step 2, 3 scales); ``kw`` overrides any ``msdnet`` option."""
     return msdnet(num_classes=num_classes, in_chans=in_chans, exits=exits, image_size=image_size, **{**_CIFAR, **kw})
 
 
-@register_model("msdnet_imagenet", tiny=dict(image_size=64))
+@register_model("msdnet_imagenet", tiny=dict(image_size=64), options=(msdnet,))
 def msdnet_imagenet(*, num_classes: int, in_chans: int = 3, exits: Any = None, image_size: int = 224,
                     **kw: Any) -> MultiExitModel:
     """MSDNet for ImageNet (5 blocks, step 4, 4 scales); ``kw`` overrides any ``msdnet`` option."""

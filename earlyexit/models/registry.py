@@ -13,7 +13,10 @@ ask "which model is this?" about:
   recognises an upstream checkpoint (torchvision's ResNet or ViT) and returns it
   in this model's names (``--init``); None when the file is not of that kind;
 - ``data_options``: ``hook(build_options) -> dict`` of options for a text
-  dataset the model's weights decide (BERT weights: ``{"vocab": path}``).
+  dataset the model's weights decide (BERT weights: ``{"vocab": path}``);
+- ``options``: the functions a ``**kw`` builder passes its options on to, whose
+  signatures say what each option must be (``earlyexit.preflight`` checks
+  ``--model-opt`` values against them before anything runs).
 
 What a model's parts know about themselves stays on the parts: heads and blocks
 that weight matching can permute declare ``permutation_axes``, blocks with
@@ -49,11 +52,13 @@ class ModelSpec:
     tiny: Mapping[str, Any] = field(default_factory=dict)  # build options of a small test model
     foreign_weights: WeightsAdapter | None = None          # upstream checkpoint -> our names, or None
     data_options: DataOptions | None = None                # build options -> text dataset options
+    options: tuple[Callable[..., Any], ...] = ()           # where a **kw builder's options are declared
 
     def __post_init__(self) -> None:
         if self.input not in INPUT_KINDS:
             raise ValueError(f"model {self.name!r}: input must be one of {', '.join(INPUT_KINDS)}, got {self.input!r}")
         object.__setattr__(self, "tiny", types.MappingProxyType(dict(self.tiny)))
+        object.__setattr__(self, "options", tuple(self.options))
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -64,7 +69,7 @@ def register_model(name: str, **spec_fields: Any) -> Callable[[Builder], Builder
 
     Args:
         name: registry name (unique).
-        **spec_fields: ``input``, ``tiny``, ``foreign_weights``, ``data_options``.
+        **spec_fields: ``input``, ``tiny``, ``foreign_weights``, ``data_options``, ``options``.
     Returns:
         A decorator that registers the builder and returns it unchanged.
     Raises:

@@ -410,36 +410,43 @@ def torchvision_weights(model: MultiExitModel, sd: Mapping[str, Tensor]) -> dict
 
 # --- registered sizes ----------------------------------------------------------
 
-@register_model("resnet20", tiny=dict(in_chans=1, image_size=16), foreign_weights=torchvision_weights)
+@register_model("resnet20", tiny=dict(in_chans=1, image_size=16), foreign_weights=torchvision_weights,
+                options=(cifar_resnet, resnet))
 def resnet20(**kw: Any) -> MultiExitModel:
     return cifar_resnet(20, **kw)
 
 
-@register_model("resnet32", tiny=dict(image_size=8), foreign_weights=torchvision_weights)
+@register_model("resnet32", tiny=dict(image_size=8), foreign_weights=torchvision_weights,
+                options=(cifar_resnet, resnet))
 def resnet32(**kw: Any) -> MultiExitModel:
     return cifar_resnet(32, **kw)
 
 
-@register_model("resnet56", tiny=dict(image_size=8), foreign_weights=torchvision_weights)
+@register_model("resnet56", tiny=dict(image_size=8), foreign_weights=torchvision_weights,
+                options=(cifar_resnet, resnet))
 def resnet56(**kw: Any) -> MultiExitModel:
     return cifar_resnet(56, **kw)
 
 
-@register_model("resnet110", tiny=dict(image_size=8), foreign_weights=torchvision_weights)
+@register_model("resnet110", tiny=dict(image_size=8), foreign_weights=torchvision_weights,
+                options=(cifar_resnet, resnet))
 def resnet110(**kw: Any) -> MultiExitModel:
     return cifar_resnet(110, **kw)
 
 
-@register_model("resnet18", tiny=dict(image_size=32), foreign_weights=torchvision_weights)
+@register_model("resnet18", tiny=dict(image_size=32), foreign_weights=torchvision_weights,
+                options=(imagenet_resnet, resnet))
 def resnet18(**kw: Any) -> MultiExitModel:
     return imagenet_resnet("resnet18", **kw)
 
 
-@register_model("resnet34", tiny=dict(image_size=32), foreign_weights=torchvision_weights)
+@register_model("resnet34", tiny=dict(image_size=32), foreign_weights=torchvision_weights,
+                options=(imagenet_resnet, resnet))
 def resnet34(**kw: Any) -> MultiExitModel:
     return imagenet_resnet("resnet34", **kw)
 
 
-@register_model("resnet50", tiny=dict(image_size=32), foreign_weights=torchvision_weights)
+@register_model("resnet50", tiny=dict(image_size=32), foreign_weights=torchvision_weights,
+                options=(imagenet_resnet, resnet))
 def resnet50(**kw: Any) -> MultiExitModel:
     return imagenet_resnet("resnet50", **kw)

@@ -106,6 +106,7 @@ def train(
     log: LogHook | None = None,
     eval_batch_size: int = 512,
     probe: StepProbe | None = None,
+    options: dict | None = None,
 ) -> TrainRecord:
     """Train ``model`` on ``data`` in the phases of ``regime``.
 
@@ -133,6 +134,8 @@ def train(
             statistics (phase 2) or stays in eval mode (phase 3). Its dict, with ``grid`` and ``lr`` added,
             is kept in the training state and written to ``out_dir/gradients.jsonl``
             (``earlyexit.runs.gradient_probe``: the gradient cosines of each exit).
+        options: the run's options (plain containers), recorded in the checkpoint so that a resume with
+            other options can be refused even without ``config.json``.
     Returns:
         A ``TrainRecord``: per-phase choice of lr and best epoch, the history, the checkpoint path,
         the probe's records.
@@ -154,7 +157,13 @@ def train(
     main = rank == 0
     model.to(device)
     files = CheckpointFiles(out_dir, write=main)
-    st = files.load(phases, model) if resume else TrainState(phases)
+    if resume:
+        st = files.load(phases, model)
+        files.save_logs(st)  # the history as the checkpoint knows it (a line lost to an interrupt comes back)
+    else:
+        st = TrainState(phases)
+    if options is not None:
+        st.options = options
     run = _Run(model=model, data=data, cfg=cfg, weighting=weighting, device=device, rank=rank, ws=ws,
                augment=augment, eval_batch_size=eval_batch_size, files=files,
                emit=log if (log is not None and main) else (lambda *a, **k: None),
@@ -257,6 +266,7 @@ def _train_epoch(run: _Run, st: TrainState) -> None:
             hooks.remove()
     if not torch.isfinite(sums.loss):
         _non_finite(sums.loss, p, e, steps_per_epoch - 1, lr, ckpt)
+    _check_finite_weights(model, p, e, lr, ckpt)
     n = dist.all_reduce_sum(torch.tensor(float(sums.seen), dtype=torch.float64, device=device))
     train_loss = float(dist.all_reduce_sum(sums.loss) / n)
     train_acc = (dist.all_reduce_sum(sums.correct) / n).tolist()
@@ -295,6 +305,16 @@ def _probe(run: _Run, setup: StepSetup, x: Any, y: torch.Tensor, *, step: int, e
 def _non_finite(loss: torch.Tensor, phase: int, epoch: int, step: int, lr: float, ckpt_path: Path | None) -> NoReturn:
     last = f"; the last good checkpoint is kept at {ckpt_path}" if ckpt_path is not None and ckpt_path.exists() else ""
     raise TrainingError(f"non-finite loss ({float(loss.detach())}) in phase {phase}, epoch {epoch + 1}, step {step + 1} at lr {lr}{last}")
+
+
+def _check_finite_weights(model: nn.Module, phase: int, epoch: int, lr: float, ckpt_path: Path | None) -> None:
+    """Weights (and floating buffers) that blew up without a NaN loss end the run here, in one line."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return
+    last = f"; the last good checkpoint is kept at {ckpt_path}" if ckpt_path is not None and ckpt_path.exists() else ""
+    raise TrainingError(f"training diverged: the weights are not finite after phase {phase}, epoch {epoch + 1} "
+                        f"at lr {lr} (a smaller --lr or --grad-clip usually helps){last}")
 
 
 def _num_batches(split: Any, batch_size: int) -> int:

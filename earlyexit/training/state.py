@@ -74,6 +74,7 @@ class TrainState:
         self.history: list[dict] = []                 # one dict per epoch, as in history.jsonl
         self.probe_log: list[dict] = []               # the step probe's records, as in gradients.jsonl
         self.seconds = 0.0                            # training time, summed over the calls of a resumed run
+        self.options: dict | None = None              # the run's options (RunConfig as a dict): --resume checks them
 
     # --- transitions ----------------------------------------------------------
     def skip_phase(self) -> None:
@@ -143,7 +144,8 @@ class TrainState:
                 "run_best": self.run_best.to_dict() if self.run_best is not None else None,
                 "grid_best": self.grid_best.to_dict() if self.grid_best is not None else None,
                 "grid_log": self.grid_log, "bad": self.bad, "optimizer": self.optimizer, "records": self.records,
-                "history": self.history, "exit_best": self.exit_best, "probe_log": self.probe_log}
+                "history": self.history, "exit_best": self.exit_best, "probe_log": self.probe_log,
+                "options": self.options}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.phases, self.seconds = d["phases"], d.get("seconds", 0.0)
@@ -152,6 +154,7 @@ class TrainState:
         self.run_best, self.grid_best = Best.from_dict(d["run_best"]), Best.from_dict(d["grid_best"])
         self.grid_log, self.records, self.history = d["grid_log"], d["records"], d["history"]
         self.exit_best, self.probe_log = d.get("exit_best"), d.get("probe_log", [])  # absent from older checkpoints
+        self.options = d.get("options")
 
 
 class CheckpointFiles:
@@ -168,6 +171,12 @@ class CheckpointFiles:
         """Write the state with the model's weights, the history and the probe's records, atomically."""
         if self.write:
             atomic_torch_save({**st.state_dict(), "model": cpu_state(model)}, self.path)
+            self.save_logs(st)
+
+    def save_logs(self, st: TrainState) -> None:
+        """Rewrite ``history.jsonl`` (and the probe's log) from the state: a line lost to an interrupt between
+        the checkpoint's write and the history's comes back on resume."""
+        if self.write:
             atomic_write_text(self.out / HISTORY, "".join(json.dumps(h) + "\n" for h in st.history))
             if st.probe_log or (self.out / PROBE_LOG).exists():
                 atomic_write_text(self.out / PROBE_LOG, "".join(json.dumps(r) + "\n" for r in st.probe_log))
