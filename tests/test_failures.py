@@ -24,45 +24,31 @@ from click.testing import CliRunner
 
 from earlyexit import data as D
 from earlyexit.cli import main
+
+from clihelp import QUICK, copy_run, files_of, finished_run, invoke, one_line_error
 from earlyexit.config import ModelConfig, RunConfig
 from earlyexit.errors import ConfigError, DataError, TrainingError
 from earlyexit.runs import make_model
 
-QUICK = ["--model", "mlp", "--dataset", "synthetic", "--batch-size", "32", "--device", "cpu"]
-
-
 def _invoke(args, **kw):
-    return CliRunner().invoke(main, args, **kw)
+    return invoke(args, **kw)
 
 
 def _one_line_error(r, pattern, code=2, *, after_progress=False):
-    assert r.exit_code == code, (r.exit_code, r.output, r.exc_info)
-    assert isinstance(r.exception, SystemExit), r.exc_info
-    lines = r.output.strip().splitlines()
-    assert lines and pattern in lines[-1], r.output
-    if after_progress:
-        assert all(ln.startswith(("phase ", "  phase ")) for ln in lines[:-1]), r.output
-    else:
-        assert len(lines) == 1, r.output
+    one_line_error(r, pattern, code, after_progress=after_progress, prefix='')
 
 
-def _files(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+_files = files_of
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    out = tmp_path_factory.mktemp("failures") / "run"
-    r = _invoke(["run", *QUICK, "--epochs", "1", "--out", str(out)], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    return out
+    return finished_run(tmp_path_factory, 'failures')
 
 
 @pytest.fixture
 def copy_of(finished, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(finished, out)
-    return out
+    return copy_run(finished, tmp_path)
 
 
 # --------------------------------------------------------------------------- 4. corrupt data files

@@ -26,10 +26,11 @@ The last stage always ends with the backbone's own classifier.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import re
+from typing import Any, Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..metrics.costs import count_flops
 
@@ -154,3 +155,18 @@ def sdn_placement(costs: Sequence[float], fractions: Sequence[float] = SDN_FRACT
         if i < n - 1:
             out.add(i)
     return sorted(out)
+
+
+def rename_keys(sd: Mapping[str, Tensor], pattern: str, prefixes: Mapping[str, str], what: str) -> dict[str, Tensor]:
+    """An upstream ``state_dict`` in our names: each key's prefix (group 1 of ``pattern``) replaced by ours.
+
+    Raises:
+        KeyError: a key whose prefix has no counterpart here (``what`` names the checkpoint).
+    """
+    out = {}
+    for k, v in sd.items():
+        m = re.match(pattern, k)
+        if m is None or m.group(1) not in prefixes:
+            raise KeyError(f"unexpected key in {what}: {k}")
+        out[prefixes[m.group(1)] + m.group(2)] = v
+    return out

@@ -32,14 +32,13 @@ and dropout 0.2 before the classifier; both are identities in eval mode.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import feature_info_for, resolve_exits
+from .common import feature_info_for, rename_keys, resolve_exits
 from .heads import conv_head
 from .multiexit import MultiExitModel
 from .registry import register_model
@@ -238,14 +237,8 @@ def convert_torchvision_efficientnet(model: MultiExitModel, sd: Mapping[str, Ten
     Raises:
         KeyError: a key that has no counterpart here.
     """
-    kmap = torchvision_efficientnet_key_map(model)
-    out = {}
-    for k, v in sd.items():
-        m = re.match(r"(features\.[1-7]\.\d+\.|features\.\d+\.|classifier\.1\.)(.*)", k)
-        if m is None or m.group(1) not in kmap:
-            raise KeyError(f"unexpected key in torchvision EfficientNet checkpoint: {k}")
-        out[kmap[m.group(1)] + m.group(2)] = v
-    return out
+    return rename_keys(sd, r"(features\.[1-7]\.\d+\.|features\.\d+\.|classifier\.1\.)(.*)",
+                       torchvision_efficientnet_key_map(model), "torchvision EfficientNet checkpoint")
 
 
 def load_torchvision_efficientnet(model: MultiExitModel, sd: Mapping[str, Tensor]) -> MultiExitModel:

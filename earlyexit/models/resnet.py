@@ -41,14 +41,13 @@ permutation(s) of its inner channels (``blockI.convJ``).
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from .common import feature_info_for, init_conv_bn, resolve_exits
+from .common import feature_info_for, init_conv_bn, rename_keys, resolve_exits
 from .heads import PoolLinearHead, conv_head
 from .multiexit import MultiExitModel
 from .registry import register_model
@@ -366,14 +365,8 @@ def convert_torchvision_state_dict(model: MultiExitModel, sd: Mapping[str, Tenso
         KeyError: a key that has no counterpart here.
     """
     _require_imagenet_stem(model)
-    kmap = torchvision_key_map(model)
-    out = {}
-    for k, v in sd.items():
-        m = re.match(r"(layer\d+\.\d+\.|conv1\.|bn1\.|fc\.)(.*)", k)
-        if m is None or m.group(1) not in kmap:
-            raise KeyError(f"unexpected key in torchvision checkpoint: {k}")
-        out[kmap[m.group(1)] + m.group(2)] = v
-    return out
+    return rename_keys(sd, r"(layer\d+\.\d+\.|conv1\.|bn1\.|fc\.)(.*)", torchvision_key_map(model),
+                       "torchvision checkpoint")
 
 
 def load_torchvision(model: MultiExitModel, sd: Mapping[str, Tensor]) -> MultiExitModel:
