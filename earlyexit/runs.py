@@ -119,9 +119,9 @@ def load_data(cfg: RunConfig) -> Any:
 
 
 def _is_text_dataset(name: str) -> bool:
-    from .data import text as textdata
+    from .data import text
 
-    return name in textdata.DATASETS
+    return name in text.DATASETS
 
 
 def save_weights(model: torch.nn.Module, out: Path) -> Path:

@@ -140,7 +140,7 @@ def inference_section(model: MultiExitModel, split: Any, *, repeats: int, warmup
     rows = inference_bench(model, _input_batches(split), thresholds=[INFERENCE_THRESHOLD], criterion="confidence",
                            batch_sizes=INFERENCE_BATCHES, repeats=repeats, warmup=warmup)
     who = "trained run" if trained else "untrained model: almost nothing leaves early, expect no speed-up"
-    lines = [f"inference, confidence >= {INFERENCE_THRESHOLD} ({who}{', ' + label if label else ''}):",
+    lines = [f"inference, confidence > {INFERENCE_THRESHOLD} ({who}{', ' + label if label else ''}):",
              f"{'batch':>6}{'predict ms':>12}{'backbone ms':>13}{'all exits ms':>14}{'speed-up':>10}"
              f"{'FLOPs speed-up':>16}{'measured/FLOPs':>16}{'left early':>12}"]
     flat: dict[str, float] = {}

@@ -4,7 +4,7 @@ SDN's ICs are independent: each reads only the backbone's state after its
 stage (for feature maps, SDN's mixed max/average pooling and a linear layer:
 ``earlyexit.models.heads.SDNHead``, the heads the convolutional backbones
 here already carry). A sample leaves at the first IC whose maximum softmax
-probability reaches the threshold (``confidence``). The ICs' losses are
+probability exceeds the threshold, strictly (``confidence``). The ICs' losses are
 weighed with SDN's ramped schedule (weighting ``sdn``) in every phase that
 trains them (phase 3 uses the IC entries of the same schedule).
 """

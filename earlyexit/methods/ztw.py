@@ -17,7 +17,7 @@ Two additions to a multi-exit model, trained in turn:
    ``prod_j p_j^{w_kj} * exp(b_k)`` up to normalisation, with weights kept
    positive. ZTW does not ensemble the backbone's own head. The ensembles are
    trained in their own stage, with the backbone and the ICs frozen
-   (``train_ensembles``): that is phase 3 of ``earlyexit.train.train`` on an
+   (``train_ensembles``): that is phase 3 of ``earlyexit.train`` on an
    ``EnsembleModel``, whose "backbone" holds the ICs and whose "heads" are the
    ensembles, so the one training loop does it.
 
@@ -190,14 +190,14 @@ def train_ensembles(model: MultiExitModel, data: Any, config: Any = None, *, out
                     **train_kw: Any) -> tuple[EnsembleModel, Any]:
     """ZTW's second stage: train the ensembles on the frozen backbone and ICs.
 
-    Runs ``earlyexit.train.train`` with the regime ``"--+"`` (phase 3 alone,
+    Runs ``earlyexit.train`` with the regime ``"--+"`` (phase 3 alone,
     its optimiser settings from ``config.phases[2]``) and the loss weighting
     ``mean`` (each ensemble ``1 / E``, as the paper's code averages over the
     outputs, the frozen final exit included) on ``add_ensembles(model)``.
 
     Args:
         model: the trained ``CascadeModel`` (or an ``EnsembleModel`` to train further).
-        data: splits with ``train`` and ``val`` (see ``earlyexit.train.train``).
+        data: splits with ``train`` and ``val`` (see ``earlyexit.train``).
         config: a ``TrainConfig`` (``None``: defaults).
         out_dir: checkpoint folder of this stage.
         **train_kw: further ``train`` arguments (``log``, ``augment``, ...).
