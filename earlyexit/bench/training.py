@@ -3,8 +3,8 @@
 Each phase's step is ``earlyexit.training.step.train_step``, the function the
 loop calls for every batch, set up as the loop sets it up: the phase's
 ``set_trainable`` / ``set_mode`` (``earlyexit.training.phases``), the loop's
-``make_optimizer`` and schedule, the uniform loss weighting, the loop's
-running loss and per-exit accuracy sums and its finiteness check (every step
+``make_optimizer`` and schedule, the default loss weighting and gradient
+clipping (``TrainConfig()``), the loop's running loss and per-exit accuracy sums and its finiteness check (every step
 on the CPU, every ``CUDA_CHECK_EVERY`` steps on CUDA). The three phases are
 timed interleaved, one step of each per round in rotating order, so that a
 change in background load hits them alike; step times are medians over the
@@ -22,7 +22,7 @@ from typing import Any, Iterator, NoReturn
 
 import torch
 
-from ..config import PhaseConfig
+from ..config import PhaseConfig, TrainConfig
 from ..device import cuda_sync
 from ..errors import TrainingError
 from ..models import MultiExitModel
@@ -33,6 +33,8 @@ from ..weighting import get_weighting
 from ..tree import to_device
 
 BENCH_LR = 1e-3            # learning rate of the timed steps (see _PhaseStep)
+
+_TRAIN = TrainConfig()  # the defaults a training run steps with
 
 
 class _PhaseStep:
@@ -51,8 +53,9 @@ class _PhaseStep:
         # while the phases interleave, diverges within a few steps at the default 0.1.
         pc = PhaseConfig(lr=(BENCH_LR,))
         self.setup = StepSetup(net=model, num_exits=model.num_exits, phase=phase, exits=self.exits,
-                               weighting=get_weighting("uniform"), opt=make_optimizer(params, pc, BENCH_LR),
-                               params=params, pc=pc, lr=BENCH_LR, total=total_steps, device=device, grad_clip=None,
+                               weighting=get_weighting(_TRAIN.loss_weighting), opt=make_optimizer(params, pc, BENCH_LR),
+                               params=params, pc=pc, lr=BENCH_LR, total=total_steps, device=device,
+                               grad_clip=_TRAIN.grad_clip,
                                on_non_finite=self._non_finite)
         self.sums = RunningSums.zeros(len(self.exits), device)
         self.step_no = 0
