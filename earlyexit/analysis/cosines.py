@@ -16,9 +16,9 @@ Choices:
 - Backbone parameters: the stem and the stages, the parameters every exit
   shares. The backbone's own classifier (``heads[-1]``) belongs to the last
   exit only, like each IC head to its IC; ``include_final_head=True`` adds it.
-- Weights: the mean over exits by default (``1 / E`` each); cosines do not
-  change when all weights are scaled together, so this equals the sum that
-  ``train`` uses with the uniform weighting.
+- Weights: the mean over exits by default (``1 / E`` each), the default loss
+  of ``train``; cosines do not change when all weights are scaled together, so
+  the ``sum`` weighting gives the same values.
 - Exits whose loss does not reach the backbone (an IC head that detaches its
   input, or a zero weight) have no direction: their entry is ``None``, never
   a silent 0, and they add nothing to ``g_total``. When ``g_total`` is zero
