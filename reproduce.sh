@@ -93,8 +93,9 @@ case "$PRESET" in
         # 4. the analyses of the seed-0 models of experiment 1 (one per regime)
         if want analyses && [ -f "$R/resnet20-fmnist/summary.json" ]; then
             A=$R/resnet20-fmnist
+            mkdir -p "$R/resnet20-fmnist-analyses"
             EE analyze "$A"/resnet20-fashion-mnist-{joint,disjoint,mixed}-s0 --what rank,information,gradients,landscape,plane \
-                --split train --max-samples 512 --steps 15 --landscape-steps 11 --out "$R/resnet20-fmnist-analyses"
+                --max-samples 512 --steps 15 --landscape-steps 11,11 --out "$R/resnet20-fmnist-analyses/analysis.json"
         fi
         ;;
     gpu)
