@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from ..device import model_device
 from ..models.multiexit import MultiExitModel
 from ..tree import to_device
+from .gradients import kept_grad_state
 
 
 def shared_parameters(model: MultiExitModel, *, include_final_head: bool = False) -> list[nn.Parameter]:
@@ -102,43 +103,36 @@ def gradient_cosines(model: MultiExitModel, x: Any, y: Tensor, *, weights: Seque
     device = model_device(model)
     y = torch.as_tensor(y).reshape(-1).to(device)
     params = shared_parameters(model, include_final_head=include_final_head)
-    flags = {p: p.requires_grad for p in model.parameters()}
     modes = {m: m.training for m in model.modules()}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if train_mode else None
-    try:
-        for p in params:
-            p.requires_grad_(True)  # frozen or not, the gradient is measured
-        model.train(train_mode)
-        with torch.enable_grad():
-            outs = model(to_device(x, device))
-            if outs[0].shape[0] != y.shape[0]:
-                raise ValueError(f"{y.shape[0]} labels for a batch of {outs[0].shape[0]} samples")
-            losses = [wk * F.cross_entropy(o.float(), y) for wk, o in zip(w, outs)]
-        live = [k for k in range(E) if losses[k].requires_grad and w[k] != 0.0]
-        if not live:
-            return [None] * E
-        total_loss = sum(losses[k] for k in live)
-        g_total = torch.autograd.grad(total_loss, params, retain_graph=True, allow_unused=True)
-        norm_total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in g_total if g is not None))
-        out: list[float | None] = [None] * E
-        for i, k in enumerate(live):
-            g_k = torch.autograd.grad(losses[k], params, retain_graph=i < len(live) - 1, allow_unused=True)
-            pairs = [(a, b) for a, b in zip(g_k, g_total) if a is not None]
-            norm_k = math.sqrt(sum(float(a.double().pow(2).sum()) for a, _ in pairs))
-            if norm_k == 0.0 or norm_total == 0.0:
-                continue  # no direction: stays None
-            dot = sum(float((a.double() * b.double()).sum()) for a, b in pairs if b is not None)
-            out[k] = max(-1.0, min(1.0, dot / (norm_k * norm_total)))
-        return out
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        if buffers is not None:
-            with torch.no_grad():
-                for n, b in model.named_buffers():
-                    b.copy_(buffers[n])
-        for m, t in modes.items():
-            m.train(t)
+    with kept_grad_state(model, buffers=train_mode):
+        try:
+            for p in params:
+                p.requires_grad_(True)  # frozen or not, the gradient is measured
+            model.train(train_mode)
+            with torch.enable_grad():
+                outs = model(to_device(x, device))
+                if outs[0].shape[0] != y.shape[0]:
+                    raise ValueError(f"{y.shape[0]} labels for a batch of {outs[0].shape[0]} samples")
+                losses = [wk * F.cross_entropy(o.float(), y) for wk, o in zip(w, outs)]
+            live = [k for k in range(E) if losses[k].requires_grad and w[k] != 0.0]
+            if not live:
+                return [None] * E
+            total_loss = sum(losses[k] for k in live)
+            g_total = torch.autograd.grad(total_loss, params, retain_graph=True, allow_unused=True)
+            norm_total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in g_total if g is not None))
+            out: list[float | None] = [None] * E
+            for i, k in enumerate(live):
+                g_k = torch.autograd.grad(losses[k], params, retain_graph=i < len(live) - 1, allow_unused=True)
+                pairs = [(a, b) for a, b in zip(g_k, g_total) if a is not None]
+                norm_k = math.sqrt(sum(float(a.double().pow(2).sum()) for a, _ in pairs))
+                if norm_k == 0.0 or norm_total == 0.0:
+                    continue  # no direction: stays None
+                dot = sum(float((a.double() * b.double()).sum()) for a, b in pairs if b is not None)
+                out[k] = max(-1.0, min(1.0, dot / (norm_k * norm_total)))
+            return out
+        finally:
+            for m, t in modes.items():
+                m.train(t)
 
 
 def gradient_cosine_record(model: MultiExitModel, x: Any, y: Tensor, *, phase: int, epoch: int, step: int,

@@ -18,7 +18,8 @@ exit's share of every stage (every non-zero column sums to 1).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +42,21 @@ def stage_parameter_groups(model: MultiExitModel) -> list[list[tuple[str, nn.Par
     return groups
 
 
-def _buffers(model: nn.Module) -> dict[str, Tensor]:
-    return {n: b.detach().clone() for n, b in model.named_buffers()}
+@contextlib.contextmanager
+def kept_grad_state(model: nn.Module, *, buffers: bool) -> Iterator[None]:
+    """Restore every parameter's ``requires_grad`` flag (and, with ``buffers``, every buffer: BatchNorm's running
+    statistics after a training-mode forward) on leaving, whatever the measurement in between changed."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()} if buffers else None
+    try:
+        yield
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        if saved is not None:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(saved[n])
 
 
 def exit_gradient_norms(model: MultiExitModel, x: Any, y: Tensor, *, phase: int | None = None,
@@ -78,45 +92,38 @@ def exit_gradient_norms(model: MultiExitModel, x: Any, y: Tensor, *, phase: int 
     y = torch.as_tensor(y).reshape(-1).to(device)
     groups = stage_parameter_groups(model)
     E, S = model.num_exits, len(groups)
-    flags = {p: p.requires_grad for p in model.parameters()}
-    buffers = _buffers(model) if train_mode else None
     was = model.training
-    try:
-        if phase is not None:
-            set_trainable(model, phase)
-        trainable = {p: p.requires_grad for p in model.parameters()}
-        counted = set(phase_exits(model, phase)) if phase is not None else set(range(E))
-        # Every backbone parameter must be tracked for autograd to reach it (frozen ones are masked afterwards).
-        for p in model.backbone_parameters():
-            p.requires_grad_(True)
-        model.train(train_mode)
-        with torch.enable_grad():
-            outs = model(to_device(x, device))
-        if outs[0].shape[0] != y.shape[0]:
-            raise ValueError(f"{y.shape[0]} labels for a batch of {outs[0].shape[0]} samples")
-        params = [p for g in groups for _, p in g]
-        owner = [s for s, g in enumerate(groups) for _ in g]
-        norms = torch.zeros(E, S, dtype=torch.float64)
-        for k, logits in enumerate(outs):
-            if k not in counted:
-                continue
+    with kept_grad_state(model, buffers=train_mode):
+        try:
+            if phase is not None:
+                set_trainable(model, phase)
+            trainable = {p: p.requires_grad for p in model.parameters()}
+            counted = set(phase_exits(model, phase)) if phase is not None else set(range(E))
+            # Every backbone parameter must be tracked for autograd to reach it (frozen ones are masked afterwards).
+            for p in model.backbone_parameters():
+                p.requires_grad_(True)
+            model.train(train_mode)
             with torch.enable_grad():
-                loss = F.cross_entropy(logits.float(), y)
-            grads = torch.autograd.grad(loss, params, retain_graph=k < E - 1, allow_unused=True)
-            sq = torch.zeros(S, dtype=torch.float64)
-            for p, g, s in zip(params, grads, owner):
-                if g is None or (respect_trainable and not trainable[p]):
+                outs = model(to_device(x, device))
+            if outs[0].shape[0] != y.shape[0]:
+                raise ValueError(f"{y.shape[0]} labels for a batch of {outs[0].shape[0]} samples")
+            params = [p for g in groups for _, p in g]
+            owner = [s for s, g in enumerate(groups) for _ in g]
+            norms = torch.zeros(E, S, dtype=torch.float64)
+            for k, logits in enumerate(outs):
+                if k not in counted:
                     continue
-                sq[s] += g.detach().double().pow(2).sum().cpu()
-            norms[k] = sq.sqrt()
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        if buffers is not None:
-            with torch.no_grad():
-                for n, b in model.named_buffers():
-                    b.copy_(buffers[n])
-        model.train(was)
+                with torch.enable_grad():
+                    loss = F.cross_entropy(logits.float(), y)
+                grads = torch.autograd.grad(loss, params, retain_graph=k < E - 1, allow_unused=True)
+                sq = torch.zeros(S, dtype=torch.float64)
+                for p, g, s in zip(params, grads, owner):
+                    if g is None or (respect_trainable and not trainable[p]):
+                        continue
+                    sq[s] += g.detach().double().pow(2).sum().cpu()
+                norms[k] = sq.sqrt()
+        finally:
+            model.train(was)
     return norms.float()
 
 
