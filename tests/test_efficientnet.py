@@ -16,19 +16,7 @@ from earlyexit.models.efficientnet import (
     stochastic_depth,
 )
 from earlyexit.models.heads import SDNExactHead, SDNHead
-
-
-def _randomise_norms(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BatchNorm parameters and statistics, so that a BN key in the wrong slot shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+from test_models import _randomise_batchnorm as _randomise_norms  # non-trivial BatchNorm statistics
 
 
 @pytest.fixture(scope="module")

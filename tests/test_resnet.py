@@ -13,22 +13,11 @@ from earlyexit.models import adapt_foreign_weights, resolve_exits
 from earlyexit.models.common import sdn_placement
 from earlyexit.models.heads import SDNExactHead, SDNHead
 from earlyexit.models.resnet import load_torchvision, torchvision_weights
+from test_models import _randomise_batchnorm as _randomise_norms  # non-trivial BatchNorm statistics
 
 
 def _n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
-
-
-def _randomise_norms(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
 
 
 # --- stems ---------------------------------------------------------------------------------------
