@@ -170,3 +170,25 @@ def rename_keys(sd: Mapping[str, Tensor], pattern: str, prefixes: Mapping[str, s
             raise KeyError(f"unexpected key in {what}: {k}")
         out[prefixes[m.group(1)] + m.group(2)] = v
     return out
+
+
+def load_backbone_strict(model: nn.Module, converted: Mapping[str, Tensor]) -> None:
+    """Load an upstream checkpoint already in our names into the backbone, strictly: every key is one of the
+    model's with the same shape, and every backbone key (stem, stages, the final head) is covered; the IC heads
+    keep their initialisation.
+
+    Raises:
+        KeyError: a key the model lacks, or backbone keys the checkpoint lacks.
+        ValueError: a shape that differs.
+    """
+    ours = model.state_dict()
+    for k, v in converted.items():
+        if k not in ours:
+            raise KeyError(f"no parameter {k} in the model")
+        if ours[k].shape != v.shape:
+            raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}")
+    final = f"heads.{model.num_exits - 1}."
+    missing = {k for k in ours if not k.startswith("heads.") or k.startswith(final)} - set(converted)
+    if missing:
+        raise KeyError(f"checkpoint lacks backbone keys: {sorted(missing)[:5]}")
+    model.load_state_dict(converted, strict=False)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import feature_info_for, rename_keys, resolve_exits
+from .common import feature_info_for, load_backbone_strict, rename_keys, resolve_exits
 from .heads import conv_head
 from .multiexit import MultiExitModel
 from .registry import register_model
@@ -251,18 +251,7 @@ def load_torchvision_efficientnet(model: MultiExitModel, sd: Mapping[str, Tensor
         KeyError: unknown or missing keys.
         ValueError: a shape that differs.
     """
-    ours = model.state_dict()
-    conv = convert_torchvision_efficientnet(model, sd)
-    for k, v in conv.items():
-        if k not in ours:
-            raise KeyError(f"no parameter {k} in the model")
-        if ours[k].shape != v.shape:
-            raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}")
-    final = f"heads.{model.num_exits - 1}."
-    missing = {k for k in ours if not k.startswith("heads.") or k.startswith(final)} - set(conv)
-    if missing:
-        raise KeyError(f"checkpoint lacks backbone keys: {sorted(missing)[:5]}")
-    model.load_state_dict(conv, strict=False)
+    load_backbone_strict(model, convert_torchvision_efficientnet(model, sd))
     return model
 
 

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from .common import feature_info_for, init_conv_bn, rename_keys, resolve_exits
+from .common import feature_info_for, init_conv_bn, load_backbone_strict, rename_keys, resolve_exits
 from .heads import PoolLinearHead, conv_head
 from .multiexit import MultiExitModel
 from .registry import register_model
@@ -375,18 +375,7 @@ def load_torchvision(model: MultiExitModel, sd: Mapping[str, Tensor]) -> MultiEx
     Strict for the backbone: every torchvision key must map to one of ours
     with the same shape, and every backbone key must be covered.
     """
-    ours = model.state_dict()
-    conv = convert_torchvision_state_dict(model, sd)
-    for k, v in conv.items():
-        if k not in ours:
-            raise KeyError(f"no parameter {k} in the model")
-        if ours[k].shape != v.shape:
-            raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}")
-    backbone_keys = {k for k in ours if not k.startswith("heads.") or k.startswith(f"heads.{model.num_exits - 1}.")}
-    missing = backbone_keys - set(conv)
-    if missing:
-        raise KeyError(f"checkpoint lacks backbone keys: {sorted(missing)[:5]}")
-    model.load_state_dict(conv, strict=False)
+    load_backbone_strict(model, convert_torchvision_state_dict(model, sd))
     return model
 
 
