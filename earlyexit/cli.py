@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import click
 
-from .config import (EARLY_STOPS, OPTIMIZERS, SCHEDULES, VAL_METRICS, DataConfig, EvalConfig, ModelConfig, PhaseConfig,
+from .config import (EARLY_STOPS, MEMORY_FORMATS, OPTIMIZERS, SCHEDULES, VAL_METRICS, DataConfig, EvalConfig, ModelConfig, PhaseConfig,
                      RunConfig, TrainConfig)
 from .errors import EarlyExitError
 
@@ -215,6 +215,11 @@ def _config_options(fn: Callable) -> Callable:
         click.option("--criterion", default=None, help="Exit criterion of the threshold curve: confidence, entropy, patience "
                   "(default: the method's, else confidence)."),
         click.option("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)."),
+        click.option("--memory-format", type=click.Choice(MEMORY_FORMATS), default=_T.memory_format, show_default=True,
+                     help="Memory layout of weights and image batches in training: auto is channels_last for the "
+                     "models that train faster in it (ResNet, EfficientNet; see `bench`), else contiguous."),
+        click.option("--compile", "compile_", is_flag=True, default=False,
+                     help="Train through torch.compile (faster steps after a one-off compile; see `bench --compile`)."),
     ]):
         fn = option(fn)
     return fn
@@ -222,7 +227,8 @@ def _config_options(fn: Callable) -> Callable:
 
 def _run_config(*, regime, seed, init, model_name, exits, weights, model_opts, dataset, data_dir, train_size, epochs,
                 lr, optimizer, weight_decay, schedule, patience, early_stop, grad_clip, grad_log_every, image_size,
-                val_metric, batch_size, method, weighting, criterion, device) -> RunConfig:
+                val_metric, batch_size, method, weighting, criterion, device, memory_format=_T.memory_format,
+                compile_=False) -> RunConfig:
     """Map the flags onto a ``RunConfig`` (the config checks every value and fills the defaults)."""
     if batch_size <= 0:  # named by its flag here; the config checks every value again
         raise EarlyExitError(f"--batch-size must be > 0, got {batch_size}")
@@ -242,7 +248,8 @@ def _run_config(*, regime, seed, init, model_name, exits, weights, model_opts, d
     return RunConfig(model=ModelConfig(name=model_name, exits=exits_v, kwargs=kwargs),
                      data=DataConfig(name=dataset, data_dir=data_dir, train_size=train_size, image_size=size),
                      train=TrainConfig(regime=regime, phases=phases, batch_size=batch_size, weighting=weighting, seed=seed,
-                                       device=device, grad_clip=clip, grad_log_every=log_every),
+                                       device=device, grad_clip=clip, grad_log_every=log_every,
+                                       memory_format=memory_format, compile=compile_),
                      eval=EvalConfig(criterion=criterion), init=init, method=method)
 
 
@@ -269,7 +276,7 @@ def run(ctx, config_file, out, resume, force, **flags) -> None:
     if config_file is not None:
         given = [k for k in flags if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
         if given:
-            raise EarlyExitError(f"--config excludes the other run options (got --{given[0].replace('_', '-')})")
+            raise EarlyExitError(f"--config excludes the other run options (got --{given[0].rstrip('_').replace('_', '-')})")
         cfg = _config_file(Path(config_file))
     else:
         cfg = _run_config(**flags)

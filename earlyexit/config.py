@@ -32,6 +32,7 @@ from .errors import ConfigError
 REGIMES = {"joint": "-+-", "disjoint": "+-+", "mixed": "++-"}
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")  # TrainConfig.memory_format (earlyexit.device)
 VAL_METRICS = ("mean", "final")
 EARLY_STOPS = ("metric", "per_exit")
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
@@ -144,6 +145,8 @@ class TrainConfig:
     grad_clip: float | None = 1.0   # max global gradient norm (the paper's appendix D.3: 1); None = off
     grad_log_every: int | None = None  # phases 2 and 3: every N steps, the step probe's record (run_experiment: each
                                        # exit's gradient cosine, gradients.jsonl); None = off
+    memory_format: str = "auto"     # auto (channels_last for the conv nets that train faster in it) | channels_last | contiguous
+    compile: bool = False           # train through torch.compile (faster steps after a one-off compile)
 
     def __post_init__(self) -> None:
         phases = parse_regime(self.regime)
@@ -167,6 +170,9 @@ class TrainConfig:
             _number(self.grad_clip, "gradient clipping norm", low=0, strict=True, float32=True)
         if self.grad_log_every is not None:
             _number(self.grad_log_every, "gradient log interval (steps)", low=1, integer=True)
+        _choice(self.memory_format, MEMORY_FORMATS, "memory format")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be true or false, got {self.compile!r}")
 
     @property
     def phase_string(self) -> str:

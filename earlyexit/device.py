@@ -3,7 +3,10 @@
 ``local_device`` picks this process's device (an explicit choice, else this
 rank's GPU, else the CPU); ``autocast_context`` is bf16 autocast on CUDA and a
 null context on the CPU, which runs in float32; ``cuda_sync`` makes wall-clock
-timings complete on CUDA and costs nothing elsewhere.
+timings complete on CUDA and costs nothing elsewhere. ``memory_format`` resolves
+a run's memory layout (``"auto"``: channels-last for the models that train faster
+in it, see ``MultiExitModel.prefers_channels_last``) and ``in_format`` puts an
+input batch into it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import ContextManager
 import torch
 from torch import nn
 
+from .config import MEMORY_FORMATS
 from .errors import ConfigError
 
 
@@ -63,10 +67,30 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def memory_format(model: nn.Module, name: str) -> torch.memory_format:
+    """The memory layout a model trains in: ``name``, or for ``"auto"`` the model's preference.
+
+    Channels-last (NHWC) changes the order of the convolutions' floating-point sums, not what they compute:
+    runs in the two layouts agree to rounding, not bit for bit.
+    """
+    if name == "auto":
+        name = "channels_last" if getattr(model, "prefers_channels_last", False) else "contiguous"
+    if name not in MEMORY_FORMATS:
+        raise ConfigError(f"unknown memory format {name!r}; valid: {', '.join(MEMORY_FORMATS)}")
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
+def in_format(x: object, fmt: torch.memory_format) -> object:
+    """``x`` in layout ``fmt`` when it is a 4-d image batch, else unchanged (token batches, vectors)."""
+    if fmt is torch.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
+        return x.contiguous(memory_format=fmt)
+    return x
+
+
 def cuda_sync(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA only), so that wall-clock timings are complete."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-__all__ = ["local_device", "autocast_context", "model_device", "cuda_sync"]
+__all__ = ["local_device", "autocast_context", "model_device", "cuda_sync", "MEMORY_FORMATS", "memory_format", "in_format"]

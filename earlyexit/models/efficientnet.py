@@ -216,6 +216,7 @@ def efficientnet_b0_model(*, num_classes: int, in_chans: int = 3, exits: Any = N
     model = MultiExitModel(stem=stem, stages=blocks, head=final, exits=chosen, make_head=make_head, feature_info=info,
                            num_classes=num_classes, input_shape=(in_chans, image_size, image_size))
     _init_like_torchvision(model.backbone_modules())
+    model.prefers_channels_last = True  # `bench`: about 1.45x faster training steps channels-last on 2 CPU cores
     return model
 
 

@@ -27,6 +27,9 @@ Contracts (relied on by training, metrics and inference):
   (names relative to the part), gathered by ``MultiExitModel.conv_bn_pairs``
   for folding; a part that weight matching can permute declares
   ``permutation_axes(rules, prefix, inp)`` (``earlyexit.analysis.connectivity``).
+- ``prefers_channels_last``: the model trains faster in channels-last memory
+  layout (set by the builders whose ``bench`` shows it; the training loop's
+  ``memory_format="auto"`` reads it).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class MultiExitModel(nn.Module):
         input_shape: shape of one input sample, e.g. ``(C, H, W)``; used by
             ``example_input`` (FLOP counting, tests, benchmarks).
     """
+
+    prefers_channels_last: bool = False  # see the module docstring; a builder sets it on its model
 
     def __init__(
         self,

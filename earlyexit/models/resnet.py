@@ -271,6 +271,7 @@ def resnet(
     if head == "sdn_exact":
         _expose_pre_relu(model)
     init_conv_bn(model)
+    model.prefers_channels_last = True  # `bench`: ResNet-20 steps run about 1.4x faster channels-last on 2 CPU cores
     return model
 
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import distributed as dist
 from ..config import TrainConfig
-from ..device import autocast_context as autocast, local_device
+from ..device import autocast_context as autocast, in_format, local_device, memory_format
 from ..errors import TrainingError
 from ..io import load_state_strict
 from ..models.multiexit import MultiExitModel
@@ -75,15 +75,16 @@ class TrainRecord:
 
 
 @torch.no_grad()
-def validate(model: nn.Module, split: Any, exits: Sequence[int], device: torch.device, *, batch_size: int = 512) -> list[float]:
-    """Accuracy of each exit in ``exits`` on ``split`` (sharded over ranks, all-reduced)."""
+def validate(model: nn.Module, split: Any, exits: Sequence[int], device: torch.device, *, batch_size: int = 512,
+             fmt: torch.memory_format = torch.contiguous_format) -> list[float]:
+    """Accuracy of each exit in ``exits`` on ``split`` (sharded over ranks, all-reduced); image batches in ``fmt``."""
     rank, ws = dist.world()
     was = model.training
     model.eval()
     correct = torch.zeros(len(exits), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in split.batches(batch_size * ws, rank=rank, world_size=ws):
-        x, y = to_device(x, device), y.to(device)
+        x, y = in_format(to_device(x, device), fmt), y.to(device)
         with autocast(device):
             outs = model(x, exits=exits)
         for i, o in enumerate(outs):
@@ -156,6 +157,8 @@ def train(
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {ws} processes")
     main = rank == 0
     model.to(device)
+    fmt = memory_format(model, cfg.memory_format)
+    model.to(memory_format=fmt)  # the weights stay in this layout while training (loading copies into it)
     files = CheckpointFiles(out_dir, write=main)
     if resume:
         st = files.load(phases, model)
@@ -169,14 +172,11 @@ def train(
                emit=log if (log is not None and main) else (lambda *a, **k: None),
                # per-step events read the loss (a host sync on CUDA): only for hooks that want them
                want_steps=log is not None and main and getattr(log, "wants_steps", True),
-               probe=probe if main else None)
-    while st.phase <= 3:
-        if phases[st.phase - 1] != "+":
-            st.skip_phase()
-            continue
-        _train_epoch(run, st)
-        files.save(st, model)
-
+               probe=probe if main else None, fmt=fmt)
+    try:
+        _train_phases(run, st, phases)
+    finally:
+        model.to(memory_format=torch.contiguous_format)  # weights leave in the usual layout (safetensors, eval)
     set_trainable(model, 2)  # every parameter trainable again
     model.eval()
     run.emit("done")
@@ -201,16 +201,31 @@ class _Run:
     emit: LogHook
     want_steps: bool
     probe: StepProbe | None = None  # rank 0's step probe
-    net: nn.Module | None = None  # DistributedDataParallel around the model under torchrun, else the model
-    net_phase: int = 0            # the phase ``net`` was wrapped for
+    fmt: torch.memory_format = torch.contiguous_format  # memory layout of the weights and the image batches
+    net: nn.Module | None = None  # the module the steps call (DDP wrapper, compiled module), None: the model
+    net_phase: int = 0            # the phase ``net`` was made for
 
     def wrapped(self, phase: int) -> nn.Module:
-        """The module to train: one DDP wrapper per phase (its trainable set is fixed within the phase)."""
-        if self.ws > 1 and self.net_phase != phase:
+        """The module to train: per phase (its trainable set is fixed within the phase) the DDP wrapper under
+        torchrun, compiled with ``torch.compile`` when the config asks; else the model itself."""
+        if self.net_phase != phase and (self.ws > 1 or self.cfg.compile):
             dev = self.device
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[dev] if dev.type == "cuda" else None)
+            net: nn.Module = self.model
+            if self.ws > 1:
+                net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev] if dev.type == "cuda" else None)
+            self.net = torch.compile(net) if self.cfg.compile else net
             self.net_phase = phase
         return self.net if self.net is not None else self.model
+
+
+def _train_phases(run: _Run, st: TrainState, phases: str) -> None:
+    """Train every remaining epoch of the phases marked ``+``, with a checkpoint after each."""
+    while st.phase <= 3:
+        if phases[st.phase - 1] != "+":
+            st.skip_phase()
+            continue
+        _train_epoch(run, st)
+        run.files.save(st, run.model)
 
 
 def _train_epoch(run: _Run, st: TrainState) -> None:
@@ -254,7 +269,7 @@ def _train_epoch(run: _Run, st: TrainState) -> None:
         for s, (x, y) in enumerate(run.data.train.batches(cfg.batch_size, shuffle=True, seed=seed, epoch=e,
                                                           augment=run.augment, rank=run.rank, world_size=run.ws,
                                                           drop_last=True)):
-            x, y = to_device(x, device), y.to(device)
+            x, y = in_format(to_device(x, device), run.fmt), y.to(device)
             if every is not None and (e * steps_per_epoch + s) % every == 0:
                 st.log_probe(_probe(run, setup, x, y, step=e * steps_per_epoch + s, epoch=e, index=s, grid=gi))
             loss = train_step(setup, x, y, step=e * steps_per_epoch + s, index=s, sums=sums)
@@ -270,7 +285,7 @@ def _train_epoch(run: _Run, st: TrainState) -> None:
     n = dist.all_reduce_sum(torch.tensor(float(sums.seen), dtype=torch.float64, device=device))
     train_loss = float(dist.all_reduce_sum(sums.loss) / n)
     train_acc = (dist.all_reduce_sum(sums.correct) / n).tolist()
-    val_acc = validate(model, run.data.val, validated_exits(model, p), device, batch_size=run.eval_batch_size)
+    val_acc = validate(model, run.data.val, validated_exits(model, p), device, batch_size=run.eval_batch_size, fmt=run.fmt)
     metric = val_metric(p, val_acc, pc.metric)
     rec = {"phase": p, "lr": lr, "epoch": e + 1, "train_loss": train_loss, "train_acc": train_acc,
            "val_acc": val_acc, "val_metric": metric, "seconds": time.time() - te}

@@ -233,9 +233,12 @@ def load(name: str) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", choices=["flops", "scores", "training"], default=[],
+    parser.add_argument("parts", nargs="*", metavar="{flops,scores,training}",
                         help="what to regenerate (default: everything)")
     parts = parser.parse_args(argv).parts or ["flops", "scores", "training"]
+    for part in parts:  # checked here: argparse rejects an empty list against choices
+        if part not in ("flops", "scores", "training"):
+            parser.error(f"unknown part {part!r}; valid: flops, scores, training")
     torch.set_num_threads(1)
     if "flops" in parts:
         print(write("flops", compute_flops()))
