@@ -125,18 +125,51 @@ def test_every_dataset_has_its_labels_checked(monkeypatch):
         D.load_dataset("badlabels")
 
 
-def test_undecodable_image_names_the_file(tmp_path):
+def _image_folder(root: Path, fmt: str = "PNG", ext: str = "png") -> None:
     from PIL import Image
 
-    root = tmp_path / "folder"
     for c in ("a", "b"):
         for i in range(4):
             (root / "train" / c).mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / "train" / c / f"{i}.png")
+            Image.new("RGB", (16, 16), (40 * i, 0, 9 * i)).save(root / "train" / c / f"{i}.{ext}", fmt)
         (root / "val" / c).mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (8, 8)).save(root / "val" / c / "v.png")
-    (root / "train" / "a" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+        Image.new("RGB", (16, 16)).save(root / "val" / c / f"v.{ext}", fmt)
+
+
+def _png_damaged_inside(f: Path) -> None:  # one byte of the compressed pixel data changed; the file keeps its length
+    b = bytearray(f.read_bytes())
+    i = b.index(b"IDAT") + 8
+    b[i] ^= 0xFF
+    f.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("damage,fmt,ext", [
+    (lambda f: f.write_bytes(b"\x89PNG\r\n\x1a\n truncated"), "PNG", "png"),   # header cut short
+    (lambda f: f.write_bytes(f.read_bytes()[:-20]), "PNG", "png"),               # end cut off
+    (_png_damaged_inside, "PNG", "png"),                                          # damaged deflate stream
+    (lambda f: f.write_bytes(f.read_bytes()[:-30]), "JPEG", "jpg"),              # truncated JPEG
+    (lambda f: f.write_text("not an image"), "PNG", "png"),                       # not an image at all
+], ids=["png-header", "png-truncated", "png-deflate", "jpeg-truncated", "text"])
+def test_damaged_image_fails_at_load_time_naming_the_file(tmp_path, damage, fmt, ext):
+    root = tmp_path / "folder"
+    _image_folder(root, fmt, ext)
+    D.load_dataset(f"imagefolder:{root}", image_size=8, num_workers=0)  # the intact folder loads
+    damage(root / "train" / "a" / f"2.{ext}")
+    with pytest.raises(DataError, match=rf"2\.{ext}: cannot decode the image") as e:
+        D.load_dataset(f"imagefolder:{root}", image_size=8, num_workers=0)
+    assert "\n" not in str(e.value)
+    damage(root / "val" / "b" / f"v.{ext}")  # the held-out images are checked too
+    (root / "train" / "a" / f"2.{ext}").unlink()
+    with pytest.raises(DataError, match=rf"v\.{ext}: cannot decode the image"):
+        D.load_dataset(f"imagefolder:{root}", image_size=8, num_workers=0)
+
+
+def test_an_image_that_fails_only_when_decoded_names_the_file_in_one_line(tmp_path, monkeypatch):
+    """What passes the load-time check but not the decoder (JPEG has no checksum) still fails in one line."""
+    root = tmp_path / "folder"
+    _image_folder(root)
     s = D.load_dataset(f"imagefolder:{root}", image_size=8, num_workers=0, val_fraction=0.25)
+    (root / "train" / "a" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n damaged after loading")
     with pytest.raises(DataError, match=r"2.png: cannot decode the image") as e:
         for split in (s.train, s.val):
             list(split.batches(4))

@@ -39,7 +39,7 @@ from .augment import Augment
 from .files import _locate, _one_line
 from .registry import register_dataset
 from .sampling import _STREAM_SYNTHETIC, _generator
-from .splits import ImageFolderSplit, Splits, TensorSplit, _first, _tensor_splits, stratified_split
+from .splits import ImageFolderSplit, Splits, check_image_files, TensorSplit, _first, _tensor_splits, stratified_split
 
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                 "t10k-labels-idx1-ubyte")
@@ -313,6 +313,7 @@ def _load_imagefolder(*, arg: str, data_dir: Any = None, val_fraction: float = 0
     samples = _round_robin(samples)
     samples = samples[: _first(len(samples), train_size, f"imagefolder:{arg}")]
     test_samples = _heldout_samples(root, class_to_idx)
+    check_image_files(samples + test_samples)  # a damaged file fails at load time, naming it
     tr, va = stratified_split([c for _, c in samples], val_fraction, seed=seed)
     if num_workers is None:
         num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
