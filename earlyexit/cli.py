@@ -389,13 +389,14 @@ def plot(run_dirs, output, curve) -> None:
 @click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False),
               help="A trained run folder for the inference section (default: the untrained model).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N.")
+@click.option("--compile", "compile_", is_flag=True, help="Also time training steps through torch.compile (compiles first).")
 @_user_errors
-def bench(model_name, dataset, data_dir, batch_size, steps, run_dir, device) -> None:
+def bench(model_name, dataset, data_dir, batch_size, steps, run_dir, device, compile_) -> None:
     """Measure step-time, sweep and loading ratios (and early-exit inference) on this machine."""
     from .bench import run_bench
 
     run_bench(model=model_name, dataset=dataset, data_dir=data_dir, batch_size=batch_size, steps=steps,
-              run_dir=run_dir, device=device, echo=click.echo)
+              run_dir=run_dir, device=device, echo=click.echo, compile=compile_)
 
 
 @main.command()

@@ -34,6 +34,8 @@ def test_run_bench_mlp_synthetic():
         assert label in text
     assert any(w in text for w in ("PASS", "MISS"))
     assert "inference, confidence >" in text and "skipped" not in text
+    assert "memory layout" in text and "auto picks contiguous for mlp" in text
+    assert res["channels_last_speedup"] > 0 and "compiled_speedup" not in res
 
 
 def test_time_phases_returns_step_and_load_times():
@@ -93,3 +95,31 @@ def test_run_bench_inference_on_a_run_folder(tmp_path):
     for b in (1, 64, 256):
         assert res[f"inference_b{b}_predict_ms"] > 0 and res[f"inference_b{b}_backbone_ms"] > 0
         assert 0 <= res[f"inference_b{b}_early_share"] <= 1
+
+
+def test_time_layouts_steps_each_layout_and_the_compiled_model(monkeypatch):
+    """Every variant is timed on its own copy in its own layout; the model passed in is left untouched."""
+    from earlyexit.bench import training as bt
+    from earlyexit.data import load_dataset
+    from earlyexit.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("resnet20", num_classes=10, in_chans=1, image_size=16, exits="every:3")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    seen, compiled = [], []
+    real = bt._PhaseStep.__call__
+
+    def spy(self, x, y):
+        seen.append(next(self.model.stages[0].parameters()).is_contiguous(memory_format=torch.channels_last))
+        return real(self, x, y)
+
+    monkeypatch.setattr(bt._PhaseStep, "__call__", spy)
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)  # the wiring, not the compiler
+    split = load_dataset("synthetic", image_size=16, in_chans=1, train_samples=64, test_samples=8).train
+    res = bt.time_layouts(net, split, batch_size=8, steps=2, warmup=1, device=torch.device("cpu"), compile=True)
+    assert set(res) == {"layout_contiguous_samples_per_s", "layout_channels_last_samples_per_s",
+                        "layout_compiled_samples_per_s", "channels_last_speedup", "compiled_speedup", "compile_s"}
+    assert len(compiled) == 1 and compiled[0] is not net
+    assert len(seen) == 1 + 3 * 3  # the compile call, then (warm-up + steps) rounds of three variants
+    assert sum(seen) == 1 + 3 * 2  # compiled (auto: channels-last for ResNet) and channels_last
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

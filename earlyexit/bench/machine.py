@@ -32,7 +32,7 @@ from ..device import local_device
 from ..training.phases import phase_exits
 from .inference import inference_section
 from .sweep import SWEEP_SAMPLES, time_sweep
-from .training import time_phases
+from .training import time_layouts, time_phases
 
 # Targets of the four ratios: (key in the result, comparison, bound).
 TARGETS: dict[str, tuple[str, float]] = {
@@ -56,7 +56,7 @@ def _fmt_ms(s: float) -> str:
 
 def run_bench(*, model: str = "resnet20", dataset: str = "fashion-mnist", data_dir: str | None = None,
               batch_size: int = 128, steps: int = 10, run_dir: str | None = None, device: str | None = None,
-              echo: Callable[[str], Any] = print, warmup: int = 2) -> dict:
+              echo: Callable[[str], Any] = print, warmup: int = 2, compile: bool = False) -> dict:
     """Measure the phase, sweep and loading ratios on this machine and print them as a table.
 
     Args:
@@ -69,11 +69,13 @@ def run_bench(*, model: str = "resnet20", dataset: str = "fashion-mnist", data_d
         device: "cpu", "cuda", "cuda:N"; None = CUDA when available.
         echo: prints one line of the table.
         warmup: untimed steps per phase before the timed ones.
+        compile: also time phase-1 steps through ``torch.compile`` (the compilation itself takes a while).
     Returns:
         A dict of floats: ``flops_ratio``, ``p2_over_p1``, ``p2_vs_flops``, ``p3_over_p1``,
         ``sweep_over_forward``, ``load_share`` (the four checked ratios and what they rest on),
         ``p{1,2,3}_step_s``, ``p{1,2,3}_samples_per_s``, ``load_s``, ``forward_s``, ``sweep_s``, and
-        the ``inference_*`` figures of ``bench.inference``.
+        the ``inference_*`` figures of ``bench.inference``, and ``bench.training.time_layouts``'s
+        ``layout_*_samples_per_s``, ``channels_last_speedup`` (``compiled_speedup``, ``compile_s``) for image models.
     Raises:
         ValueError: on bad arguments or a model without IC heads.
         DataError: when the dataset cannot be loaded.
@@ -130,6 +132,20 @@ def run_bench(*, model: str = "resnet20", dataset: str = "fashion-mnist", data_d
     echo(f"   ({SWEEP_SAMPLES} samples: sweep {_fmt_ms(res['sweep_s'])} ms, forward {_fmt_ms(res['forward_s'])} ms)")
     echo(f"{'d) loading share of a step (worst phase)':<40}{res['load_share'] * 100:>8.1f}%  {'< 10%':<22}"
          f"{mark('load_share')}")
+
+    # Training-step layouts: contiguous against channels-last (and compiled), phase 1, interleaved.
+    if len(net.input_shape or ()) == 3:
+        from ..device import memory_format
+
+        res.update(time_layouts(net, splits.train, batch_size=batch_size, steps=steps, warmup=warmup, device=dev,
+                                compile=compile))
+        auto = "channels_last" if memory_format(net, "auto") is torch.channels_last else "contiguous"
+        echo(f"phase-1 training step by memory layout (--memory-format; auto picks {auto} for {model}):")
+        echo(f"  contiguous {res['layout_contiguous_samples_per_s']:.0f} samples/s, channels_last "
+             f"{res['layout_channels_last_samples_per_s']:.0f} samples/s: {res['channels_last_speedup']:.2f}x")
+        if compile:
+            echo(f"  compiled ({auto}) {res['layout_compiled_samples_per_s']:.0f} samples/s: "
+                 f"{res['compiled_speedup']:.2f}x over contiguous, after a {res['compile_s']:.0f} s compile")
 
     # Inference: early-exit predict against full forward passes, on real test samples.
     test_split = splits.test

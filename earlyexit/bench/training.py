@@ -135,4 +135,61 @@ def time_phases(model: MultiExitModel, split: Any, *, batch_size: int, steps: in
     return out
 
 
-__all__ = ["time_phases", "BENCH_LR"]
+def time_layouts(model: MultiExitModel, split: Any, *, batch_size: int, steps: int, warmup: int,
+                 device: torch.device, compile: bool = False) -> dict[str, float]:
+    """Phase-1 training steps in each memory layout (and compiled), timed interleaved on copies of ``model``.
+
+    The variants are ``contiguous`` and ``channels_last`` (weights and image batches in that layout,
+    as ``TrainConfig.memory_format`` trains), and with ``compile`` also ``compiled``: the model in the
+    layout ``memory_format="auto"`` picks for it, stepped through ``torch.compile`` (its first call, the
+    compilation, is timed on its own). One step of each variant per round, on the same batch.
+
+    Returns:
+        ``layout_{variant}_samples_per_s`` (from the median step time), ``channels_last_speedup``
+        and, with ``compile``, ``compiled_speedup`` (both over contiguous: medians of each round's own
+        ratio), and ``compile_s`` (the first compiled step).
+    """
+    import copy
+
+    from ..device import in_format, memory_format
+
+    variants = {"contiguous": (torch.contiguous_format, False), "channels_last": (torch.channels_last, False)}
+    if compile:
+        variants["compiled"] = (memory_format(model, "auto"), True)
+    steppers, fmts, out = {}, {}, {}
+    for name, (fmt, compiled) in variants.items():
+        m = copy.deepcopy(model).to(device).to(memory_format=fmt)
+        step = _PhaseStep(m, 1, device, total_steps=warmup + steps + 1)
+        step.enter()
+        if compiled:
+            step.setup.net = torch.compile(m)
+        steppers[name], fmts[name] = step, fmt
+    draws = _train_batches(split, batch_size, device)
+    if compile:  # the compilation: the first call
+        _, x, y = next(draws)
+        t0 = time.perf_counter()
+        steppers["compiled"](in_format(x, fmts["compiled"]), y)
+        cuda_sync(device)
+        out["compile_s"] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
+    for r in range(warmup + steps):
+        _, x, y = next(draws)
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]  # rotating order, as in time_phases
+            xb = in_format(x, fmts[name])
+            cuda_sync(device)
+            t0 = time.perf_counter()
+            steppers[name](xb, y)
+            cuda_sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        out[f"layout_{name}_samples_per_s"] = batch_size / statistics.median(ts)
+    for name in names[1:]:
+        key = "channels_last_speedup" if name == "channels_last" else "compiled_speedup"
+        out[key] = statistics.median(c / t for c, t in zip(times["contiguous"], times[name]))
+    return out
+
+
+__all__ = ["time_phases", "time_layouts", "BENCH_LR"]
