@@ -86,11 +86,10 @@ case "$PRESET" in
         if want vit-heads; then
             for head in mlp1024; do compare "$R/vit-fmnist-head-$head" "${VIT[@]}" --model-opt "head=$head" --seeds 0,1; done
         fi
-        # 3. BERT with the MiniLM-L6 weights on SST-2 (AdamW, cosine, weight decay 1e-4, batch 32): about 16
-        #    sentences a second train here, so 2,000 of the 6,920 training sentences (1,800 train), 2 epochs per phase
+        # 3. BERT with the MiniLM-L6 weights on SST-2 (AdamW, cosine, weight decay 1e-4, batch 32)
         if want bert; then
             compare "$R/bert-sst2" --model bert --weights minilm-l6 --model-opt head_pool=mean --dataset sst2 \
-                --train-size 2000 --optimizer adamw --lr 5e-5 --weight-decay 1e-4 --batch-size 32 --epochs 2 --seeds 0,1,2
+                --optimizer adamw --lr 5e-5 --weight-decay 1e-4 --batch-size 32 --epochs 2 --seeds 0,1,2
         fi
         # 4. the analyses of the seed-0 models of experiment 1 (one per regime)
         if want analyses && [ -f "$R/resnet20-fmnist/summary.json" ]; then
