@@ -31,3 +31,24 @@ def test_every_table_is_the_summary_of_its_runs(globs, table):
     dirs = sorted({p for g in globs.split() for p in ROOT.glob(g) if (p / "results.json").is_file()})
     assert dirs, f"no run folder matches {globs}"
     assert table.strip() == markdown_summary(summarize_runs(dirs)).strip()
+
+
+@pytest.mark.slow
+def test_a_committed_run_reruns_from_its_config_to_the_same_results(tmp_path):
+    """What RESULTS.md promises: `run --config results/EXP/RUN/config.json --out DIR` gives the committed
+    per-exit accuracies and curve (checked on the cheapest committed ResNet-20 run, about two minutes)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from earlyexit.cli import main
+
+    run = ROOT / "results" / "resnet20-fmnist" / "resnet20-fashion-mnist-disjoint-s0"
+    if not (run / "results.json").is_file():
+        pytest.skip("experiment 1 is not committed")
+    out = tmp_path / "rerun"
+    r = CliRunner().invoke(main, ["run", "--config", str(run / "config.json"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    got, want = (json.loads((d / "results.json").read_text()) for d in (out, run))
+    assert [e["accuracy"] for e in got["exits"]] == [e["accuracy"] for e in want["exits"]]
+    assert got["curve"] == want["curve"] and got["budgets"] == want["budgets"]
