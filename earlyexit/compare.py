@@ -117,7 +117,8 @@ def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
                "summary": summarize_runs(all_dirs, same_config=budget != "matched")}  # matched: joint's epochs vary
     suffix = "" if budget == "paper" else f"-{budget}"
     atomic_write_json(out / f"summary{suffix}.json", summary)
-    maybe_plot(all_dirs, out / f"curves{suffix}.png")
+    note = None if budget == "paper" else "matched budget: joint trains as many epochs as mixed's phases 1 and 2"
+    maybe_plot(all_dirs, out / f"curves{suffix}.png", note=note)
     return summary
 
 

@@ -251,13 +251,14 @@ def markdown_summary(groups: Sequence[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve") -> None:
+def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve", note: str | None = None) -> None:
     """Draw the runs' accuracy-vs-FLOPs curves (``runs_figure``) and write ``out_file`` (PNG, PDF, SVG).
 
     Args:
         run_dirs: run folders holding results.json.
         out_file: the figure's path; its suffix picks the format.
         curve: which curve of results.json to draw (``curve``, ``calibrated_geometric`` or ``calibrated_global``).
+        note: a line added to the title (``runs_figure``).
     Raises:
         ImportError: matplotlib is not installed.
         EarlyExitError: a run lacks the curve, or a configuration's seeds do not line up.
@@ -266,7 +267,7 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve")
 
     import matplotlib.pyplot as plt
 
-    fig = runs_figure(run_dirs, curve=curve)
+    fig = runs_figure(run_dirs, curve=curve, note=note)
     buf = io.BytesIO()
     fmt = Path(out_file).suffix.lstrip(".") or "png"
     fig.savefig(buf, format=fmt, dpi=130)
@@ -274,7 +275,7 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve")
     atomic_write_bytes(out_file, buf.getvalue())
 
 
-def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve"):
+def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve", note: str | None = None):
     """The accuracy-vs-FLOPs figure of runs, one colour per configuration.
 
     A configuration (same model, dataset, regime and method) with one run is drawn as its curve and static
@@ -287,6 +288,7 @@ def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve"):
     Args:
         run_dirs: run folders holding results.json.
         curve: which curve of results.json to draw (``curve``, ``calibrated_geometric`` or ``calibrated_global``).
+        note: a second title line saying what the legend cannot (e.g. that joint had a matched budget).
     Returns:
         The matplotlib ``Figure`` (Agg backend); close it with ``plt.close``.
     Raises:
@@ -345,9 +347,11 @@ def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve"):
     ax.set_ylabel("test accuracy (%)" if curve == "curve" else f"test accuracy (%), {curve.replace('_', ' ')}")
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=8, loc="best")
-    if not several_models:
-        (model, dataset, _, _), _ = groups[0]
-        ax.set_title(f"{model} on {dataset}", fontsize=10)
+    title = "" if several_models else "{} on {}".format(*groups[0][0][:2])
+    if note:
+        title = f"{title}\n{note}" if title else note
+    if title:
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -364,19 +368,20 @@ def _label(key: tuple, runs: Sequence[Results], several_models: bool) -> str:
     return f"{' '.join(parts)}, {seeds}"
 
 
-def maybe_plot(run_dirs: list[Path], out_file: Path, *, required: bool = False, curve: str = "curve") -> bool:
+def maybe_plot(run_dirs: list[Path], out_file: Path, *, required: bool = False, curve: str = "curve",
+               note: str | None = None) -> bool:
     """``plot_runs``, or False when matplotlib is missing (an error when ``required``).
 
     Args:
         run_dirs: run folders holding results.json.
         out_file: the figure's path.
         required: raise ``EarlyExitError`` instead of returning False when matplotlib is missing.
-        curve: as for ``plot_runs``.
+        curve, note: as for ``plot_runs``.
     Returns:
         True when the figure was written.
     """
     try:
-        plot_runs(run_dirs, out_file, curve=curve)
+        plot_runs(run_dirs, out_file, curve=curve, note=note)
     except ImportError:
         if required:
             raise EarlyExitError("plotting needs matplotlib: pip install 'earlyexit[plot]'") from None

@@ -14,6 +14,9 @@ from earlyexit.runs import find_weights, run_experiment
 PC = PhaseConfig(epochs=2, lr=(0.05,))
 CFG = RunConfig(model=ModelConfig(name="mlp", kwargs={"width": 16, "depth": 3}), data=DataConfig(name="synthetic"),
                 train=TrainConfig(phases=(PC, PC, PC), batch_size=50, device="cpu"))
+# A conv net that trains channels-last: phase 1's weights leave train() contiguous and come back in.
+CONV = RunConfig(model=ModelConfig(name="resnet20", exits="every:3"), data=DataConfig(name="synthetic", train_size=200),
+                 train=TrainConfig(phases=(PhaseConfig(epochs=1, lr=(0.05,)),) * 3, batch_size=50, device="cpu"))
 
 
 def _strip(obj):
@@ -30,15 +33,16 @@ def _history(d):
 
 
 @pytest.mark.slow
-def test_shared_phase1_is_bit_identical_to_separate_runs(tmp_path):
-    summary = compare_regimes(CFG, [0], tmp_path / "cmp")
+@pytest.mark.parametrize("base", [CFG, CONV], ids=["mlp", "resnet-channels-last"])
+def test_shared_phase1_is_bit_identical_to_separate_runs(tmp_path, base):
+    summary = compare_regimes(base, [0], tmp_path / "cmp")
     assert set(summary["runs"]) == {"joint", "disjoint", "mixed"}
     assert (tmp_path / "cmp" / "summary.json").is_file()
     for regime in ("joint", "disjoint", "mixed"):
-        a = run_dir(tmp_path / "cmp", CFG, regime, 0)
+        a = run_dir(tmp_path / "cmp", base, regime, 0)
         b = tmp_path / f"sep-{regime}"
-        cfg = RunConfig(model=CFG.model, data=CFG.data, train=TrainConfig(regime=regime, phases=CFG.train.phases,
-                                                                          batch_size=50, device="cpu"))
+        cfg = RunConfig(model=base.model, data=base.data, train=TrainConfig(regime=regime, phases=base.train.phases,
+                                                                            batch_size=50, device="cpu"))
         run_experiment(cfg, b)
         ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
         assert _strip(ra) == _strip(rb), regime

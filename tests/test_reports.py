@@ -147,6 +147,17 @@ def test_figure_draws_mean_and_band_per_configuration(runs):
         plt.close(fig)
 
 
+def test_figure_note_is_a_second_title_line(runs):
+    import matplotlib.pyplot as plt
+
+    for note, want in ((None, "resnet20 on cifar10"), ("matched budget", "resnet20 on cifar10\nmatched budget")):
+        fig = runs_figure(runs["joint"], note=note)
+        try:
+            assert fig.axes[0].get_title() == want
+        finally:
+            plt.close(fig)
+
+
 def test_figure_keeps_single_runs_as_they_were(runs):
     import matplotlib.pyplot as plt
     from matplotlib.collections import PolyCollection
