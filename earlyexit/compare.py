@@ -118,7 +118,7 @@ def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
     suffix = "" if budget == "paper" else f"-{budget}"
     atomic_write_json(out / f"summary{suffix}.json", summary)
     note = None if budget == "paper" else "matched budget: joint trains as many epochs as mixed's phases 1 and 2"
-    maybe_plot(all_dirs, out / f"curves{suffix}.png", note=note)
+    maybe_plot(all_dirs, out / f"curves{suffix}.png", note=note, split_configs=budget != "matched")
     return summary
 
 

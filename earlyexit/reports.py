@@ -28,7 +28,7 @@ plotting function.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -106,8 +106,9 @@ def _stats(vals: list[float]) -> dict:
     return {"mean": float(t.mean()), "std": float(t.std()) if len(vals) > 1 else 0.0}
 
 
-# config.json fields that may differ between the seeds of one configuration: where, not what, was run
-POOL_FREE_FIELDS = ("train.seed", "data.data_dir", "train.device")
+# config.json fields that may differ between the seeds of one configuration: where, not what, was run (the
+# gradient log leaves training bit-identical)
+POOL_FREE_FIELDS = ("train.seed", "data.data_dir", "train.device", "train.grad_log_every")
 
 
 def check_pool(run_dirs: Sequence[Path], *, same_config: bool = True) -> None:
@@ -251,14 +252,15 @@ def markdown_summary(groups: Sequence[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve", note: str | None = None) -> None:
+def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve", note: str | None = None,
+              split_configs: bool = True) -> None:
     """Draw the runs' accuracy-vs-FLOPs curves (``runs_figure``) and write ``out_file`` (PNG, PDF, SVG).
 
     Args:
         run_dirs: run folders holding results.json.
         out_file: the figure's path; its suffix picks the format.
         curve: which curve of results.json to draw (``curve``, ``calibrated_geometric`` or ``calibrated_global``).
-        note: a line added to the title (``runs_figure``).
+        note, split_configs: as for ``runs_figure``.
     Raises:
         ImportError: matplotlib is not installed.
         EarlyExitError: a run lacks the curve, or a configuration's seeds do not line up.
@@ -267,7 +269,7 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve",
 
     import matplotlib.pyplot as plt
 
-    fig = runs_figure(run_dirs, curve=curve, note=note)
+    fig = runs_figure(run_dirs, curve=curve, note=note, split_configs=split_configs)
     buf = io.BytesIO()
     fmt = Path(out_file).suffix.lstrip(".") or "png"
     fig.savefig(buf, format=fmt, dpi=130)
@@ -275,7 +277,70 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve",
     atomic_write_bytes(out_file, buf.getvalue())
 
 
-def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve", note: str | None = None):
+def _config_of(run_dir: Path) -> dict | None:
+    """A run's config.json without the fields seeds may differ in (``POOL_FREE_FIELDS``); None if absent."""
+    import json
+
+    f = Path(run_dir) / "config.json"
+    try:
+        raw = json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, ValueError):
+        raise EarlyExitError(f"{f} is not valid JSON") from None
+    if not isinstance(raw, dict):
+        return None
+    raw.pop("shapes", None)
+    for dotted in POOL_FREE_FIELDS:
+        section, _, field = dotted.partition(".")
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(field, None)
+    return raw
+
+
+def _figure_groups(run_dirs: Sequence[Path], results: Sequence[Results], split_configs: bool) -> list[tuple]:
+    """``[(key, runs, extra label)]``: runs grouped by (model, dataset, regime, method) and, with
+    ``split_configs``, by the rest of their config.json; groups that share a key are told apart in the
+    legend by the first fields in which their configs differ. A seed given twice in a group is refused."""
+    import json
+
+    from .config import config_diff
+
+    groups: dict[tuple, list[tuple[Path, Results, dict | None]]] = {}
+    for d, r in zip(run_dirs, results):
+        cfg = _config_of(Path(d)) if split_configs else None
+        fp = json.dumps(cfg, sort_keys=True) if cfg is not None else None
+        groups.setdefault((r.model, r.dataset, r.regime, r.method, fp), []).append((Path(d), r, cfg))
+    out = []
+    for full_key, members in groups.items():
+        seeds: dict[int, Path] = {}
+        for d, r, _ in members:
+            if r.seed in seeds:
+                raise EarlyExitError(f"{_name(full_key[:4])}: {seeds[r.seed]} and {d} are both seed {r.seed} of one "
+                                     "configuration; draw each run once")
+            seeds[r.seed] = d
+        extra = ""
+        siblings = [m for k, m in groups.items() if k[:4] == full_key[:4] and k != full_key]
+        cfg = members[0][2]
+        if siblings and cfg is not None:
+            fields = sorted({f for sib in siblings if sib[0][2] is not None for f in config_diff(sib[0][2], cfg)})
+            extra = ", ".join(f"{f}={_lookup(cfg, f)}" for f in fields[:2]) + (" ..." if len(fields) > 2 else "")
+        out.append((full_key[:4], sorted((r for _, r, _ in members), key=lambda r: r.seed), extra))
+    return out
+
+
+def _lookup(cfg: dict, dotted: str) -> Any:
+    """The value of a ``config_diff`` field name such as ``train.phases[0].epochs`` in a config dict."""
+    import re
+
+    v: Any = cfg
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", dotted):
+        v = v[int(part[1:-1])] if part.startswith("[") else v.get(part) if isinstance(v, dict) else None
+        if v is None:
+            return None
+    return v
+
+
+def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve", note: str | None = None,
+                split_configs: bool = True):
     """The accuracy-vs-FLOPs figure of runs, one colour per configuration.
 
     A configuration (same model, dataset, regime and method) with one run is drawn as its curve and static
@@ -289,6 +354,9 @@ def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve", note: str | N
         run_dirs: run folders holding results.json.
         curve: which curve of results.json to draw (``curve``, ``calibrated_geometric`` or ``calibrated_global``).
         note: a second title line saying what the legend cannot (e.g. that joint had a matched budget).
+        split_configs: draw runs of one (model, dataset, regime, method) whose config.json differ in more
+            than the seed as separate configurations, labelled by the fields that differ (False: pool
+            them, as the matched-budget joint runs, whose epochs follow each seed's mixed run).
     Returns:
         The matplotlib ``Figure`` (Agg backend); close it with ``plt.close``.
     Raises:
@@ -309,13 +377,13 @@ def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve", note: str | N
             raise EarlyExitError(f"{d} has no {curve} in results.json (calibrated curves need the confidence or "
                                  "entropy criterion)")
         results.append(r)
-    groups = _group(results)
-    several_models = len({(k[0], k[1]) for k, _ in groups}) > 1
+    groups = _figure_groups(run_dirs, results, split_configs)
+    several_models = len({(k[0], k[1]) for k, _, _ in groups}) > 1
     fig, ax = plt.subplots(figsize=(7, 4.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     handles = []
-    by_regime = len({k[2] for k, _ in groups}) == len(groups)  # one configuration per regime: fixed regime colours
-    for j, (key, rs) in enumerate(groups):
+    by_regime = len({k[2] for k, _, _ in groups}) == len(groups)  # one configuration per regime: fixed regime colours
+    for j, (key, rs, extra) in enumerate(groups):
         color = colors[(_REGIME_COLOR.get(key[2], 3 + j) if by_regime else j) % len(colors)]
         base = _base_flops(key, rs)
         pct = lambda xs: [x / base * 100 for x in xs]  # noqa: E731
@@ -323,7 +391,7 @@ def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve", note: str | N
             r = rs[0]
             c = getattr(r, curve)
             line, = ax.plot(pct(c.flops), [a * 100 for a in c.accuracy], color=color, lw=1.6,
-                            label=_label(key, rs, several_models))
+                            label=_label(key, rs, several_models, extra))
             ax.scatter(pct([e.flops for e in r.exits]), [e.accuracy * 100 for e in r.exits], color=color, s=22,
                        zorder=3)
         else:
@@ -331,7 +399,7 @@ def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve", note: str | N
             x = pct(avg["flops"])
             mean = torch.tensor(avg["accuracy"]) * 100
             std = torch.tensor(avg["accuracy_std"]) * 100
-            line, = ax.plot(x, mean.tolist(), color=color, lw=1.8, label=_label(key, rs, several_models))
+            line, = ax.plot(x, mean.tolist(), color=color, lw=1.8, label=_label(key, rs, several_models, extra))
             ax.fill_between(x, (mean - std).tolist(), (mean + std).tolist(), color=color, alpha=0.18, lw=0)
             n_exits = min(len(r.exits) for r in rs)
             ex = [_stats([r.exits[i].flops for r in rs]) for i in range(n_exits)]
@@ -340,8 +408,8 @@ def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve", note: str | N
                         fmt="o", color=color, ms=5, mec="white", mew=0.6, elinewidth=1, capsize=2, zorder=3)
         handles.append(line)
     handles.append(Line2D([], [], ls="none", marker="o", color="0.4", ms=5,
-                          label="static exits" + (" (mean +- std)" if any(len(rs) > 1 for _, rs in groups) else "")))
-    if any(len(rs) > 1 for _, rs in groups):
+                          label="static exits" + (" (mean +- std)" if any(len(rs) > 1 for _, rs, _ in groups) else "")))
+    if any(len(rs) > 1 for _, rs, _ in groups):
         handles.append(Patch(color="0.4", alpha=0.18, label="+- std over seeds"))
     ax.set_xlabel("average cost (% of the backbone's FLOPs)")
     ax.set_ylabel("test accuracy (%)" if curve == "curve" else f"test accuracy (%), {curve.replace('_', ' ')}")
@@ -356,7 +424,7 @@ def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve", note: str | N
     return fig
 
 
-def _label(key: tuple, runs: Sequence[Results], several_models: bool) -> str:
+def _label(key: tuple, runs: Sequence[Results], several_models: bool, extra: str = "") -> str:
     """Legend label: the regime (and method; model and dataset when the figure holds several), then the seeds."""
     model, dataset, _, method = key
     r = runs[0]
@@ -365,23 +433,23 @@ def _label(key: tuple, runs: Sequence[Results], several_models: bool) -> str:
     if method:
         parts.append(method)
     seeds = f"seed {r.seed}" if len(runs) == 1 else f"{len(runs)} seeds"
-    return f"{' '.join(parts)}, {seeds}"
+    return f"{' '.join(parts)}{', ' + extra if extra else ''}, {seeds}"
 
 
 def maybe_plot(run_dirs: list[Path], out_file: Path, *, required: bool = False, curve: str = "curve",
-               note: str | None = None) -> bool:
+               note: str | None = None, split_configs: bool = True) -> bool:
     """``plot_runs``, or False when matplotlib is missing (an error when ``required``).
 
     Args:
         run_dirs: run folders holding results.json.
         out_file: the figure's path.
         required: raise ``EarlyExitError`` instead of returning False when matplotlib is missing.
-        curve, note: as for ``plot_runs``.
+        curve, note, split_configs: as for ``plot_runs``.
     Returns:
         True when the figure was written.
     """
     try:
-        plot_runs(run_dirs, out_file, curve=curve, note=note)
+        plot_runs(run_dirs, out_file, curve=curve, note=note, split_configs=split_configs)
     except ImportError:
         if required:
             raise EarlyExitError("plotting needs matplotlib: pip install 'earlyexit[plot]'") from None

@@ -58,8 +58,10 @@ def test_load_run_and_eval_reproduce_results(finished_run, tmp_path):
     assert [e["accuracy"] for e in after["exits"]] == [e["accuracy"] for e in before["exits"]]
     assert after["train"] == before["train"]
     fig = tmp_path / "curves.png"
-    r = _run(["plot", str(out), str(out), "-o", str(fig)])
+    r = _run(["plot", str(out), "-o", str(fig)])
     assert r.exit_code == 0 and fig.stat().st_size > 1000
+    r = _run(["plot", str(out), str(out), "-o", str(tmp_path / "twice.png")])  # one run drawn as two seeds: refused
+    assert r.exit_code == 2 and "draw each run once" in r.output and not (tmp_path / "twice.png").exists()
 
 
 def _expect_error(args, pattern, code=2):

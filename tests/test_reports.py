@@ -205,3 +205,31 @@ def test_regimes_keep_their_colours_across_figures(runs):
     a = colours(runs["joint"] + runs["mixed"])
     b = colours(runs["mixed"] + runs["disjoint"] + runs["joint"])
     assert a["joint"] == b["joint"] and a["mixed"] == b["mixed"] and len(set(b.values())) == 3
+
+
+def test_figure_splits_runs_whose_configs_differ_and_refuses_a_seed_twice(runs, tmp_path):
+    """Runs of one regime trained differently are two configurations, told apart by the fields that differ;
+    fields seeds may differ in (data folder, gradient log) do not split; a seed drawn twice is refused."""
+    import shutil
+
+    import matplotlib.pyplot as plt
+
+    dirs = []
+    for tag, epochs in (("short", 2), ("long", 8)):
+        for s, d in enumerate(runs["mixed"]):
+            new = tmp_path / tag / Path(d).name
+            shutil.copytree(d, new)
+            cfg = {"model": {"name": "resnet20"}, "data": {"data_dir": f"/data/{tag}{s}"},
+                   "train": {"seed": s, "grad_log_every": s or None, "phases": [{"epochs": epochs}, {"epochs": 8}]}}
+            (new / "config.json").write_text(json.dumps(cfg))
+            dirs.append(new)
+    fig = runs_figure(dirs)
+    try:
+        assert [t for t in (ln.get_label() for ln in fig.axes[0].get_lines()) if not t.startswith("_")] == [
+            "mixed (++-), train.phases[0].epochs=2, 3 seeds", "mixed (++-), train.phases[0].epochs=8, 3 seeds"]
+    finally:
+        plt.close(fig)
+    with pytest.raises(EarlyExitError, match="both seed 0 of one configuration"):
+        runs_figure(dirs, split_configs=False)  # pooled, as the matched-budget joint runs are
+    with pytest.raises(EarlyExitError, match="both seed 1"):
+        runs_figure(dirs[:3] + dirs[1:2])
