@@ -242,7 +242,10 @@ def plot_connectivity_plane(plane: Mapping[str, Any], out_file: str | os.PathLik
     """
     z = plane["loss"] if exit is None else plane["exit_loss"][exit]
     z = z.numpy() if hasattr(z, "numpy") else z
-    fig, axes = _figure(size=(6.0, 4.8))
+    # the axes keep equal units: the figure takes the plane's aspect (a long, flat plane gets a low figure)
+    xs, ys = plane["xs"], plane["ys"]
+    aspect = (max(ys) - min(ys)) / max(max(xs) - min(xs), 1e-12)
+    fig, axes = _figure(size=(7.0, min(7.0, max(3.2, 5.4 * aspect + 1.3))))
     ax = axes[0][0]
     what = "total loss" if exit is None else f"loss of exit {exit}"
     _contour(fig, ax, plane["xs"], plane["ys"], z, levels, what)

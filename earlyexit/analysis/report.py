@@ -298,7 +298,9 @@ def write_figures(results: Sequence[dict], stem: str | Path, *, echo: Callable[[
             written.append(fig.plot_loss_landscape(r["landscape"], path("landscape", lab),
                                                    title=f"loss landscape ({lab})"))
     if "plane" in first:
-        names = {k: Path(v).name for k, v in first["plane"]["runs"].items()}
+        # each model by the label its run has in the other figures (its regime), else its folder's name
+        label_of = {str(Path(r["run"])): lab for lab, r in zip(labels, results)}
+        names = {k: label_of.get(str(Path(v)), Path(v).name) for k, v in first["plane"]["runs"].items()}
         written.append(fig.plot_connectivity_plane(first["plane"], path("plane"), names=names))
     return written
 
