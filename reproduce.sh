@@ -97,6 +97,17 @@ case "$PRESET" in
             mkdir -p "$R/resnet20-fmnist-analyses"
             EE analyze "$A"/resnet20-fashion-mnist-{joint,disjoint,mixed}-s0 --what rank,information,gradients,landscape,plane \
                 --max-samples 512 --steps 15 --landscape-steps 11,11 --out "$R/resnet20-fmnist-analyses/analysis.json"
+            # the rank of 512 samples is capped at 512, and at sigma 0.1 I(X;Z) saturates at log 512: both again,
+            # the rank on the whole test split (2,000 columns) and I(X;Z) at sigma 20
+            EE analyze "$A"/resnet20-fashion-mnist-{joint,disjoint,mixed}-s0 --what rank --max-samples 10000 \
+                --features 2000 --out "$R/resnet20-fmnist-analyses/rank-full-test.json"
+            EE analyze "$A"/resnet20-fashion-mnist-{joint,disjoint,mixed}-s0 --what information --sigma 20 \
+                --max-samples 512 --out "$R/resnet20-fmnist-analyses/information-sigma20.json"
+            for pair in "joint disjoint" "joint mixed" "disjoint mixed"; do
+                set -- $pair
+                EE analyze "$A/resnet20-fashion-mnist-$1-s0" --other "$A/resnet20-fashion-mnist-$2-s0" --what connectivity \
+                    --steps 15 --max-samples 512 --out "$R/resnet20-fmnist-analyses/connectivity-$1-$2.json"
+            done
         fi
         ;;
     gpu)
