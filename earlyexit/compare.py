@@ -139,7 +139,12 @@ def _phase1(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None]) -> 
     state_file = d / "phase1.pt"
     if state_file.is_file():
         return load_checkpoint(state_file)
-    d.mkdir(parents=True, exist_ok=True)
+    with RunLock(d):
+        return _train_phase1(cfg, splits, d, emit)
+
+
+def _train_phase1(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None]) -> dict:
+    state_file = d / "phase1.pt"
     torch.manual_seed(cfg.train.seed)  # the model is built from the seed exactly as `run` builds it
     model = runs.make_model(cfg, splits)
     emit("run", regime="phase 1 (shared)", seed=cfg.train.seed, out=str(d))
@@ -157,6 +162,11 @@ def _continue(cfg: RunConfig, splits: Any, p1: dict, d: Path, emit: Callable[...
     """Disjoint or mixed from the shared phase 1: the run folder `run` would write for ``cfg``."""
     if _done(d):
         return Results.from_json(d)
+    with RunLock(d):  # a `run --out` into this folder meanwhile gets the one-line busy error
+        return _train_continued(cfg, splits, p1, d, emit)
+
+
+def _train_continued(cfg: RunConfig, splits: Any, p1: dict, d: Path, emit: Callable[..., None]) -> Results:
     rest = "-" + cfg.train.phase_string[1:]
     resume = (d / CHECKPOINT).is_file()
     torch.manual_seed(cfg.train.seed)
@@ -180,6 +190,11 @@ def _single(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None]) -> 
     """A regime trained on its own (joint): as `run` does it, resumable."""
     if _done(d):
         return Results.from_json(d)
+    with RunLock(d):
+        return _train_single(cfg, splits, d, emit)
+
+
+def _train_single(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None]) -> Results:
     resume = (d / CHECKPOINT).is_file()
     torch.manual_seed(cfg.train.seed)
     model = runs.make_model(cfg, splits)

@@ -92,3 +92,31 @@ def test_compare_command_writes_runs_summary_and_figure(tmp_path):
     assert r.exit_code == 2 and "--resume" in r.output
     r = CliRunner().invoke(main, args + ["--resume"])
     assert r.exit_code == 0, r.output
+
+
+def test_every_run_folder_of_a_live_comparison_is_locked(tmp_path, monkeypatch):
+    """While a comparison trains a run (phase 1, disjoint, mixed, joint), that folder's lock is held: a `run`
+    into it gets the one-line busy error; the locks are gone when the comparison ends."""
+    import earlyexit.compare as cmp
+    import earlyexit.runs as runs_mod
+    from earlyexit.rundir import LOCK, RunLock
+
+    seen = []
+
+    def spy(real):
+        def wrapped(model, data, *a, out_dir=None, **kw):
+            with pytest.raises(EarlyExitError, match="is in use by another run"):
+                RunLock(out_dir).acquire()
+            seen.append(out_dir.name)
+            return real(model, data, *a, out_dir=out_dir, **kw)
+        return wrapped
+
+    monkeypatch.setattr(cmp, "train", spy(cmp.train))
+    monkeypatch.setattr(runs_mod, "train", spy(runs_mod.train))
+    pc = PhaseConfig(epochs=1, lr=(0.05,))
+    cfg = RunConfig(model=CFG.model, data=DataConfig(name="synthetic", train_size=100),
+                    train=TrainConfig(phases=(pc, pc, pc), batch_size=50, device="cpu"))
+    compare_regimes(cfg, [0], tmp_path / "cmp")
+    assert sorted(seen) == sorted(["s0-phase1", *(run_dir(tmp_path / "cmp", cfg, r, 0).name
+                                                  for r in ("disjoint", "mixed", "joint"))])
+    assert not list((tmp_path / "cmp").rglob(LOCK))
