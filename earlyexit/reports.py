@@ -117,8 +117,6 @@ def check_pool(run_dirs: Sequence[Path], *, same_config: bool = True) -> None:
     Runs are pooled per configuration (model, dataset, regime, method); within one, every seed must
     appear once and, with ``same_config``, the runs that have a config.json must agree on every other field.
     """
-    import json
-
     from .config import config_diff
 
     seen: dict[Path, Path] = {}
@@ -140,19 +138,9 @@ def check_pool(run_dirs: Sequence[Path], *, same_config: bool = True) -> None:
             seeds[r.seed] = d
         if not same_config:
             continue
-        configs = []
-        for d, _ in members:
-            f = d / "config.json" if d.is_dir() else d.parent / "config.json"
-            if f.is_file():
-                try:
-                    raw = json.loads(f.read_text())
-                except (OSError, ValueError):
-                    raise EarlyExitError(f"{f} is not valid JSON") from None
-                if isinstance(raw, dict):
-                    raw.pop("shapes", None)
-                    configs.append((d, raw))
+        configs = [(d, c) for d, _ in members if (c := _config_of(d)) is not None]
         for d, raw in configs[1:]:
-            diff = [x for x in config_diff(configs[0][1], raw) if x not in POOL_FREE_FIELDS]
+            diff = config_diff(configs[0][1], raw)  # (_config_of drops the POOL_FREE_FIELDS)
             if diff:
                 raise EarlyExitError(f"{_name(key)}: {configs[0][0]} and {d} differ in {', '.join(diff[:4])}"
                                      f"{' ...' if len(diff) > 4 else ''}; only the seed may differ between pooled runs")
@@ -278,10 +266,12 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve",
 
 
 def _config_of(run_dir: Path) -> dict | None:
-    """A run's config.json without the fields seeds may differ in (``POOL_FREE_FIELDS``); None if absent."""
+    """A run's config.json without the fields seeds may differ in (``POOL_FREE_FIELDS``); None if absent.
+    ``run_dir`` may also name a file in the run folder (its results.json)."""
     import json
 
-    f = Path(run_dir) / "config.json"
+    d = Path(run_dir)
+    f = (d if d.is_dir() else d.parent) / "config.json"
     try:
         raw = json.loads(f.read_text()) if f.is_file() else None
     except (OSError, ValueError):

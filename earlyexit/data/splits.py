@@ -146,7 +146,7 @@ def check_image_files(samples: Sequence[tuple[str, int]], *, threads: int = 8) -
 
     paths = [p for p, _ in samples]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for path, why in zip(paths, pool.map(check, paths, chunksize=64)):
+        for path, why in zip(paths, pool.map(check, paths)):
             if why is not None:
                 raise DataError(f"{path}: cannot decode the image: {why}")
 
