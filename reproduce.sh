@@ -37,6 +37,24 @@ run_one() {  # run_one OUT ARGS...: one run, resumable
     if [ -f "$out/checkpoint.pt" ]; then EE run "$@" --out "$out" --resume; else EE run "$@" --out "$out"; fi
 }
 
+analyses() {  # analyses R SAMPLES STEPS: experiment 4 on the seed-0 models of R/resnet20-fmnist
+    local R=$1 n=$2 steps=$3 A=$1/resnet20-fmnist pair
+    mkdir -p "$R/resnet20-fmnist-analyses"
+    EE analyze "$A"/resnet20-fashion-mnist-{joint,disjoint,mixed}-s0 --what rank,information,gradients,landscape,plane \
+        --max-samples "$n" --steps "$steps" --landscape-steps 11,11 --out "$R/resnet20-fmnist-analyses/analysis.json"
+    # the rank of $n samples is capped at $n, and at sigma 0.1 I(X;Z) saturates at log $n: both again,
+    # the rank on the whole test split (2,000 columns) and I(X;Z) at sigma 20
+    EE analyze "$A"/resnet20-fashion-mnist-{joint,disjoint,mixed}-s0 --what rank --max-samples 10000 \
+        --features 2000 --out "$R/resnet20-fmnist-analyses/rank-full-test.json"
+    EE analyze "$A"/resnet20-fashion-mnist-{joint,disjoint,mixed}-s0 --what information --sigma 20 \
+        --max-samples "$n" --out "$R/resnet20-fmnist-analyses/information-sigma20.json"
+    for pair in "joint disjoint" "joint mixed" "disjoint mixed"; do
+        set -- $pair
+        EE analyze "$A/resnet20-fashion-mnist-$1-s0" --other "$A/resnet20-fashion-mnist-$2-s0" --what connectivity \
+            --steps "$steps" --max-samples "$n" --out "$R/resnet20-fmnist-analyses/connectivity-$1-$2.json"
+    done
+}
+
 case "$PRESET" in
     smoke)
         OUT=runs/smoke
@@ -95,24 +113,8 @@ case "$PRESET" in
             compare "$R/bert-sst2" --model bert --weights minilm-l6 --model-opt head_pool=mean --dataset sst2 \
                 --optimizer adamw --lr 5e-5 --weight-decay 1e-4 --batch-size 32 --epochs 2 --seeds 0,1,2
         fi
-        # 4. the analyses of the seed-0 models of experiment 1 (one per regime)
-        if want analyses && [ -f "$R/resnet20-fmnist/summary.json" ]; then
-            A=$R/resnet20-fmnist
-            mkdir -p "$R/resnet20-fmnist-analyses"
-            EE analyze "$A"/resnet20-fashion-mnist-{joint,disjoint,mixed}-s0 --what rank,information,gradients,landscape,plane \
-                --max-samples 512 --steps 15 --landscape-steps 11,11 --out "$R/resnet20-fmnist-analyses/analysis.json"
-            # the rank of 512 samples is capped at 512, and at sigma 0.1 I(X;Z) saturates at log 512: both again,
-            # the rank on the whole test split (2,000 columns) and I(X;Z) at sigma 20
-            EE analyze "$A"/resnet20-fashion-mnist-{joint,disjoint,mixed}-s0 --what rank --max-samples 10000 \
-                --features 2000 --out "$R/resnet20-fmnist-analyses/rank-full-test.json"
-            EE analyze "$A"/resnet20-fashion-mnist-{joint,disjoint,mixed}-s0 --what information --sigma 20 \
-                --max-samples 512 --out "$R/resnet20-fmnist-analyses/information-sigma20.json"
-            for pair in "joint disjoint" "joint mixed" "disjoint mixed"; do
-                set -- $pair
-                EE analyze "$A/resnet20-fashion-mnist-$1-s0" --other "$A/resnet20-fashion-mnist-$2-s0" --what connectivity \
-                    --steps 15 --max-samples 512 --out "$R/resnet20-fmnist-analyses/connectivity-$1-$2.json"
-            done
-        fi
+        # 4. the analyses of the seed-0 models of experiment 1 (one per regime): 512 samples, a 15 x 15 plane
+        if want analyses && [ -f "$R/resnet20-fmnist/summary.json" ]; then analyses "$R" 512 15; fi
         ;;
     gpu)
         R=results-gpu
@@ -127,14 +129,29 @@ case "$PRESET" in
             compare "$R/vit-cifar10" --model vit --dataset cifar10 --optimizer adamw --weight-decay 0 \
                 --lr "5e-4;1e-3,5e-4;1e-3,5e-4" --epochs 100 --patience 20 --seeds 0,1,2
         fi
-        if want vit; then
-            compare "$R/vit-fmnist" --model vit --dataset fashion-mnist --optimizer adamw --weight-decay 0 \
-                --lr "5e-4;1e-3,5e-4;1e-3,5e-4" --epochs 100 --patience 20 --seeds 0,1,2
+        if want resnet20-paper-exits; then compare "$R/resnet20-fmnist-paper-exits" "${FM[@]}"; fi
+        if want undertrained; then  # phase 1 cut to a quarter of its epochs
+            for seed in 0 1 2; do
+                run_one "$R/resnet20-fmnist-undertrained/resnet20-fashion-mnist-mixed-s$seed" --model resnet20 \
+                    --dataset fashion-mnist --exits every:1 --epochs "25;100;100" --patience 20 \
+                    --lr "0.1;0.1;0.1" --regime mixed --seed "$seed"
+            done
+        fi
+        VIT=(--model vit --dataset fashion-mnist --optimizer adamw --weight-decay 0
+             --lr "5e-4;1e-3,5e-4;1e-3,5e-4" --epochs 100 --patience 20 --seeds 0,1,2)
+        if want vit; then compare "$R/vit-fmnist" "${VIT[@]}"; fi
+        if want vit-density; then
+            for n in 1 2 3; do compare "$R/vit-fmnist-every$n" "${VIT[@]}" --exits "every:$n"; done
+        fi
+        if want vit-heads; then
+            for head in mlp1024; do compare "$R/vit-fmnist-head-$head" "${VIT[@]}" --model-opt "head=$head"; done
         fi
         if want bert; then
             compare "$R/bert-sst2" --model bert --weights minilm-l6 --model-opt head_pool=mean --dataset sst2 \
-                --optimizer adamw --lr "5e-5,3e-5" --weight-decay 1e-4 --batch-size 32 --epochs 5 --seeds 0,1,2
+                --optimizer adamw --lr "5e-5,3e-5" --weight-decay 1e-4 --batch-size 32 --epochs 5 --patience 2 --seeds 0,1,2
         fi
+        # the analyses at the paper's sizes: 2,000 samples, a 21 x 21 plane
+        if want analyses && [ -f "$R/resnet20-fmnist/summary.json" ]; then analyses "$R" 2000 21; fi
         ;;
     *) echo "usage: $0 smoke|cpu|gpu" >&2; exit 2 ;;
 esac
