@@ -46,6 +46,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def figure_bytes(fig: Any, fmt: str = "png", *, dpi: int = 130, **savefig_kw: Any) -> bytes:
+    """A matplotlib figure encoded as ``fmt``. A PNG is stored with a 256-colour palette, undithered (plots
+    hold few colours; the file is about a third the size of the RGBA one, so committed figures stay small)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi, **savefig_kw)
+    if fmt.lower() != "png":
+        return buf.getvalue()
+    return png_palette(buf.getvalue())
+
+
+def png_palette(data: bytes) -> bytes:
+    """Re-encode PNG bytes with a 256-colour palette (no dithering) on an opaque background."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        rgba = im.convert("RGBA")
+    flat = Image.new("RGB", rgba.size, "white")
+    flat.paste(rgba, mask=rgba.getchannel("A"))
+    out = io.BytesIO()
+    flat.quantize(256, dither=Image.Dither.NONE).save(out, format="png", optimize=True)
+    return out.getvalue()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

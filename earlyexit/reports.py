@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import EarlyExitError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, figure_bytes
 from .metrics import average_curves, ztw_budget_table
 from .results import Results
 
@@ -253,16 +253,12 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve",
         ImportError: matplotlib is not installed.
         EarlyExitError: a run lacks the curve, or a configuration's seeds do not line up.
     """
-    import io
-
     import matplotlib.pyplot as plt
 
     fig = runs_figure(run_dirs, curve=curve, note=note, split_configs=split_configs)
-    buf = io.BytesIO()
-    fmt = Path(out_file).suffix.lstrip(".") or "png"
-    fig.savefig(buf, format=fmt, dpi=130)
+    data = figure_bytes(fig, Path(out_file).suffix.lstrip(".") or "png", dpi=130)
     plt.close(fig)
-    atomic_write_bytes(out_file, buf.getvalue())
+    atomic_write_bytes(out_file, data)
 
 
 def _config_of(run_dir: Path) -> dict | None:

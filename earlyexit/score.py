@@ -40,7 +40,7 @@ from torch import Tensor
 
 from . import metrics
 from .errors import EarlyExitError
-from .io import atomic_write_bytes, atomic_write_json, one_line
+from .io import atomic_write_bytes, atomic_write_json, figure_bytes, one_line
 from .reports import PAPER_BUDGETS_TITLE, SEED_BUDGETS_TITLE
 from .tree import to_jsonable
 
@@ -384,15 +384,12 @@ def write_score(result: Mapping, out: str | os.PathLike) -> list[Path]:
         import matplotlib  # noqa: F401
     except ImportError:
         return written
-    import io
-
     import matplotlib.pyplot as plt
 
     fig = score_figure(result)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130)
+    data = figure_bytes(fig, "png", dpi=130)
     plt.close(fig)
-    atomic_write_bytes(out / FIGURE_FILE, buf.getvalue())
+    atomic_write_bytes(out / FIGURE_FILE, data)
     return written + [out / FIGURE_FILE]
 
 

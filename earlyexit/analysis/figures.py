@@ -23,14 +23,13 @@ written atomically (``io.atomic_write_bytes``) in the format its suffix names
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, figure_bytes
 
 Runs = Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, Any]]]
 
@@ -47,9 +46,7 @@ def _figure(nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] = (6.4,
 def _save(fig: Any, out_file: str | os.PathLike) -> Path:
     out = Path(out_file)
     fmt = out.suffix.lstrip(".").lower() or "png"
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight")
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_bytes(out, figure_bytes(fig, fmt, dpi=150, bbox_inches="tight"))
     return out
 
 
