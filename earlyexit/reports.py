@@ -38,6 +38,7 @@ from .metrics import average_curves, ztw_budget_table
 from .results import Results
 
 _REGIME_COLOR = {"-+-": 0, "+-+": 1, "++-": 2}  # joint, disjoint, mixed: the same colour in every figure
+_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # (line, exit marker) per configuration of a regime
 PAPER_BUDGETS_TITLE = "budget (paper's rule, curves averaged over seeds)"
 SEED_BUDGETS_TITLE = "best within budget (per seed, mean +- std)"
 
@@ -368,30 +369,35 @@ def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve", note: str | N
     fig, ax = plt.subplots(figsize=(7, 4.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     handles = []
-    by_regime = len({k[2] for k, _, _ in groups}) == len(groups)  # one configuration per regime: fixed regime colours
+    # fixed regime colours when no two groups share a regime and a config label; the configurations of one
+    # regime (e.g. IC densities) are then told apart by the line style and the exits' marker
+    extras = list(dict.fromkeys(extra for _, _, extra in groups))
+    by_regime = (len({(k[2], extra) for k, _, extra in groups}) == len(groups)
+                 and (len(extras) == 1 or (len(extras) <= len(_STYLES) and all(k[2] in _REGIME_COLOR for k, _, _ in groups))))
     for j, (key, rs, extra) in enumerate(groups):
         color = colors[(_REGIME_COLOR.get(key[2], 3 + j) if by_regime else j) % len(colors)]
+        ls, marker = _STYLES[extras.index(extra)] if by_regime else _STYLES[0]
         base = _base_flops(key, rs)
         pct = lambda xs: [x / base * 100 for x in xs]  # noqa: E731
         if len(rs) == 1:
             r = rs[0]
             c = getattr(r, curve)
-            line, = ax.plot(pct(c.flops), [a * 100 for a in c.accuracy], color=color, lw=1.6,
+            line, = ax.plot(pct(c.flops), [a * 100 for a in c.accuracy], color=color, lw=1.6, ls=ls,
                             label=_label(key, rs, several_models, extra))
             ax.scatter(pct([e.flops for e in r.exits]), [e.accuracy * 100 for e in r.exits], color=color, s=22,
-                       zorder=3)
+                       marker=marker, zorder=3)
         else:
             avg = _averaged(key, rs, curve)
             x = pct(avg["flops"])
             mean = torch.tensor(avg["accuracy"]) * 100
             std = torch.tensor(avg["accuracy_std"]) * 100
-            line, = ax.plot(x, mean.tolist(), color=color, lw=1.8, label=_label(key, rs, several_models, extra))
+            line, = ax.plot(x, mean.tolist(), color=color, lw=1.8, ls=ls, label=_label(key, rs, several_models, extra))
             ax.fill_between(x, (mean - std).tolist(), (mean + std).tolist(), color=color, alpha=0.18, lw=0)
             n_exits = min(len(r.exits) for r in rs)
             ex = [_stats([r.exits[i].flops for r in rs]) for i in range(n_exits)]
             ey = [_stats([r.exits[i].accuracy for r in rs]) for i in range(n_exits)]
             ax.errorbar(pct([e["mean"] for e in ex]), [e["mean"] * 100 for e in ey], yerr=[e["std"] * 100 for e in ey],
-                        fmt="o", color=color, ms=5, mec="white", mew=0.6, elinewidth=1, capsize=2, zorder=3)
+                        fmt=marker, color=color, ms=5, mec="white", mew=0.6, elinewidth=1, capsize=2, zorder=3)
         handles.append(line)
     handles.append(Line2D([], [], ls="none", marker="o", color="0.4", ms=5,
                           label="static exits" + (" (mean +- std)" if any(len(rs) > 1 for _, rs, _ in groups) else "")))

@@ -233,3 +233,37 @@ def test_figure_splits_runs_whose_configs_differ_and_refuses_a_seed_twice(runs, 
         runs_figure(dirs, split_configs=False)  # pooled, as the matched-budget joint runs are
     with pytest.raises(EarlyExitError, match="both seed 1"):
         runs_figure(dirs[:3] + dirs[1:2])
+
+
+def test_configurations_of_each_regime_keep_the_regime_colour_and_differ_in_line_style(runs, tmp_path):
+    """Two configurations (e.g. IC densities) of two regimes: each regime keeps its colour, each
+    configuration its line style, the same in both regimes."""
+    import shutil
+
+    import matplotlib.pyplot as plt
+
+    dirs = []
+    for regime in ("joint", "mixed"):
+        for tag, exits in (("dense", "every:1"), ("sparse", "every:3")):
+            for s, d in enumerate(runs[regime]):
+                new = tmp_path / tag / Path(d).name
+                shutil.copytree(d, new)
+                cfg = {"model": {"name": "resnet20", "exits": exits}, "train": {"seed": s}}
+                (new / "config.json").write_text(json.dumps(cfg))
+                dirs.append(new)
+    fig = runs_figure(dirs)
+    try:
+        drawn = {ln.get_label(): (ln.get_color(), ln.get_linestyle()) for ln in fig.axes[0].get_lines()
+                 if not ln.get_label().startswith("_")}
+    finally:
+        plt.close(fig)
+    joint_dense, joint_sparse = (drawn[f"joint (-+-), model.exits={e}, 3 seeds"] for e in ("every:1", "every:3"))
+    mixed_dense, mixed_sparse = (drawn[f"mixed (++-), model.exits={e}, 3 seeds"] for e in ("every:1", "every:3"))
+    assert joint_dense[0] == joint_sparse[0] != mixed_dense[0] == mixed_sparse[0]
+    assert joint_dense[1] == mixed_dense[1] != joint_sparse[1] == mixed_sparse[1]
+    alone = runs_figure(runs["joint"])  # a single configuration keeps the regime's colour and a solid line
+    try:
+        line = [ln for ln in alone.axes[0].get_lines() if not ln.get_label().startswith("_")][0]
+        assert line.get_color() == joint_dense[0] and line.get_linestyle() == "-"
+    finally:
+        plt.close(alone)
