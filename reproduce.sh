@@ -55,6 +55,11 @@ analyses() {  # analyses R SAMPLES STEPS: experiment 4 on the seed-0 models of R
     done
 }
 
+density_figure() {  # density_figure R: the three IC densities' comparisons in one figure (colour: regime, line: density)
+    mkdir -p "$1/vit-fmnist-density"
+    EE plot "$1"/vit-fmnist-every{1,2,3}/vit-fashion-mnist-* -o "$1/vit-fmnist-density/curves.png"
+}
+
 case "$PRESET" in
     smoke)
         OUT=runs/smoke
@@ -104,6 +109,7 @@ case "$PRESET" in
               --lr "5e-4;1e-3;1e-3" --epochs 5 --batch-size 128)
         if want vit-density; then
             for n in 1 2 3; do compare "$R/vit-fmnist-every$n" "${VIT5[@]}" --exits "every:$n" --seeds 0,1; done
+            density_figure "$R"
         fi
         if want vit-heads; then
             for head in mlp1024; do compare "$R/vit-fmnist-head-$head" "${VIT5[@]}" --model-opt "head=$head" --seeds 0,1; done
@@ -142,6 +148,7 @@ case "$PRESET" in
         if want vit; then compare "$R/vit-fmnist" "${VIT[@]}"; fi
         if want vit-density; then
             for n in 1 2 3; do compare "$R/vit-fmnist-every$n" "${VIT[@]}" --exits "every:$n"; done
+            density_figure "$R"
         fi
         if want vit-heads; then
             for head in mlp1024; do compare "$R/vit-fmnist-head-$head" "${VIT[@]}" --model-opt "head=$head"; done
