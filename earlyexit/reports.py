@@ -406,7 +406,11 @@ def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve", note: str | N
     ax.set_xlabel("average cost (% of the backbone's FLOPs)")
     ax.set_ylabel("test accuracy (%)" if curve == "curve" else f"test accuracy (%), {curve.replace('_', ' ')}")
     ax.grid(alpha=0.3)
-    ax.legend(handles=handles, fontsize=8, loc="best")
+    if len(groups) > 6:  # a long legend goes beside the axes, where it hides no curve
+        fig.set_size_inches(10.5, 4.6)
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(handles=handles, fontsize=8, loc="best")
     title = "" if several_models else "{} on {}".format(*groups[0][0][:2])
     if note:
         title = f"{title}\n{note}" if title else note

@@ -267,3 +267,33 @@ def test_configurations_of_each_regime_keep_the_regime_colour_and_differ_in_line
         assert line.get_color() == joint_dense[0] and line.get_linestyle() == "-"
     finally:
         plt.close(alone)
+
+
+def test_a_long_legend_sits_beside_the_axes(runs, tmp_path):
+    """Nine configurations (three regimes at three IC densities): the legend is drawn right of the axes,
+    so it hides no curve; a short legend stays inside."""
+    import shutil
+
+    import matplotlib.pyplot as plt
+
+    dirs = []
+    for regime in ("joint", "disjoint", "mixed"):
+        for n in (1, 2, 3):
+            for s, d in enumerate(runs[regime]):
+                new = tmp_path / f"every{n}" / Path(d).name
+                shutil.copytree(d, new)
+                (new / "config.json").write_text(json.dumps({"model": {"exits": f"every:{n}"}, "train": {"seed": s}}))
+                dirs.append(new)
+
+    def legend_outside(dirs):
+        fig = runs_figure(dirs)
+        try:
+            fig.canvas.draw()
+            r = fig.canvas.get_renderer()
+            ax = fig.axes[0]
+            return ax.get_legend().get_window_extent(r).x0 >= ax.get_window_extent(r).x1
+        finally:
+            plt.close(fig)
+
+    assert legend_outside(dirs)
+    assert not legend_outside(runs["joint"] + runs["mixed"])
