@@ -99,14 +99,13 @@ case "$PRESET" in
         # 2. the paper's ViT (patch 4, width 256, 7 blocks, 8 heads; ICs after blocks 2-6, the 7th is the final
         #    exit), AdamW without weight decay, phase-1 lr 5e-4, phases 2/3 choose from a small grid.
         #    A ViT step costs about 7x a ResNet-20 step on the CPU: 6,000 images (5,400 train) and 5 epochs per phase.
-        VIT=(--model vit --dataset fashion-mnist --train-size 6000 --optimizer adamw --weight-decay 0
-             --lr "5e-4;1e-3,5e-4;1e-3,5e-4" --epochs 5 --batch-size 128)
-        if want vit; then compare "$R/vit-fmnist" "${VIT[@]}" --seeds 0,1,2; fi
+        VIT=(--model vit --dataset fashion-mnist --train-size 6000 --optimizer adamw --weight-decay 0 --epochs 5
+             --batch-size 128)
+        if want vit; then compare "$R/vit-fmnist" "${VIT[@]}" --lr "5e-4;1e-3,5e-4;1e-3,5e-4" --seeds 0,1,2; fi
         # 5. IC density (heads every 1, 2, 3 blocks) and IC size (the appendix's heads) on that ViT, 2 seeds.
         #    Phases 2/3 at 1e-3 only: the rate validation chose in all three regimes of experiment 2's seed 0,
         #    which halves their cost.
-        VIT5=(--model vit --dataset fashion-mnist --train-size 6000 --optimizer adamw --weight-decay 0
-              --lr "5e-4;1e-3;1e-3" --epochs 5 --batch-size 128)
+        VIT5=("${VIT[@]}" --lr "5e-4;1e-3;1e-3")
         if want vit-density; then
             for n in 1 2 3; do compare "$R/vit-fmnist-every$n" "${VIT5[@]}" --exits "every:$n" --seeds 0,1; done
             density_figure "$R"
