@@ -120,6 +120,30 @@ case "$PRESET" in
         fi
         # 4. the analyses of the seed-0 models of experiment 1 (one per regime): 512 samples, a 15 x 15 plane
         if want analyses && [ -f "$R/resnet20-fmnist/summary.json" ]; then analyses "$R" 512 15; fi
+        # The verdicts' reruns (RESULTS.md, "Decision rule"): experiment 1 at the paper code's ResNet defaults (no
+        # gradient clipping; a 20-step lr warmup keeps the fresh ICs stable) with 5 seeds and its epoch-matched joint
+        if want resnet20-5seeds; then
+            FM5=(--model resnet20 --dataset fashion-mnist --train-size 12000 --epochs 8 --seeds 0,1,2,3,4 --exits every:1)
+            compare "$R/resnet20-fmnist-5seeds" "${FM5[@]}"
+            matched "$R/resnet20-fmnist-5seeds" "${FM5[@]}"
+        fi
+        # Figure 13 as the paper: phase 1 at a low, non-optimal lr (0.001 instead of 0.1), the same 8 + 8 epochs as
+        # the normal mixed run of resnet20-fmnist-5seeds; joint and normal mixed of that folder in the same figure
+        if want undertrained-lr; then
+            for seed in 0 1 2; do
+                run_one "$R/resnet20-fmnist-undertrained-lr/resnet20-fashion-mnist-mixed-s$seed" --model resnet20 \
+                    --dataset fashion-mnist --train-size 12000 --exits every:1 --epochs 8 --lr "0.001;0.1;0.1" \
+                    --regime mixed --seed "$seed"
+            done
+        fi
+        # matched-budget joint beside the committed BERT and ViT comparisons, with those comparisons' own settings
+        # (both clipped at norm 1 and ran without warmup)
+        if want bert-matched; then
+            matched "$R/bert-sst2" --model bert --weights minilm-l6 --model-opt head_pool=mean --dataset sst2 \
+                --optimizer adamw --lr 5e-5 --weight-decay 1e-4 --batch-size 32 --epochs 2 --seeds 0,1,2 \
+                --grad-clip 1 --warmup 0
+        fi
+        if want vit-matched; then matched "$R/vit-fmnist" "${VIT[@]}" --lr "5e-4;1e-3,5e-4;1e-3,5e-4" --seeds 0,1,2 --warmup 0; fi
         ;;
     gpu)
         R=results-gpu

@@ -111,7 +111,7 @@ def _epochs(text: str) -> tuple[int, int, int]:
 def _phases(epochs: str, val_metric: str, **flags: str | None) -> tuple[PhaseConfig, PhaseConfig, PhaseConfig]:
     """The three ``PhaseConfig`` of the per-phase flags (absent flags: the config's defaults)."""
     parsers = {"lr": _lr_grid, "optimizer": _choice(OPTIMIZERS), "weight_decay": lambda t, f: _number(t, f, low=0),
-               "schedule": _choice(SCHEDULES), "patience": _patience, "early_stop": _choice(EARLY_STOPS)}
+               "schedule": _choice(SCHEDULES), "warmup": lambda t, f: _number(t, f, kind=int, low=0), "patience": _patience, "early_stop": _choice(EARLY_STOPS)}
     per = {k: _per_phase(v, "--" + k.replace("_", "-"), parsers[k]) for k, v in flags.items() if v is not None}
     return tuple(PhaseConfig(epochs=e, metric=val_metric, **{k: v[i] for k, v in per.items()})  # type: ignore
                  for i, e in enumerate(_epochs(epochs)))
@@ -192,13 +192,15 @@ def _config_options(fn: Callable) -> Callable:
                   f"(default {_P.weight_decay:g})."),
         click.option("--schedule", default=None, help=f"LR schedule per phase: {' or '.join(SCHEDULES)}, for every phase or "
                   f"'P1;P2;P3' (default {_P.schedule})."),
+        click.option("--warmup", default=None, help="Steps of linear lr warmup at each phase's start, for every phase or "
+                  f"'P1;P2;P3' (default {_P.warmup}; 0 = off)."),
         click.option("--patience", default=None, help="Early stopping: epochs without validation improvement, for every "
                   "phase or 'P1;P2;P3' ('none' = off; default off)."),
         click.option("--early-stop", default=None, help=f"Early stopping rule, for every phase or 'P1;P2;P3': 'metric' "
                   "(patience on --val-metric) or 'per_exit' (one patience count per exit, stop when every exit has "
                   f"stalled, keep the last weights in which any exit improved; the paper's). Default {_P.early_stop}."),
         click.option("--grad-clip", default=None, help="Clip the global gradient norm to this value, or 'none' "
-                     f"(default {_T.grad_clip}, the paper's appendix D.3)."),
+                     "(default: the model's, as the paper's code: 1 for the ViT and EfficientNet, off for the others)."),
         click.option("--grad-log-every", default=None, help="Every N steps of phases 2 and 3, log each exit's gradient "
                   "cosine with the total backbone gradient to gradients.jsonl (the paper's Figure 4; default off). "
                   "Training is unchanged, bit for bit."),
@@ -226,14 +228,14 @@ def _config_options(fn: Callable) -> Callable:
 
 
 def _run_config(*, regime, seed, init, model_name, exits, weights, model_opts, dataset, data_dir, train_size, epochs,
-                lr, optimizer, weight_decay, schedule, patience, early_stop, grad_clip, grad_log_every, image_size,
+                lr, optimizer, weight_decay, schedule, warmup, patience, early_stop, grad_clip, grad_log_every, image_size,
                 val_metric, batch_size, method, weighting, criterion, device, memory_format=_T.memory_format,
                 compile_=False) -> RunConfig:
     """Map the flags onto a ``RunConfig`` (the config checks every value and fills the defaults)."""
     if batch_size <= 0:  # named by its flag here; the config checks every value again
         raise EarlyExitError(f"--batch-size must be > 0, got {batch_size}")
     phases = _phases(epochs, val_metric, lr=lr, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
-                     patience=patience, early_stop=early_stop)
+                     warmup=warmup, patience=patience, early_stop=early_stop)
     if grad_clip is None:
         clip = _T.grad_clip  # the config's default
     elif grad_clip.strip().lower() in ("none", "off"):
@@ -296,9 +298,10 @@ def run(ctx, config_file, out, resume, force, **flags) -> None:
 @main.command()
 @_config_options
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; each trains the three regimes.")
-@click.option("--budget", type=click.Choice(["paper", "matched"]), default="paper", show_default=True,
+@click.option("--budget", type=click.Choice(["paper", "matched", "flops"]), default="paper", show_default=True,
               help="paper: every phase to its epochs / early stopping; matched: joint gets as many epochs as mixed "
-              "spends in phases 1 and 2 together.")
+              "spends in phases 1 and 2 together; flops: joint gets the epochs whose training FLOPs come nearest "
+              "mixed's.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The comparison's folder.")
 @click.option("--resume", is_flag=True, help="Continue a comparison in --out (finished runs are kept).")
 @_user_errors
@@ -402,18 +405,46 @@ def bench(model_name, dataset, data_dir, batch_size, steps, run_dir, device, com
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--markdown", is_flag=True, help="Print Markdown tables (as RESULTS.md holds them).")
+@click.option("--pair", "pairs", multiple=True, metavar="A:B",
+              help="Compare two configurations seed by seed: shell patterns over the run folders' names, e.g. "
+              "'*-mixed-s?:*-joint-matched-s?'. Prints a - b at every budget with its 95 %% t interval and the "
+              "verdict (repeatable).")
+@click.option("--claim", type=click.Choice(["a>b", "a<b"]), default="a>b", show_default=True,
+              help="The direction the paper claims, for the verdicts of --pair.")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
+              help="Also write the summaries (and pairs) to this JSON file.")
 @_user_errors
-def summary(run_dirs, markdown) -> None:
-    """Mean +- std over seeds of per-exit accuracy and two budget tables, grouped by model, dataset, regime
-    and method: the paper's rule (curves averaged over seeds) and each seed's best within budget."""
+def summary(run_dirs, markdown, pairs, claim, json_out) -> None:
+    """Mean +- std over seeds of per-exit accuracy and three budget tables, grouped by model, dataset, regime
+    and method: validation-calibrated (first; the verdicts use it), the paper's rule (curves averaged over
+    seeds) and each seed's best within budget (a test-set oracle); with --pair, paired intervals."""
+    from .pairs import format_pair, markdown_pair, pair_summary, select
     from .reports import format_summary, markdown_summary, summarize_runs
 
-    groups = summarize_runs([Path(d) for d in run_dirs])
+    dirs = [Path(d) for d in run_dirs]
+    paired, used = [], []
+    for spec in pairs:
+        a, sep, b = spec.partition(":")
+        if not sep or not a or not b:
+            raise EarlyExitError(f"--pair: expected A:B (two patterns of run folder names), got {spec!r}")
+        sides = [select(dirs, pat) for pat in (a, b)]
+        for pat, side in zip((a, b), sides):
+            if not side:
+                raise EarlyExitError(f"--pair: no run folder matches {pat!r}")
+        paired.append(pair_summary(*sides, direction=1 if claim == "a>b" else -1))
+        used += [d for side in sides for d in side if d not in used]
+    groups = summarize_runs(used if pairs else dirs)  # with pairs: the configurations they compare
+    if json_out:
+        from .io import atomic_write_json
+
+        atomic_write_json(Path(json_out), {"summary": groups, "pairs": paired})
     if markdown:
-        click.echo(markdown_summary(groups), nl=False)
+        click.echo(markdown_summary(groups) + "".join("\n" + markdown_pair(p) for p in paired), nl=False)
         return
     for g in groups:
         click.echo("\n".join(format_summary(g)))
+    for p in paired:
+        click.echo("\n".join(format_pair(p)))
 
 
 @main.command()

@@ -15,7 +15,13 @@ Budgets (``budget``):
 - ``"paper"``: every phase runs to its epochs / early stopping, as the paper does;
 - ``"matched"``: joint gets as many training epochs as mixed spent in phases
   1 and 2 together (the control for mixed's extra epochs), with joint's own
-  phase-2 settings otherwise.
+  phase-2 settings otherwise;
+- ``"flops"``: joint gets the epochs whose training FLOPs come nearest to
+  what mixed spent (``stats.training_cost``: phase 1 trains the backbone
+  alone, so its epochs cost less than joint's when the ICs are large).
+
+``summary.json`` also holds the paired comparisons of the regimes seed by seed
+(``earlyexit.pairs``): mixed - joint, mixed - disjoint, disjoint - joint.
 
 Everything resumes: a finished run folder is kept, a started one continues
 from its checkpoint, a finished phase 1 is reloaded. ``DIR/summary.json``
@@ -41,13 +47,16 @@ from .config import RunConfig
 from .errors import EarlyExitError
 from .io import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, load_state_strict,
                  remove_stale_temps)
+from .pairs import pair_summary
 from .reports import maybe_plot, summarize_runs
 from .rundir import RunLock
 from .results import RESULTS, Results, TrainInfo
+from .stats import training_cost
 from .training import CHECKPOINT, HISTORY, train
 
 REGIMES = ("joint", "disjoint", "mixed")
-BUDGETS = ("paper", "matched")
+BUDGETS = ("paper", "matched", "flops")
+PAIRS = (("mixed", "joint"), ("mixed", "disjoint"), ("disjoint", "joint"))  # a - b, the paper's order
 PHASE1 = "phase1"
 
 
@@ -81,6 +90,7 @@ def compare_regimes(cfg: RunConfig, seeds: Sequence[int], out: str | Path, *, bu
     if out.exists() and any(out.iterdir()) and not resume:
         raise EarlyExitError(f"{out} already holds a comparison; pass --resume to continue it")
     runs.check_run(cfg)
+    cfg = runs.with_model_defaults(cfg)
     with RunLock(out):  # one comparison per folder at a time
         remove_stale_temps(out)
         return _compare(cfg, seeds, out, budget=budget, log=log)
@@ -100,13 +110,16 @@ def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
             emit("run", regime=regime, seed=seed, out=str(d))
             res = _continue(replace(c, train=replace(c.train, regime=regime)), splits, p1, d, emit)
             spent[regime] = res.train.phases
+            mixed_res = res
         joint = replace(c, train=replace(c.train, regime="joint"))
-        if budget == "matched":
+        if budget != "paper":
             epochs = sum(_epochs_run(ph) for ph in spent["mixed"])
+            if budget == "flops":
+                epochs = flops_matched_epochs(mixed_res)
             phases = list(joint.train.phases)
             phases[1] = replace(phases[1], epochs=epochs, patience=None)
             joint = replace(joint, train=replace(joint.train, phases=tuple(phases)))
-        joint_tag = "joint" if budget == "paper" else "joint-matched"  # both budgets can share one folder
+        joint_tag = {"paper": "joint", "matched": "joint-matched", "flops": "joint-flops"}[budget]  # one folder for all
         d = run_dir(out, c, joint_tag, seed)
         emit("run", regime=joint_tag, seed=seed, out=str(d))
         _single(joint, splits, d, emit)
@@ -114,12 +127,24 @@ def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
             dirs[regime].append(str(run_dir(out, c, joint_tag if regime == "joint" else regime, seed)))
     all_dirs = [Path(d) for r in REGIMES for d in dirs[r]]
     summary = {"budget": budget, "seeds": [int(s) for s in seeds], "runs": dirs,
-               "summary": summarize_runs(all_dirs, same_config=budget != "matched")}  # matched: joint's epochs vary
+               "summary": summarize_runs(all_dirs, same_config=budget == "paper"),  # matched: joint's epochs vary
+               "pairs": [pair_summary([Path(d) for d in dirs[a]], [Path(d) for d in dirs[b]]) for a, b in PAIRS]}
     suffix = "" if budget == "paper" else f"-{budget}"
     atomic_write_json(out / f"summary{suffix}.json", summary)
-    note = None if budget == "paper" else "matched budget: joint trains as many epochs as mixed's phases 1 and 2"
-    maybe_plot(all_dirs, out / f"curves{suffix}.png", note=note, split_configs=budget != "matched")
+    note = {"paper": None, "matched": "matched budget: joint trains as many epochs as mixed's phases 1 and 2",
+            "flops": "FLOPs-matched budget: joint's training FLOPs nearest mixed's"}[budget]
+    maybe_plot(all_dirs, out / f"curves{suffix}.png", note=note, split_configs=budget == "paper")
     return summary
+
+
+def flops_matched_epochs(mixed: Results) -> int:
+    """Joint's phase-2 epochs whose training FLOPs come nearest to what the mixed run ``mixed`` spent at its
+    chosen learning rates (``stats.training_cost``; both sides search the same grid; at least 1)."""
+    flops = [e.flops for e in mixed.exits]
+    chosen = [{"phase": ph["phase"], "grid": [{"epochs": _epochs_run(ph)}]} for ph in mixed.train.phases]
+    spent = training_cost(chosen, mixed.base_flops, flops)["passes"]
+    per_epoch = training_cost([{"phase": 2, "grid": [{"epochs": 1}]}], mixed.base_flops, flops)["passes"]
+    return max(1, round(spent / per_epoch))
 
 
 def _epochs_run(phase_record: dict) -> int:

@@ -103,6 +103,8 @@ class PhaseConfig:
     weight_decay: float = 5e-4      # decoupled for AdamW, L2 for SGD
     momentum: float = 0.9           # SGD momentum (ignored by AdamW)
     schedule: str = "cosine"        # "cosine" (to 0 over `epochs`) or "constant"
+    warmup: int = 20                # steps of linear warmup at the phase's start (lr * (s+1)/warmup); 0 = off. It keeps
+                                    # fresh ICs stable at lr 0.1 without gradient clipping (tests/test_stability.py)
     epochs: int = 3                 # maximum epochs
     patience: int | None = None     # early stopping: epochs without validation improvement; None = off
     metric: str = "mean"            # validation metric of phases 2/3: "mean" over exits or "final" exit (phase 1: always final)
@@ -127,11 +129,15 @@ class PhaseConfig:
         _set(self, "lr", lr)
         _number(self.weight_decay, "weight decay", low=0, float32=True)
         _number(self.momentum, "momentum", low=0, float32=True)
+        _number(self.warmup, "warmup steps", low=0, integer=True)
         _number(self.epochs, "epochs", integer=True)
         if self.epochs < 0:
             raise ConfigError(f"epochs must be > 0 (or 0 in a phase that does not run), got {self.epochs}")
         if self.patience is not None:
             _number(self.patience, "patience", low=1, integer=True)
+
+
+GRAD_CLIP_MODEL = "model"  # TrainConfig.grad_clip: take the model's own default (earlyexit.models.registry)
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,8 @@ class TrainConfig:
     weighting: str | None = None    # loss weights alpha_k over exits (earlyexit.weighting); None = DEFAULT_WEIGHTING
     seed: int = 0                   # seeds model init, data order, augmentation and dropout
     device: str | None = None       # "cpu", "cuda", "cuda:1"; None = CUDA if available
-    grad_clip: float | None = 1.0   # max global gradient norm (the paper's appendix D.3: 1); None = off
+    grad_clip: float | str | None = "model"  # max global gradient norm; None = off; "model" = the model's default
+                                    # (ModelSpec.grad_clip: 1 for the ViT and EfficientNet as in the paper's code, else off)
     grad_log_every: int | None = None  # phases 2 and 3: every N steps, the step probe's record (run_experiment: each
                                        # exit's gradient cosine, gradients.jsonl); None = off
     memory_format: str = "auto"     # auto (channels_last for the conv nets that train faster in it) | channels_last | contiguous
@@ -166,7 +173,10 @@ class TrainConfig:
                 get_weighting(self.weighting)  # a registered name, or a parametrised one such as "sdn:20"
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        if self.grad_clip is not None:
+        if self.grad_clip is not None and self.grad_clip != GRAD_CLIP_MODEL:
+            if isinstance(self.grad_clip, str):
+                raise ConfigError(f"gradient clipping norm must be a number, null or {GRAD_CLIP_MODEL!r}, "
+                                  f"got {self.grad_clip!r}")
             _number(self.grad_clip, "gradient clipping norm", low=0, strict=True, float32=True)
         if self.grad_log_every is not None:
             _number(self.grad_log_every, "gradient log interval (steps)", low=1, integer=True)
@@ -293,7 +303,8 @@ def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 def run_config_from_dict(d: dict) -> RunConfig:
     """Inverse of ``to_dict`` for ``RunConfig`` (validated like any other config)."""
     t = dict(d["train"])
-    t["phases"] = tuple(PhaseConfig(**{**p, "lr": tuple(p["lr"])}) for p in t["phases"])
+    # files written before warmup existed trained without it
+    t["phases"] = tuple(PhaseConfig(**{"warmup": 0, **p, "lr": tuple(p["lr"])}) for p in t["phases"])
     m = dict(d["model"])
     if isinstance(m.get("exits"), list):
         m["exits"] = tuple(m["exits"])

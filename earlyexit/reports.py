@@ -5,15 +5,23 @@ configurations: the same model, dataset, regime (phase string) and method; the
 runs of a configuration are its seeds.
 
 ``summarize_runs`` gives, per configuration, the mean and standard deviation
-over seeds of each exit's accuracy and two budget tables:
+over seeds of each exit's accuracy and three budget tables:
 
+- ``calibrated_budgets``, the thresholds chosen on validation data (MSDNet's
+  protocol, results.json ``calibrated_budgets``) and applied unchanged to the
+  test set, mean and std over seeds: the table the verdicts use, printed first;
 - ``paper_budgets``, the paper's Table 1 rule (``metrics.ztw_budget_table``):
   the seeds' threshold curves averaged per threshold, each budget taking the
   mean accuracy at the last threshold within it; printed as
   "budget (paper's rule, curves averaged over seeds)";
 - ``budgets``, each seed's best accuracy within budget (its results.json
   ``budgets``, static exits included), then mean and std over seeds; printed
-  as "best within budget (per seed, mean +- std)".
+  as "best within budget (test-set oracle, ...)": a maximum over test-set
+  operating points, so an upper bound, not an estimate.
+
+Each configuration also states what its training spent (``stats.training_cost``:
+epochs per phase and training FLOPs in backbone forward passes per sample).
+``earlyexit.pairs`` compares two sets of runs seed by seed.
 
 ``plot_runs`` draws each configuration in its own colour. A configuration of
 one run is drawn as that run's threshold curve with its static exit points;
@@ -36,11 +44,15 @@ from .errors import EarlyExitError
 from .io import atomic_write_bytes, figure_bytes
 from .metrics import average_curves, ztw_budget_table
 from .results import Results
+from .stats import training_cost
 
 _REGIME_COLOR = {"-+-": 0, "+-+": 1, "++-": 2}  # joint, disjoint, mixed: the same colour in every figure
 _STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # (line, exit marker) per configuration of a regime
+CALIBRATED_TITLE = "validation-calibrated budget (thresholds chosen on validation, per seed, mean +- std)"
 PAPER_BUDGETS_TITLE = "budget (paper's rule, curves averaged over seeds)"
-SEED_BUDGETS_TITLE = "best within budget (per seed, mean +- std)"
+SEED_BUDGETS_TITLE = "best within budget (test-set oracle, per seed, mean +- std)"
+TABLES = (("calibrated_budgets", CALIBRATED_TITLE), ("paper_budgets", PAPER_BUDGETS_TITLE),
+          ("budgets", SEED_BUDGETS_TITLE))  # the order every summary prints them in: the verdicts' table first
 
 
 def read_results(run_dir: Path) -> Results:
@@ -148,7 +160,8 @@ def check_pool(run_dirs: Sequence[Path], *, same_config: bool = True) -> None:
 
 
 def summarize_runs(run_dirs: Sequence[Path], *, same_config: bool = True) -> list[dict]:
-    """Mean and standard deviation over seeds of the runs of each configuration, and both budget tables.
+    """Mean and standard deviation over seeds of the runs of each configuration, the three budget tables and
+    what training spent.
 
     Args:
         run_dirs: run folders holding results.json.
@@ -156,10 +169,11 @@ def summarize_runs(run_dirs: Sequence[Path], *, same_config: bool = True) -> lis
             (``check_pool``; a run given twice or two runs of one seed are refused always).
     Returns:
         One dict per configuration: ``{model, dataset, regime, method, criterion, seeds, exits: [{index, mean,
-        std}], paper_budgets: {name: {mean, std} or None}, budgets: {name: {mean, std} or None}}``; accuracies
-        in [0, 1], std with Bessel's correction (0 for one seed). ``paper_budgets`` is
-        ``metrics.ztw_budget_table`` of the seeds' test curves; ``budgets`` averages each seed's results.json
-        ``budgets`` (None where a seed has none).
+        std}], calibrated_budgets, paper_budgets, budgets: {name: {mean, std} or None}, training: {epochs:
+        {phase: mean epochs}, passes: {mean, std} or None}}``; accuracies in [0, 1], std with Bessel's correction
+        (0 for one seed). ``calibrated_budgets`` averages each seed's validation-calibrated table (None where a
+        seed has none); ``paper_budgets`` is ``metrics.ztw_budget_table`` of the seeds' test curves;
+        ``budgets`` averages each seed's results.json ``budgets`` (the test-set oracle).
     Raises:
         EarlyExitError: a configuration's seeds differ in base_flops, criterion or swept thresholds, a run
             is given twice, or the configs differ (``check_pool``).
@@ -169,10 +183,6 @@ def summarize_runs(run_dirs: Sequence[Path], *, same_config: bool = True) -> lis
     for key, rs in group_runs(run_dirs):
         model, dataset, regime, method = key
         n_exits = min(len(r.exits) for r in rs)
-        budgets = {}
-        for k in rs[0].budgets:
-            vals = [r.budgets[k] for r in rs if r.budgets.get(k) is not None]
-            budgets[k] = _stats(vals) if len(vals) == len(rs) else None
         try:
             paper = ztw_budget_table([_curve_dict(r, "curve") for r in rs], _base_flops(key, rs))
         except ValueError as e:
@@ -180,13 +190,50 @@ def summarize_runs(run_dirs: Sequence[Path], *, same_config: bool = True) -> lis
         out.append({"model": model, "dataset": dataset, "regime": regime, "method": method,
                     "criterion": rs[0].curve.criterion, "seeds": [r.seed for r in rs],
                     "exits": [{"index": i, **_stats([r.exits[i].accuracy for r in rs])} for i in range(n_exits)],
-                    "paper_budgets": paper, "budgets": budgets})
+                    "calibrated_budgets": _seed_table(rs, "calibrated_budgets"), "paper_budgets": paper,
+                    "budgets": _seed_table(rs, "budgets"), "training": _training(rs)})
     return out
+
+
+def _seed_table(rs: Sequence[Results], field: str) -> dict:
+    """Mean and std over seeds of each run's per-seed budget table ``field`` (None where a seed lacks a cell)."""
+    tables = [getattr(r, field, None) or {} for r in rs]
+    names = list(next((t for t in tables if t), {}) or rs[0].budgets)
+    out = {}
+    for k in names:
+        vals = [t[k] for t in tables if t.get(k) is not None]
+        out[k] = _stats(vals) if len(vals) == len(rs) else None
+    return out
+
+
+def _run_cost(r: Results) -> dict | None:
+    phases = (r.train or {}).get("phases") if isinstance(r.train, dict) else getattr(r.train, "phases", None)
+    if not phases:
+        return None
+    return training_cost(phases, r.base_flops, [e.flops for e in r.exits])
+
+
+def _training(rs: Sequence[Results]) -> dict:
+    """Epochs per phase (mean over seeds) and training FLOPs in backbone forward passes per training sample."""
+    costs = [_run_cost(r) for r in rs]
+    if any(c is None for c in costs):
+        return {"epochs": None, "passes": None}
+    phases = sorted({p for c in costs for p in c["epochs"]})
+    epochs = {p: sum(c["epochs"].get(p, 0) for c in costs) / len(costs) for p in phases}
+    return {"epochs": epochs, "passes": _stats([c["passes"] for c in costs])}
 
 
 def _cells(table: dict) -> str:
     return "  ".join(f"{k}: " + ("-" if v is None else f"{v['mean'] * 100:.2f}+-{v['std'] * 100:.2f}")
                      for k, v in table.items())
+
+
+def _spent(training: dict) -> str:
+    if not training or training.get("epochs") is None:
+        return "training: not recorded"
+    ep = "/".join(f"{training['epochs'].get(p, 0):g}" for p in ("1", "2", "3"))
+    passes = training["passes"]["mean"]
+    return f"training: epochs per phase 1/2/3 = {ep}, {passes:.0f} backbone forward passes per training sample"
 
 
 def format_summary(group: dict) -> list[str]:
@@ -195,18 +242,18 @@ def format_summary(group: dict) -> list[str]:
     Args:
         group: one dict of ``summarize_runs``.
     Returns:
-        A header line (model, dataset, regime, method, seeds), the per-exit accuracies and the two budget
-        tables, named; percentages, mean+-std, "-" for an empty budget.
+        A header line (model, dataset, regime, method, seeds), what training spent, the per-exit accuracies
+        and the three budget tables, named (the validation-calibrated one first); percentages, mean+-std, "-"
+        for an empty budget.
     """
     method = f" {group['method']}" if group.get("method") else ""
-    width = max(len(PAPER_BUDGETS_TITLE), len(SEED_BUDGETS_TITLE)) + 1
-    return [
-        f"{group['model']} {group['dataset']} {group['regime']}{method} (seeds {group['seeds']})",
-        f"  {'exits (test accuracy %):':<{width}} " + "  ".join(f"{e['mean'] * 100:.2f}+-{e['std'] * 100:.2f}"
-                                                               for e in group["exits"]),
-        f"  {PAPER_BUDGETS_TITLE + ':':<{width}} {_cells(group['paper_budgets'])}",
-        f"  {SEED_BUDGETS_TITLE + ':':<{width}} {_cells(group['budgets'])}",
-    ]
+    width = max(len(t) for _, t in TABLES) + 1
+    lines = [f"{group['model']} {group['dataset']} {group['regime']}{method} (seeds {group['seeds']})",
+             f"  {_spent(group.get('training') or {})}",
+             f"  {'exits (test accuracy %):':<{width}} " + "  ".join(f"{e['mean'] * 100:.2f}+-{e['std'] * 100:.2f}"
+                                                                   for e in group["exits"])]
+    lines += [f"  {title + ':':<{width}} {_cells(group.get(key) or {})}" for key, title in TABLES]
+    return lines
 
 
 _REGIME_NAMES = {"-+-": "joint", "+-+": "disjoint", "++-": "mixed"}
@@ -216,11 +263,20 @@ def _md_cell(v: dict | None) -> str:
     return "-" if v is None else f"{v['mean'] * 100:.2f} +- {v['std'] * 100:.2f}"
 
 
+def _md_spent(training: dict | None) -> str:
+    if not training or training.get("epochs") is None:
+        return "- | -"
+    ep = "/".join(f"{training['epochs'].get(p, 0):g}" for p in ("1", "2", "3"))
+    return f"{ep} | {training['passes']['mean']:.0f}"
+
+
 def markdown_summary(groups: Sequence[dict]) -> str:
     """Markdown tables of ``summarize_runs`` groups, as RESULTS.md prints them (``summary --markdown``).
 
-    Three tables, one row per configuration: the paper's budget table, the best within budget, and each
-    exit's test accuracy; percentages as mean +- std over the seeds.
+    Four tables, one row per configuration: the validation-calibrated budget table, the paper's budget
+    table, the best within budget (test-set oracle), each stating the epochs per phase and the training
+    FLOPs (backbone forward passes per training sample) a configuration spent; then each exit's test
+    accuracy. Percentages as mean +- std over the seeds.
     """
     def label(g: dict) -> str:
         regime = _REGIME_NAMES.get(g["regime"], g["regime"])
@@ -228,11 +284,12 @@ def markdown_summary(groups: Sequence[dict]) -> str:
         return f"{g['model']} {regime}{method} (seeds {','.join(str(s) for s in g['seeds'])})"
 
     out = []
-    for title, key in ((PAPER_BUDGETS_TITLE, "paper_budgets"), (SEED_BUDGETS_TITLE, "budgets")):
-        names = list(groups[0][key]) if groups else []
-        out += [f"{title[0].upper()}{title[1:]}:", "", "| run | " + " | ".join(names) + " |",
-                "|---|" + "---|" * len(names)]
-        out += ["| " + label(g) + " | " + " | ".join(_md_cell(g[key].get(n)) for n in names) + " |" for g in groups]
+    for key, title in TABLES:
+        names = list(next((g[key] for g in groups if g.get(key)), {}))
+        out += [f"{title[0].upper()}{title[1:]}:", "",
+                "| run | epochs 1/2/3 | train cost | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+        out += ["| " + label(g) + " | " + _md_spent(g.get("training")) + " | "
+                + " | ".join(_md_cell((g.get(key) or {}).get(n)) for n in names) + " |" for g in groups]
         out.append("")
     n = max((len(g["exits"]) for g in groups), default=0)
     out += ["Test accuracy of each exit (every sample leaves there), %:", "",
@@ -454,4 +511,4 @@ def maybe_plot(run_dirs: list[Path], out_file: Path, *, required: bool = False, 
 
 
 __all__ = ["read_results", "group_runs", "check_pool", "summarize_runs", "format_summary", "plot_runs", "runs_figure", "maybe_plot",
-           "PAPER_BUDGETS_TITLE", "SEED_BUDGETS_TITLE"]
+           "CALIBRATED_TITLE", "PAPER_BUDGETS_TITLE", "SEED_BUDGETS_TITLE", "TABLES"]

@@ -31,7 +31,7 @@ import torch
 
 from . import distributed as dist
 from . import metrics
-from .config import RunConfig, config_diff, run_config_from_dict, to_dict
+from .config import GRAD_CLIP_MODEL, RunConfig, config_diff, run_config_from_dict, to_dict
 from .device import local_device
 from .errors import CheckpointError, ConfigError, EarlyExitError, RunInterrupted, TrainingError
 from .io import atomic_write_json, load_checkpoint, load_weights, remove_stale_temps
@@ -205,6 +205,16 @@ def evaluate_model(model: MultiExitModel, splits: Any, cfg: RunConfig, device: t
                            val_logits=val_logits, stages=model.exit_after)
 
 
+def with_model_defaults(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the model-dependent defaults filled in (``grad_clip="model"`` -> the model's norm or None), so
+    that ``config.json`` states what the run did."""
+    from .models.registry import default_grad_clip
+
+    if cfg.train.grad_clip != GRAD_CLIP_MODEL:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_clip=default_grad_clip(cfg.model.name)))
+
+
 def check_run(cfg: RunConfig) -> None:
     """Fail fast, before any data is read or any file is touched: names the registries do not know, a bad device.
 
@@ -329,6 +339,7 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
     """
     out = Path(out)
     check_run(cfg)
+    cfg = with_model_defaults(cfg)
     main = dist.world()[0] == 0
     lock = None
     if main:

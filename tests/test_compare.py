@@ -64,6 +64,27 @@ def test_matched_budget_gives_joint_the_epochs_of_mixed_and_resume_keeps_finishe
         compare_regimes(CFG, [1], out)
     compare_regimes(CFG, [1], out, budget="matched", resume=True)
     assert (run_dir(out, CFG, "mixed", 1) / "results.json").read_bytes() == before
+    # the FLOPs rule: the MLP's ICs cost little, so joint's epochs of equal training FLOPs are mixed's 2 + 2 too
+    flops = compare_regimes(CFG, [1], out, budget="flops", resume=True)
+    joint_f = json.loads((run_dir(out, CFG, "joint-flops", 1) / "results.json").read_text())
+    assert joint_f["train"]["phases"][0]["grid"][0]["epochs"] == 4 and flops["budget"] == "flops"
+    # the summary pairs the regimes seed by seed
+    pairs = json.loads((out / "summary-matched.json").read_text())["pairs"]
+    assert [(p["a"].split()[-1], p["b"].split()[-1]) for p in pairs] == [("++-", "-+-"), ("++-", "+-+"), ("+-+", "-+-")]
+    assert all(set(p["tables"]) == {"calibrated_budgets", "paper_budgets", "budgets"} for p in pairs)
+
+
+def test_flops_matched_epochs_count_the_ics():
+    """ICs that cost as much as the backbone make a joint epoch 2x mixed's phase-1 epoch: 8 + 8 mixed -> 12 joint."""
+    from earlyexit.compare import flops_matched_epochs
+
+    class R:  # only what the rule reads
+        base_flops = 100.0
+        exits = [type("E", (), {"flops": f})() for f in (100.0, 200.0)]
+        train = type("T", (), {"phases": [{"phase": 1, "lr": 0.1, "best_epoch": 8, "grid": [{"lr": 0.1, "epochs": 8}]},
+                                          {"phase": 2, "lr": 0.1, "best_epoch": 8, "grid": [{"lr": 0.1, "epochs": 8}]}]})()
+    # mixed: 8 x 3 x 100 + 8 x 3 x 200 = 7200 per sample; joint: 600 per epoch -> 12 epochs
+    assert flops_matched_epochs(R()) == 12
 
 
 def test_bad_budget_and_init_are_refused(tmp_path):

@@ -66,7 +66,7 @@ def test_plain_run_defaults():
     cfg = RunConfig()
     assert cfg.train.weighting == "mean" and cfg.eval.criterion == "confidence"
     assert TrainConfig().weighting is None and TrainConfig().loss_weighting == "mean"
-    assert TrainConfig().grad_clip == 1.0
+    assert TrainConfig().grad_clip == "model"
 
 
 def test_cli_defaults_are_the_configs():

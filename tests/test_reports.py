@@ -18,7 +18,7 @@ from earlyexit.cli import main
 from earlyexit.errors import EarlyExitError
 from earlyexit.metrics import (average_curves, budget_table, calibrated_curve, static_points, threshold_curve,
                                ztw_budget_table)
-from earlyexit.reports import (PAPER_BUDGETS_TITLE, SEED_BUDGETS_TITLE, format_summary, plot_runs, runs_figure,
+from earlyexit.reports import (CALIBRATED_TITLE, PAPER_BUDGETS_TITLE, SEED_BUDGETS_TITLE, format_summary, plot_runs, runs_figure,
                                summarize_runs)
 from earlyexit.results import Results
 
@@ -42,6 +42,7 @@ def make_run(root: Path, regime: str, seed: int, *, strength: float = 3.0, model
                   "budgets": budget_table(curve, statics, base)}
     if criterion != "patience":
         evaluation["calibrated_geometric"] = calibrated_curve(val, logits, labels, COSTS, criterion=criterion)
+        evaluation["calibrated_budgets"] = budget_table(evaluation["calibrated_geometric"], [], base)
     r = Results.build(regime=REGIMES[regime], regime_name=regime, model=model, dataset="cifar10", seed=seed,
                       evaluation=evaluation, method=method, weighting=None)
     d = root / f"{model}-{regime}-{criterion}-s{seed}"
@@ -88,13 +89,17 @@ def test_summary_lines_and_command(runs):
     assert lines[0] == "resnet20 cifar10 ++- (seeds [0, 1, 2])"
     assert sum(PAPER_BUDGETS_TITLE in ln for ln in lines) == 2 and sum(SEED_BUDGETS_TITLE in ln for ln in lines) == 2
     g = summarize_runs(runs["mixed"])[0]
-    assert lines[:4] == format_summary(g)
+    assert lines[:len(format_summary(g))] == format_summary(g)
     paper = next(ln for ln in lines if PAPER_BUDGETS_TITLE in ln)
     assert "25%: -" in paper  # an empty budget prints as "-"
     m = g["paper_budgets"]["50%"]
     assert f"50%: {m['mean'] * 100:.2f}+-{m['std'] * 100:.2f}" in paper
     assert PAPER_BUDGETS_TITLE == "budget (paper's rule, curves averaged over seeds)"
-    assert SEED_BUDGETS_TITLE == "best within budget (per seed, mean +- std)"
+    assert SEED_BUDGETS_TITLE == "best within budget (test-set oracle, per seed, mean +- std)"
+    # the validation-calibrated table comes first, before the paper's rule and the oracle
+    order = [next(i for i, ln in enumerate(lines) if t in ln) for t in (CALIBRATED_TITLE, PAPER_BUDGETS_TITLE,
+                                                                         SEED_BUDGETS_TITLE)]
+    assert order == sorted(order)
 
 
 def test_summary_refuses_seeds_that_do_not_line_up(tmp_path, runs):

@@ -2,7 +2,11 @@
 
 A table in RESULTS.md sits between ``<!-- summary: GLOB [GLOB ...] -->`` and ``<!-- /summary -->``; the globs
 name the run folders under the repository (e.g. ``results/resnet20-fmnist/*-s?``), and the text between the
-markers must be exactly ``python -m earlyexit summary --markdown`` of those folders.
+markers must be exactly ``python -m earlyexit summary --markdown`` of those folders. An interval table sits
+between ``<!-- pair: GLOBS_A | GLOBS_B | a>b -->`` and ``<!-- /pair -->`` and must be exactly the paired
+intervals and verdicts (``earlyexit.pairs.markdown_pair``) of the two sets of folders; every verdict the
+claims table states names the interval block it comes from and must equal that block's verdict.
+``scripts/refresh_results_md.py`` rewrites every block.
 """
 
 import re
@@ -10,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from earlyexit.pairs import markdown_pair, pair_summary
 from earlyexit.reports import markdown_summary, summarize_runs
 
 ROOT = Path(__file__).parents[1]
 BLOCK = re.compile(r"<!-- summary: (.+?) -->\n(.*?)<!-- /summary -->", re.S)
+PAIR = re.compile(r"<!-- pair: (.+?) -->\n(.*?)<!-- /pair -->", re.S)
 
 
 def _blocks():
@@ -31,6 +37,24 @@ def test_every_table_is_the_summary_of_its_runs(globs, table):
     dirs = sorted({p for g in globs.split() for p in ROOT.glob(g) if (p / "results.json").is_file()})
     assert dirs, f"no run folder matches {globs}"
     assert table.strip() == markdown_summary(summarize_runs(dirs)).strip()
+
+
+def _dirs(globs):
+    return sorted({p for g in globs.split() for p in ROOT.glob(g) if (p / "results.json").is_file()})
+
+
+def _pairs():
+    f = ROOT / "RESULTS.md"
+    return PAIR.findall(f.read_text()) if f.is_file() else []
+
+
+@pytest.mark.parametrize("spec,table", _pairs() or [pytest.param("", "", marks=pytest.mark.skip("no intervals yet"))])
+def test_every_interval_and_verdict_is_recomputed_from_its_runs(spec, table):
+    a, b, claim = (part.strip() for part in spec.split("|"))
+    assert claim in ("a>b", "a<b"), spec
+    da, db = _dirs(a), _dirs(b)
+    assert da and db, f"no run folder matches {spec}"
+    assert table.strip() == markdown_pair(pair_summary(da, db, direction=1 if claim == "a>b" else -1)).strip()
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from ..config import PhaseConfig, TrainConfig
 from ..device import cuda_sync
 from ..errors import TrainingError
 from ..models import MultiExitModel
+from ..models.registry import effective_grad_clip
 from ..training.optim import make_optimizer
 from ..training.phases import phase_exits, set_mode, set_trainable
 from ..training.step import RunningSums, StepSetup, train_step
@@ -55,7 +56,7 @@ class _PhaseStep:
         self.setup = StepSetup(net=model, num_exits=model.num_exits, phase=phase, exits=self.exits,
                                weighting=get_weighting(_TRAIN.loss_weighting), opt=make_optimizer(params, pc, BENCH_LR),
                                params=params, pc=pc, lr=BENCH_LR, total=total_steps, device=device,
-                               grad_clip=_TRAIN.grad_clip,
+                               grad_clip=effective_grad_clip(_TRAIN.grad_clip, model),
                                on_non_finite=self._non_finite)
         self.sums = RunningSums.zeros(len(self.exits), device)
         self.step_no = 0

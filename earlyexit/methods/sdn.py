@@ -5,8 +5,10 @@ stage (for feature maps, SDN's mixed max/average pooling and a linear layer:
 ``earlyexit.models.heads.SDNHead``, the heads the convolutional backbones
 here already carry). A sample leaves at the first IC whose maximum softmax
 probability exceeds the threshold, strictly (``confidence``). The ICs' losses are
-weighed with SDN's ramped schedule (weighting ``sdn``) in every phase that
-trains them (phase 3 uses the IC entries of the same schedule).
+weighed with SDN's ramped schedule (weighting ``sdn``) in phase 2; in phase 3
+(the ICs on a frozen backbone, SDN's IC-only training) every IC weighs 1. The
+paper's code weighs phase 3 with the plain mean (1/E each), so ``--method sdn``
+scales phase 3's loss E times higher than the paper's ``--weighting mean``.
 """
 
 from __future__ import annotations

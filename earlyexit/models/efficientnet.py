@@ -263,7 +263,7 @@ def torchvision_efficientnet_weights(model: MultiExitModel, sd: Mapping[str, Ten
     return convert_torchvision_efficientnet(model, sd)
 
 
-@register_model("efficientnet_b0", tiny=dict(image_size=32), foreign_weights=torchvision_efficientnet_weights,
+@register_model("efficientnet_b0", tiny=dict(image_size=32), foreign_weights=torchvision_efficientnet_weights, grad_clip=1.0,
                 options=(efficientnet_b0_model,))
 def efficientnet_b0(**kw: Any) -> MultiExitModel:
     return efficientnet_b0_model(**kw)

@@ -53,6 +53,8 @@ class ModelSpec:
     foreign_weights: WeightsAdapter | None = None          # upstream checkpoint -> our names, or None
     data_options: DataOptions | None = None                # build options -> text dataset options
     options: tuple[Callable[..., Any], ...] = ()           # where a **kw builder's options are declared
+    grad_clip: float | None = None                         # default max gradient norm of its training (None: off);
+                                                           # the paper's code clips at 1 only for the ViT and EfficientNet
 
     def __post_init__(self) -> None:
         if self.input not in INPUT_KINDS:
@@ -69,7 +71,7 @@ def register_model(name: str, **spec_fields: Any) -> Callable[[Builder], Builder
 
     Args:
         name: registry name (unique).
-        **spec_fields: ``input``, ``tiny``, ``foreign_weights``, ``data_options``, ``options``.
+        **spec_fields: ``input``, ``tiny``, ``foreign_weights``, ``data_options``, ``options``, ``grad_clip``.
     Returns:
         A decorator that registers the builder and returns it unchanged.
     Raises:
@@ -103,6 +105,18 @@ def get_spec(name: str) -> ModelSpec:
 def spec_of(model: MultiExitModel) -> ModelSpec | None:
     """The spec of a model built by ``build_model`` (None for a model built otherwise)."""
     return _REGISTRY.get(getattr(model, "arch", None))
+
+
+def default_grad_clip(name: str | None) -> float | None:
+    """The gradient clipping norm a run of model ``name`` uses by default (None: off, or not a registered model)."""
+    spec = _REGISTRY.get(name) if isinstance(name, str) else None
+    return None if spec is None else spec.grad_clip
+
+
+def effective_grad_clip(grad_clip: float | str | None, model: MultiExitModel) -> float | None:
+    """``TrainConfig.grad_clip`` with ``"model"`` replaced by the default of ``model``'s spec (off for an
+    unregistered model)."""
+    return default_grad_clip(getattr(model, "arch", None)) if grad_clip == "model" else grad_clip
 
 
 def build_model(name: str, *, num_classes: int, in_chans: int = 3, exits: Any = None, **kwargs: Any) -> MultiExitModel:

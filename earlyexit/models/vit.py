@@ -429,28 +429,28 @@ _VIT_S16 = dict(image_size=224, patch_size=16, width=384, depth=12, num_heads=6,
 _VIT_B16 = dict(image_size=224, patch_size=16, width=768, depth=12, num_heads=12, mlp_ratio=4.0, first_exit=0)
 
 
-@register_model("vit", tiny=dict(image_size=16), foreign_weights=torchvision_weights,
+@register_model("vit", tiny=dict(image_size=16), foreign_weights=torchvision_weights, grad_clip=1.0,
                 options=(vision_transformer,))
 def vit(**kw: Any) -> MultiExitModel:
     """The small CIFAR ViT; any ``vision_transformer`` option overrides the size's defaults."""
     return vision_transformer(**{**_VIT, **kw})
 
 
-@register_model("vit_t16", tiny=dict(image_size=32), foreign_weights=torchvision_weights,
+@register_model("vit_t16", tiny=dict(image_size=32), foreign_weights=torchvision_weights, grad_clip=1.0,
                 options=(vision_transformer,))
 def vit_t16(**kw: Any) -> MultiExitModel:
     """ViT-Ti/16."""
     return vision_transformer(**{**_VIT_T16, **kw})
 
 
-@register_model("vit_s16", tiny=dict(image_size=32), foreign_weights=torchvision_weights,
+@register_model("vit_s16", tiny=dict(image_size=32), foreign_weights=torchvision_weights, grad_clip=1.0,
                 options=(vision_transformer,))
 def vit_s16(**kw: Any) -> MultiExitModel:
     """ViT-S/16."""
     return vision_transformer(**{**_VIT_S16, **kw})
 
 
-@register_model("vit_b16", tiny=dict(image_size=32), foreign_weights=torchvision_weights,
+@register_model("vit_b16", tiny=dict(image_size=32), foreign_weights=torchvision_weights, grad_clip=1.0,
                 options=(vision_transformer,))
 def vit_b16(**kw: Any) -> MultiExitModel:
     """ViT-B/16."""

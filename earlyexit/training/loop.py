@@ -42,11 +42,12 @@ from ..device import autocast_context as autocast, in_format, local_device, memo
 from ..errors import TrainingError
 from ..io import load_state_strict
 from ..models.multiexit import MultiExitModel
+from ..models.registry import effective_grad_clip
 from ..tree import to_device
 from .optim import make_optimizer, seed_for
-from .phases import loss_weights, phase_exits, phase_spec, set_mode, set_trainable, val_metric, validated_exits
+from .phases import phase_exits, phase_spec, set_mode, set_trainable, val_metric, validated_exits
 from .state import CheckpointFiles, TrainState, cpu_state
-from .step import RunningSums, StepSetup, train_step
+from .step import RunningSums, StepSetup, step_weights, train_step
 from ..weighting import Weighting, get_weighting
 
 LogHook = Callable[..., None]
@@ -260,7 +261,7 @@ def _train_epoch(run: _Run, st: TrainState) -> None:
     ckpt = run.files.path
     setup = StepSetup(net=net, num_exits=model.num_exits, phase=p, exits=exits, weighting=run.weighting, opt=opt,
                       params=params, pc=pc, lr=lr, total=steps_per_epoch * pc.epochs, device=device,
-                      grad_clip=cfg.grad_clip, on_non_finite=lambda loss, s: _non_finite(loss, p, e, s, lr, ckpt))
+                      grad_clip=effective_grad_clip(cfg.grad_clip, model), on_non_finite=lambda loss, s: _non_finite(loss, p, e, s, lr, ckpt))
     # schemes that act on gradients inside the backbone (gradient equilibrium) hook the model for the epoch
     prepare = getattr(run.weighting, "prepare", None)
     hooks = prepare(model, exits) if (prepare is not None and phase_spec(p).weighted) else None
@@ -305,7 +306,7 @@ def _probe(run: _Run, setup: StepSetup, x: Any, y: torch.Tensor, *, step: int, e
            grid: int) -> dict:
     """The probe's record of the batch step ``index`` of epoch ``epoch`` (0-based) trains on; ``step``: in the phase."""
     E, p = setup.num_exits, setup.phase
-    alphas = loss_weights(p, setup.weighting(E, step / max(setup.total, 1)), setup.exits)  # as train_step weighs
+    alphas = step_weights(setup, step)  # exactly the weights train_step uses for this step
     weights = [0.0] * E
     for k, a in zip(setup.exits, alphas):
         weights[k] = float(a)

@@ -32,10 +32,12 @@ def make_optimizer(params: Sequence[nn.Parameter], pc: PhaseConfig, lr: float) -
 
 
 def lr_at(pc: PhaseConfig, base: float, step: int, total: int) -> float:
+    """The learning rate of step ``step`` of ``total``: the schedule times a linear warmup over ``pc.warmup`` steps."""
+    warm = min(1.0, (step + 1) / pc.warmup) if pc.warmup else 1.0
     if pc.schedule == "constant":
-        return base
+        return base * warm
     if pc.schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+        return base * warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
     raise ValueError(f"unknown schedule {pc.schedule!r}; valid: cosine, constant")
 
 

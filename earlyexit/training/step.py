@@ -77,7 +77,7 @@ def train_step(setup: StepSetup, x: Any, y: Tensor, *, step: int, index: int, su
     s = setup
     for g in s.opt.param_groups:
         g["lr"] = lr_at(s.pc, s.lr, step, s.total)
-    alphas = phase_loss_weights(s.phase, s.weighting, s.num_exits, s.exits, training_point(s, step))
+    alphas = step_weights(s, step)
     with autocast(s.device):
         outs = s.net(x, exits=s.exits)  # one (B, C) per counted exit
         losses = [F.cross_entropy(o.float(), y) for o in outs]
@@ -97,6 +97,12 @@ def train_step(setup: StepSetup, x: Any, y: Tensor, *, step: int, index: int, su
     return loss
 
 
+def step_weights(setup: StepSetup, step: int) -> list[float]:
+    """The weights step ``step`` of the phase gives the counted exits' losses (one per ``setup.exits``): what
+    ``train_step`` trains with and what the gradient log reports, from this one function."""
+    return phase_loss_weights(setup.phase, setup.weighting, setup.num_exits, setup.exits, training_point(setup, step))
+
+
 def training_point(setup: StepSetup, step: int) -> TrainingPoint:
     """Where step ``step`` of the phase stands: its epoch (``total`` covers ``pc.epochs`` epochs) and progress."""
     epochs = max(setup.pc.epochs, 1)
@@ -105,4 +111,4 @@ def training_point(setup: StepSetup, step: int) -> TrainingPoint:
                          progress=min(step / max(setup.total, 1), 1.0))
 
 
-__all__ = ["CUDA_CHECK_EVERY", "RunningSums", "StepSetup", "train_step", "training_point"]
+__all__ = ["CUDA_CHECK_EVERY", "RunningSums", "StepSetup", "step_weights", "train_step", "training_point"]

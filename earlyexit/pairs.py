@@ -1,0 +1,124 @@
+"""Two configurations compared seed by seed: the paired intervals and verdicts of RESULTS.md.
+
+``pair_summary(a_dirs, b_dirs, direction)`` pairs the runs of two configurations by seed and, at every
+budget of the three tables of ``earlyexit.reports`` (validation-calibrated, the paper's rule applied to
+each seed's curve, the test-set oracle), gives the mean difference ``a - b``, its 95 % Student-t interval
+over seeds and the verdict of ``earlyexit.stats.decide``. ``summary --pair`` prints it; RESULTS.md's
+``<!-- pair: ... -->`` blocks hold its Markdown, recomputed by the tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from .errors import EarlyExitError
+from .metrics import ztw_budget_table
+from .reports import TABLES, _curve_dict, _name, _spent, _training, group_runs
+from .results import Results
+from .stats import decide, paired_t
+
+SHORT = {"calibrated_budgets": "validation-calibrated", "paper_budgets": "paper's rule",
+         "budgets": "test-set oracle"}  # the tables' names in a pair's rows
+
+
+def per_seed_values(rs: Sequence[Results], table: str) -> dict[str, dict[int, float]]:
+    """Per budget, each seed's value in ``table``: ``calibrated_budgets``, ``budgets`` (oracle) or
+    ``paper_budgets`` (the paper's rule applied to that seed's curve alone)."""
+    out: dict[str, dict[int, float]] = {}
+    for r in rs:
+        if table == "paper_budgets":
+            cells = {k: (v["mean"] if v else None)
+                     for k, v in ztw_budget_table([_curve_dict(r, "curve")], float(r.base_flops)).items()}
+        else:
+            cells = getattr(r, table, None) or {}
+        for k, v in cells.items():
+            if v is not None:
+                out.setdefault(k, {})[r.seed] = float(v)
+    return out
+
+
+def select(run_dirs: Sequence[Path], pattern: str) -> list[Path]:
+    """The run folders whose name matches the shell pattern ``pattern`` (e.g. ``*-joint-matched-s?``)."""
+    from fnmatch import fnmatch
+
+    return [Path(d) for d in run_dirs if fnmatch(Path(d).name, pattern)]
+
+
+def pair_summary(a_dirs: Sequence[Path], b_dirs: Sequence[Path], *, direction: int = 1) -> dict:
+    """Seed-by-seed differences ``a - b`` of two configurations at every budget of the three tables.
+
+    Args:
+        a_dirs, b_dirs: the run folders of each side (one configuration each; seeds are paired by number,
+            and only seeds both sides have count).
+        direction: the sign of ``a - b`` the claim predicts (+1: a is better), for the verdicts.
+    Returns:
+        ``{a, b, seeds, direction, tables: {table: {budget: {n, mean, std, low, high, p, verdict}}},
+        training: {a, b}}``; differences in accuracy points of [0, 1].
+    Raises:
+        EarlyExitError: a side holds several configurations, or the sides share no seed.
+    """
+    sides = []
+    for dirs in (a_dirs, b_dirs):
+        groups = group_runs([Path(d) for d in dirs])
+        if len(groups) != 1:
+            raise EarlyExitError(f"a side of a pair must be one configuration, got {len(groups)}: "
+                                 f"{', '.join(_name(k) for k, _ in groups)}")
+        sides.append(groups[0])
+    (ka, ra), (kb, rb) = sides
+    seeds = sorted({r.seed for r in ra} & {r.seed for r in rb})
+    if not seeds:
+        raise EarlyExitError(f"{_name(ka)} and {_name(kb)} share no seed; a pair compares the same seeds")
+    tables = {}
+    for table, _ in TABLES:
+        va, vb = per_seed_values(ra, table), per_seed_values(rb, table)
+        cells = {}
+        for budget in va:
+            both = [s for s in seeds if s in va[budget] and s in vb.get(budget, {})]
+            if len(both) < len(seeds):
+                cells[budget] = None  # a budget one side does not reach for some seed
+                continue
+            t = paired_t([va[budget][s] for s in both], [vb[budget][s] for s in both])
+            cells[budget] = {**t, "verdict": decide(t, direction)}
+        tables[table] = cells
+    return {"a": _name(ka), "b": _name(kb), "seeds": seeds, "direction": direction, "tables": tables,
+            "training": {"a": _training([r for r in ra if r.seed in seeds]),
+                         "b": _training([r for r in rb if r.seed in seeds])}}
+
+
+def format_pair(pair: dict) -> list[str]:
+    """The lines of a ``pair_summary``: per table and budget, the mean difference a - b in points with its 95 %
+    interval and the verdict."""
+    arrow = ">" if pair["direction"] > 0 else "<"
+    lines = [f"pair: {pair['a']} - {pair['b']} (seeds {pair['seeds']}; the claim: a {arrow} b)",
+             f"  a {_spent(pair['training']['a'])}", f"  b {_spent(pair['training']['b'])}"]
+    for key, title in TABLES:
+        cells = []
+        for budget, c in pair["tables"][key].items():
+            cells.append(f"{budget}: -" if c is None else f"{budget}: {_diff(c)} {c['verdict']}")
+        lines.append(f"  {SHORT[key]}: " + "; ".join(cells))
+    return lines
+
+
+def markdown_pair(pair: dict) -> str:
+    """A ``pair_summary`` as a Markdown table (RESULTS.md's interval blocks): one row per table, one column per
+    budget, each cell the mean difference a - b in points, its 95 % t interval over seeds and the verdict."""
+    names = list(next((c for c in pair["tables"].values() if c), {}))
+    arrow = ">" if pair["direction"] > 0 else "<"
+    out = [f"{pair['a']} minus {pair['b']}, seeds {','.join(map(str, pair['seeds']))} (the paper: a {arrow} b); "
+           f"points, mean [95 % t interval], verdict:", "",
+           "| table | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, title in TABLES:
+        cells = pair["tables"][key]
+        row = ["-" if cells.get(n) is None else f"{_diff(cells[n])} {cells[n]['verdict']}" for n in names]
+        out.append(f"| {SHORT[key]} | " + " | ".join(row) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _diff(c: dict) -> str:
+    if c.get("low") is None:
+        return f"{c['mean'] * 100:+.2f}"
+    return f"{c['mean'] * 100:+.2f} [{c['low'] * 100:+.2f}, {c['high'] * 100:+.2f}]"
+
+
+__all__ = ["SHORT", "format_pair", "markdown_pair", "pair_summary", "per_seed_values", "select"]
