@@ -136,6 +136,15 @@ case "$PRESET" in
                     --regime mixed --seed "$seed"
             done
         fi
+        # why joint's final exit trails: joint at the matched budget (16 epochs) with Han et al.'s weights rising
+        # with depth (0.6 .. 1.4), so the final exit weighs 1.4 / 0.6 of the first IC instead of the mean's 1
+        if want joint-han; then
+            for seed in 0 1 2; do
+                run_one "$R/resnet20-fmnist-joint-han/resnet20-fashion-mnist-joint-han-s$seed" --model resnet20 \
+                    --dataset fashion-mnist --train-size 12000 --exits every:1 --epochs 16 --weighting han \
+                    --regime joint --seed "$seed"
+            done
+        fi
         # matched-budget joint beside the committed BERT and ViT comparisons, with those comparisons' own settings
         # (both clipped at norm 1 and ran without warmup)
         if want bert-matched; then

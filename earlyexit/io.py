@@ -15,6 +15,8 @@ import io
 import json
 import os
 import pickle
+import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,27 @@ import torch
 
 from .errors import CheckpointError
 
-TEMP_SUFFIX = ".tmp"  # atomic writes go to ".NAME.<random>.tmp" beside NAME
+TEMP_SUFFIX = ".tmp"
+# atomic writes go to ".NAME.<pid>.<random>.tmp" beside NAME (mkstemp's 8 random characters); only files of
+# exactly this form are ever removed as temporary files (remove_stale_temps)
+TEMP_PATTERN = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]{1,10})\.[a-z0-9_]{8}\.tmp")
+
+
+def temp_name_of(name: str) -> str | None:
+    """NAME of a temporary file name ``.NAME.<pid>.<random>.tmp`` that ``atomic_write_bytes`` makes, else None."""
+    m = TEMP_PATTERN.fullmatch(name)
+    return m.group("name") if m else None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a new temporary file beside it and one rename.
+
+    The temporary file is created exclusively (``mkstemp``: ``O_EXCL``, never through an existing entry);
+    the rename replaces whatever entry ``path`` is (a symbolic link is replaced, never followed).
+    """
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
     except OSError as e:  # named by the file meant, not by the temporary name
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
@@ -140,11 +156,15 @@ def one_line(err: BaseException, limit: int = 200) -> str:
 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON file that must hold an object (a model's or tokenizer's config); one-line ``CheckpointError`` otherwise."""
+    from .schema import FileSchemaError, read_json
+
     path = Path(path)
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        d = read_json(path)  # the one JSON reader: never a RecursionError
+    except OSError as e:
         raise CheckpointError(f"cannot read {path}: {one_line(e)}") from None
+    except FileSchemaError as e:
+        raise CheckpointError(one_line(e, 300)) from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
     return d
@@ -153,20 +173,25 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
 def remove_stale_temps(folder: str | os.PathLike, names: "tuple[str, ...] | None" = None) -> list[Path]:
     """Remove the temporary files that killed atomic writes left in ``folder`` (of ``names`` only, if given).
 
-    Only ``.NAME.<random>.tmp`` files are touched; call it while no other process writes there (a run
-    holds the folder's lock).
+    Only regular files named exactly as ``atomic_write_bytes`` names them (``.NAME.<pid>.<random>.tmp``,
+    ``TEMP_PATTERN``) are touched; any other entry, a user's own ``.notes.tmp`` or a symbolic link of any
+    name, stays. Call it while no other process writes there (a run holds the folder's lock).
     """
     folder = Path(folder)
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
-        if not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX) and p.is_file()):
+        target = temp_name_of(p.name)
+        if target is None or (names is not None and target not in names):
             continue
-        target = p.name[1:-len(TEMP_SUFFIX)].rsplit(".", 1)[0]  # ".NAME.<random>.tmp" -> NAME
-        if names is None or target in names:
-            p.unlink(missing_ok=True)
-            removed.append(p)
+        try:
+            if not stat.S_ISREG(os.lstat(p).st_mode):  # a link, a folder, a fifo: not a file we wrote
+                continue
+        except FileNotFoundError:
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
     return removed
 
 
@@ -191,18 +216,17 @@ class _PlainUnpickler(pickle.Unpickler):
 
     Containers, numbers, strings and bytes need no global at all; numpy arrays, dtypes and scalars need
     the few reconstruction functions of ``_numpy_globals``; ``_codecs.encode`` turns the latin-1 strings
-    of protocol-2 pickles back into bytes.
+    of protocol-2 pickles back into bytes (latin-1 only: ``_latin1_encode``).
     """
 
     _ALLOWED: dict[tuple[str, str], Any] | None = None
 
     def find_class(self, module: str, name: str) -> Any:
-        import _codecs
         import builtins
         import collections
 
         if _PlainUnpickler._ALLOWED is None:
-            _PlainUnpickler._ALLOWED = {("_codecs", "encode"): _codecs.encode,
+            _PlainUnpickler._ALLOWED = {("_codecs", "encode"): _latin1_encode,
                                         ("collections", "OrderedDict"): collections.OrderedDict,
                                         **{("builtins", n): getattr(builtins, n)
                                            for n in ("set", "frozenset", "bytearray", "complex")},
@@ -223,4 +247,29 @@ def load_plain_pickle(f: Any, *, encoding: str = "latin1") -> Any:
     Nothing in the file is executed: a pickle that names any other function or class raises
     ``pickle.UnpicklingError`` before it is called. ``encoding`` decodes Python 2 strings (CIFAR's batches).
     """
-    return _PlainUnpickler(f, encoding=encoding).load()
+    try:
+        return _PlainUnpickler(f, encoding=encoding).load()
+    except pickle.UnpicklingError:
+        raise
+    except (LookupError, RecursionError, UnicodeError, ArithmeticError) as e:  # a crafted stream: one error type
+        raise pickle.UnpicklingError(f"it is not plain data ({type(e).__name__}: {one_line(e, 120)})") from None
+
+
+_LATIN1 = {"latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "iso8859_1", "l1"}
+
+
+def _latin1_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles of bytes call it (a string, ``"latin1"``); nothing else: a codec
+    or an error handler a file names is never looked up."""
+    import _codecs
+
+    if not isinstance(obj, str) or not isinstance(encoding, str) or encoding.lower() not in _LATIN1 \
+            or errors != "strict":
+        raise pickle.UnpicklingError(f"it calls _codecs.encode with {_short(encoding)}, and only the latin-1 "
+                                     "encoding of bytes is read")
+    return _codecs.encode(obj, "latin-1")
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."

@@ -322,12 +322,12 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve",
 def _config_of(run_dir: Path) -> dict | None:
     """A run's config.json without the fields seeds may differ in (``POOL_FREE_FIELDS``); None if absent.
     ``run_dir`` may also name a file in the run folder (its results.json)."""
-    import json
+    from .schema import read_json
 
     d = Path(run_dir)
     f = (d if d.is_dir() else d.parent) / "config.json"
     try:
-        raw = json.loads(f.read_text()) if f.is_file() else None
+        raw = read_json(f) if f.is_file() else None
     except (OSError, ValueError):
         raise EarlyExitError(f"{f} is not valid JSON") from None
     if not isinstance(raw, dict):
@@ -366,9 +366,61 @@ def _figure_groups(run_dirs: Sequence[Path], results: Sequence[Results], split_c
         cfg = members[0][2]
         if siblings and cfg is not None:
             fields = sorted({f for sib in siblings if sib[0][2] is not None for f in config_diff(sib[0][2], cfg)})
-            extra = ", ".join(f"{f}={_lookup(cfg, f)}" for f in fields[:2]) + (" ..." if len(fields) > 2 else "")
+            extra = ", ".join(describe_field(f, _lookup(cfg, f)) for f in fields[:2]) + (" ..." if len(fields) > 2 else "")
         out.append((full_key[:4], sorted((r for _, r, _ in members), key=lambda r: r.seed), extra))
     return out
+
+
+_FIELD_WORDS = {"lr": "lr", "epochs": "epochs", "weight_decay": "weight decay", "optimizer": "optimizer",
+                "schedule": "schedule", "patience": "patience", "warmup": "warmup steps", "exits": "ICs",
+                "weighting": "weighting", "grad_clip": "clipping", "train_size": "training images",
+                "batch_size": "batch", "criterion": "criterion", "name": "model"}
+
+
+def describe_field(dotted: str, value: Any) -> str:
+    """A config field and its value in words, e.g. ``train.phases[0].lr`` = [0.01] -> "phase 1 at lr 0.01"."""
+    import re
+
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, (list, tuple)):
+        value = "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    elif isinstance(value, float):
+        value = f"{value:g}"
+    m = re.fullmatch(r"train\.phases\[(\d)\]\.(\w+)", dotted)
+    if m:
+        what = m.group(2)
+        if what == "lr":
+            return f"phase {int(m.group(1)) + 1} at lr {value}"
+        return f"phase {int(m.group(1)) + 1}: {value} {_FIELD_WORDS.get(what, what.replace('_', ' '))}"
+    leaf = dotted.rsplit(".", 1)[-1]
+    if dotted.startswith("model.kwargs."):
+        return f"{leaf.replace('_', ' ')} {value}"
+    return f"{_FIELD_WORDS.get(leaf, leaf.replace('_', ' '))} {value}"
+
+
+def describe_run(run_dir: Path) -> str | None:
+    """What a run is, in words, for its own figure's title: each phase it ran with its epochs and lr, and the
+    options that set it apart (IC placement, head, weighting, method), e.g. "mixed: phase 1 8 epochs at lr
+    0.001, phase 2 8 epochs at lr 0.1; ICs every:1"."""
+    cfg = _config_of(Path(run_dir))
+    if cfg is None:
+        return None
+    try:
+        from .config import run_config_from_dict
+
+        c = run_config_from_dict({**cfg, "train": {**cfg["train"], "seed": 0}})
+    except Exception:  # a foreign or older config: the figure goes without the line
+        return None
+    t = c.train
+    phases = [f"phase {i + 1} {pc.epochs} epochs at lr {'/'.join(f'{v:g}' for v in pc.lr)}"
+              for i, pc in enumerate(t.phases) if t.phase_string[i] == "+"]
+    extra = [f"ICs {c.model.exits}" if c.model.exits is not None else None,
+             *(f"{k.replace('_', ' ')} {v}" for k, v in sorted(c.model.kwargs.items()) if k != "weights"),
+             f"weighting {t.weighting}" if t.weighting not in (None, "mean") else None,
+             f"method {c.method}" if c.method else None]
+    name = {"-+-": "joint", "+-+": "disjoint", "++-": "mixed"}.get(t.phase_string, t.phase_string)
+    return f"{name}: {', '.join(phases)}" + ("; " + ", ".join(e for e in extra if e) if any(extra) else "")
 
 
 def _lookup(cfg: dict, dotted: str) -> Any:
@@ -501,6 +553,8 @@ def maybe_plot(run_dirs: list[Path], out_file: Path, *, required: bool = False, 
     Returns:
         True when the figure was written.
     """
+    if note is None and len(run_dirs) == 1:
+        note = describe_run(Path(run_dirs[0]))  # a run's own figure says what the run is
     try:
         plot_runs(run_dirs, out_file, curve=curve, note=note, split_configs=split_configs)
     except ImportError:

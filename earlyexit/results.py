@@ -21,12 +21,12 @@ Wall-clock time lives under ``timing`` alone (earlier files kept it in
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EarlyExitError
 from .io import atomic_write_json
+from .schema import check_results, read_json
 from .tree import to_jsonable
 
 RESULTS = "results.json"
@@ -161,14 +161,13 @@ class Results:
         f = path / RESULTS if path.is_dir() else path
         if not f.is_file():
             raise EarlyExitError(f"{path} has no {RESULTS}")
+        d = read_json(f)  # one line for a file that is not JSON or nests too deep
         try:
-            d = json.loads(f.read_text())
-        except (ValueError, UnicodeDecodeError):
-            raise EarlyExitError(f"{f} is not valid JSON") from None
-        try:
-            return cls.from_dict(d)
+            res = cls.from_dict(d)
+            check_results(d)  # every field a reader uses, of its type (a foreign or crafted file: one line)
         except EarlyExitError as e:
             raise EarlyExitError(f"{f}: {e}") from None
+        return res
 
     def to_dict(self) -> dict:
         """The results.json object: strict JSON, optional parts that were never computed left out."""

@@ -1,4 +1,4 @@
-"""A run folder's safety rules: one run at a time, and a replaced run kept until its successor has started.
+"""A run folder's safety rules: one run at a time, and a replaced run kept until its successor has finished.
 
 - ``RunLock``: ``run`` holds ``OUT/.lock`` (a file naming the owner's pid,
   ``flock``-ed for the owner's lifetime) for the whole run; a second run into
@@ -9,18 +9,25 @@
   ``flock`` is held (another machine's run over a network file system).
 - ``stash_run`` / ``settle``: ``--force`` moves the previous run's files into
   ``OUT/.previous-run/`` (the checkpoint first) instead of deleting them; the
-  new run's first checkpoint is what makes it "started for real". Until then a
-  failure, Ctrl-C or crash puts the previous run back (``settle`` does it on the
-  next run in the folder after a crash); from then on the stash is dropped.
+  new run's ``results.json`` is what makes it replace the old one. Until then a
+  failure, Ctrl-C or crash, even after the new run's first checkpoints, puts the
+  previous run back (``settle`` does it on the next run in the folder after a
+  crash); from then on the stash is dropped. The price: disk for two runs.
 - ``remove_stale_temps`` (``earlyexit.io``) clears the temporary files of
   writes that a kill interrupted; ``run`` calls it under the lock.
+
+Nothing here follows a symbolic link it did not create: the lock is opened with
+``O_NOFOLLOW`` (and must be a regular file), and ``.previous-run`` or an entry
+in it that is a link is refused (``UnsafeEntry``, one line naming it) before
+anything is written, renamed or deleted. Only the run's own files (by exact
+name) are moved in and out of ``.previous-run`` or deleted from it.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import shutil
+import stat
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +36,18 @@ from .errors import EarlyExitError
 LOCK = ".lock"
 STASH = ".previous-run"
 _COMPLETE = ".complete"  # in the stash: every file of the previous run was moved
+
+
+class UnsafeEntry(EarlyExitError):
+    """An entry of a run folder that the package would write, rename or delete through is a symbolic link (or not
+    the kind of entry it writes there): refused, nothing is changed."""
+
+
+def refuse_link(path: Path, what: str = "") -> None:
+    """``UnsafeEntry`` when ``path`` is a symbolic link (the package never follows one it did not create)."""
+    if path.is_symlink():
+        raise UnsafeEntry(f"{path} is a symbolic link{what}; a run folder's own entries are never followed through "
+                          "links: remove it (nothing was changed)")
 
 
 def describe_os_error(e: OSError, what: str = "") -> str:
@@ -57,9 +76,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
 def _read_pid(path: Path) -> int | None:
     try:
-        text = path.read_text(encoding="ascii", errors="replace").split()
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        return _pid_of(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_of(fd: int) -> int | None:
+    """The pid a lock file names (its first word), read through an open descriptor."""
+    try:
+        text = os.pread(fd, 64, 0).decode("ascii", errors="replace").split()
         return int(text[0]) if text else None
     except (OSError, ValueError):
         return None
@@ -68,8 +102,9 @@ def _read_pid(path: Path) -> int | None:
 def lock_holder(out: str | os.PathLike) -> int | None:
     """The pid of the live run holding ``out``'s lock, or None (no lock file, or a stale one)."""
     path = Path(out) / LOCK
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
+    refuse_link(path, " (the run folder's lock)")
     pid = _read_pid(path)
     if pid is not None and _pid_alive(pid):
         return pid
@@ -78,7 +113,7 @@ def lock_holder(out: str | os.PathLike) -> int | None:
     except ImportError:  # no flock: the pid decides
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
@@ -119,21 +154,27 @@ class RunLock:
         except OSError as e:
             raise EarlyExitError(describe_os_error(e, "cannot create the run folder")) from None
         for _ in range(20):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            refuse_link(self.path, " (the run folder's lock)")
+            try:  # never through a link (O_NOFOLLOW), never blocking on a fifo planted there
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK, 0o644)
             except OSError as e:
+                if e.errno == errno.ELOOP or os.path.islink(self.path):  # a link planted after the check above
+                    refuse_link(self.path, " (the run folder's lock)")
                 raise EarlyExitError(describe_os_error(e, "cannot write the run folder's lock")) from None
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise UnsafeEntry(f"{self.path} is not a regular file; the run folder's lock is never written "
+                                      "through another kind of entry: remove it (nothing was changed)")
                 if not self._flock(fd):  # a live run holds it
-                    raise _busy(self.out, _read_pid(self.path) or -1)
+                    raise _busy(self.out, _pid_of(fd) or -1)
                 try:
-                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                    same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
                 except FileNotFoundError:
                     same = False
                 if not same:  # the previous owner removed the file between our open and our lock: retry
                     os.close(fd)
                     continue
-                pid = _read_pid(self.path)
+                pid = _pid_of(fd)
                 if pid is not None and _pid_alive(pid):  # a live process named without a flock: respect it
                     raise _busy(self.out, pid)
                 os.ftruncate(fd, 0)
@@ -164,7 +205,8 @@ class RunLock:
         if self.fd is None:
             return
         try:
-            self.path.unlink(missing_ok=True)
+            if os.lstat(self.path).st_ino == os.fstat(self.fd).st_ino:  # still our file, not an entry put there since
+                self.path.unlink()
         except OSError:
             pass
         os.close(self.fd)
@@ -182,6 +224,41 @@ class RunLock:
         self.release()
 
 
+def check_entries(out: Path, names: Sequence[str]) -> None:
+    """Before a run touches ``out``: none of its files (``names``), its lock or ``.previous-run`` is a symbolic
+    link (``UnsafeEntry`` naming the first, nothing changed)."""
+    for name in (LOCK, STASH, *names):
+        refuse_link(out / name)
+
+
+def _stash_of(out: Path) -> Path | None:
+    """``out/.previous-run`` when it is a folder (None when there is none); ``UnsafeEntry`` when it is a link or a
+    file, which the package never made."""
+    stash = out / STASH
+    if not os.path.lexists(stash):
+        return None
+    refuse_link(stash, " (where --force keeps the previous run)")
+    if not stash.is_dir():
+        raise UnsafeEntry(f"{stash} is not a folder; it is where --force keeps the previous run: move it away "
+                          "(nothing was changed)")
+    return stash
+
+
+def _check_entries(stash: Path, names: Sequence[str]) -> list[str]:
+    """The run files in the stash (``names`` and its marker); ``UnsafeEntry`` for a link or a foreign entry."""
+    known = set(names) | {_COMPLETE}
+    found = []
+    for p in stash.iterdir():
+        if p.name not in known:
+            raise UnsafeEntry(f"{p} was not put there by the package; {stash} holds a previous run's files only: "
+                              "move it out (nothing was changed)")
+        if p.is_symlink() or not stat.S_ISREG(os.lstat(p).st_mode):
+            raise UnsafeEntry(f"{p} is a symbolic link or not a regular file; the package moves only the files it "
+                              "wrote: remove it (nothing was changed)")
+        found.append(p.name)
+    return found
+
+
 def stash_run(out: Path, names: Sequence[str], first: str) -> list[str]:
     """Move the previous run's files (``first``, then the other ``names`` present) into ``out/.previous-run``.
 
@@ -189,13 +266,13 @@ def stash_run(out: Path, names: Sequence[str], first: str) -> list[str]:
         The names moved.
     """
     stash = out / STASH
-    if stash.exists():  # settle() resolves a stash before any new run starts; never overwrite one
+    if _stash_of(out) is not None:  # settle() resolves a stash before any new run starts; never overwrite one
         raise EarlyExitError(f"{stash} holds a previous run that was being replaced; run again in {out} to settle it")
     stash.mkdir()
     moved = []
     for name in [first, *[n for n in names if n != first]]:
-        if (out / name).exists():
-            os.replace(out / name, stash / name)  # one rename each: the same file system
+        if os.path.lexists(out / name):
+            os.replace(out / name, stash / name)  # one rename each: the same file system; a link moves as a link
             moved.append(name)
     (stash / _COMPLETE).touch()  # every file moved: what is left in the folder from now on is the new run's
     return moved
@@ -205,17 +282,19 @@ def restore_run(out: Path, names: Sequence[str]) -> bool:
     """Put a stashed run back; False when there is none.
 
     When the stash was complete, the new run's files of ``names`` that the old run did not have are removed;
-    after a stash cut short, the files still in the folder are the old run's and stay.
+    after a stash cut short, the files still in the folder are the old run's and stay. ``UnsafeEntry`` (nothing
+    changed) when the stash or an entry of it is a link, or it holds anything but the run's files.
     """
-    stash = out / STASH
-    if not stash.is_dir():
+    stash = _stash_of(out)
+    if stash is None:
         return False
-    complete = (stash / _COMPLETE).exists()
-    kept = {p.name for p in stash.iterdir()} - {_COMPLETE}
+    found = _check_entries(stash, names)
+    complete = _COMPLETE in found
+    kept = [n for n in found if n != _COMPLETE]
     if complete:
         for name in names:
             if name not in kept:
-                (out / name).unlink(missing_ok=True)
+                (out / name).unlink(missing_ok=True)  # the new run's own file (an unlink never follows a link)
     for name in kept:
         os.replace(stash / name, out / name)
     (stash / _COMPLETE).unlink(missing_ok=True)
@@ -223,26 +302,44 @@ def restore_run(out: Path, names: Sequence[str]) -> bool:
     return True
 
 
-def drop_stash(out: Path) -> None:
-    """Delete a stashed run (its successor has started)."""
-    if (out / STASH).exists():
-        shutil.rmtree(out / STASH)
+def drop_stash(out: Path, names: Sequence[str] = ()) -> None:
+    """Delete a stashed run (its successor has written its results): the run's files by name, then the folder.
+
+    ``names``: the run's file names (default: whatever the stash holds, checked to be regular files).
+    """
+    stash = _stash_of(out)
+    if stash is None:
+        return
+    found = _check_entries(stash, names) if names else _check_regular(stash)
+    for name in found:
+        (stash / name).unlink()
+    stash.rmdir()
 
 
-def settle(out: Path, names: Sequence[str], started: str) -> str | None:
-    """After a crash: keep the new run if it wrote ``started`` (its checkpoint), else put the stashed run back.
+def _check_regular(stash: Path) -> list[str]:
+    found = []
+    for p in stash.iterdir():
+        if p.is_symlink() or not stat.S_ISREG(os.lstat(p).st_mode):
+            raise UnsafeEntry(f"{p} is a symbolic link or not a regular file; the package deletes only the files it "
+                              "wrote: remove it")
+        found.append(p.name)
+    return found
+
+
+def settle(out: Path, names: Sequence[str], done: str) -> str | None:
+    """After a crash: keep the new run if it wrote ``done`` (its results), else put the stashed run back.
 
     Returns:
         "restored", "dropped" or None (nothing was stashed).
     """
-    if not (out / STASH).is_dir():
+    if _stash_of(out) is None:
         return None
-    if (out / started).exists():
-        drop_stash(out)
+    if os.path.lexists(out / done):
+        drop_stash(out, names)
         return "dropped"
     restore_run(out, names)
     return "restored"
 
 
-__all__ = ["LOCK", "STASH", "RunLock", "check_unlocked", "lock_holder", "stash_run", "restore_run", "drop_stash",
+__all__ = ["LOCK", "STASH", "UnsafeEntry", "refuse_link", "check_entries", "RunLock", "check_unlocked", "lock_holder", "stash_run", "restore_run", "drop_stash",
            "settle", "describe_os_error"]

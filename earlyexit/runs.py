@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +36,8 @@ from .errors import CheckpointError, ConfigError, EarlyExitError, RunInterrupted
 from .io import atomic_write_json, load_checkpoint, load_weights, remove_stale_temps
 from .models import MultiExitModel, build_model
 from .preflight import build_checked, check_forward
-from .rundir import RunLock, check_unlocked, describe_os_error, drop_stash, restore_run, settle, stash_run
+from .rundir import (STASH, RunLock, check_entries, check_unlocked, describe_os_error, drop_stash, restore_run, settle,
+                     stash_run)
 from .reports import maybe_plot
 from .results import RESULTS, Results, TrainInfo
 from .score import calibrates, evaluate_logits
@@ -221,10 +221,9 @@ def check_run(cfg: RunConfig) -> None:
     (Every other option was checked when ``cfg`` was built.)
     """
     from .data import list_datasets
-    from .models import list_models
+    from .models import get_spec
 
-    if cfg.model.name not in list_models():
-        raise EarlyExitError(f"unknown model {cfg.model.name!r}; valid: {', '.join(list_models())}")
+    get_spec(cfg.model.name)  # a one-line ConfigError for a name that no registry or family (torchvision:NAME) knows
     if cfg.data.name not in list_datasets() and not cfg.data.name.startswith("imagefolder:"):
         raise EarlyExitError(f"unknown dataset {cfg.data.name!r}; valid: {', '.join(list_datasets())}")
     local_device(cfg.train.device)
@@ -235,22 +234,26 @@ def check_resume(cfg: RunConfig, out: Path) -> None:
 
     They are read from ``config.json`` or, when it is missing, from the checkpoint (which records them).
     """
+    from .schema import check_checkpoint, check_run_config
+
     f = out / "config.json"
+    # the checkpoint it resumes from, checked against its schema and this run's learning-rate grids
+    ckpt = load_checkpoint(out / CHECKPOINT, mmap=True)
+    if isinstance(ckpt, dict) and "version" in ckpt and "phase" in ckpt:  # else: train() refuses it in one line
+        check_checkpoint(ckpt, out / CHECKPOINT, phases=cfg.train.phase_string,
+                         lr_grids=[len(p.lr) for p in cfg.train.phases])
     if f.is_file():
         saved, where = read_run_config(f), "its config.json"
-        shapes = json.loads(f.read_text()).get("shapes")
-        if shapes is not None and not _valid_shapes(shapes):
-            raise EarlyExitError(f"{f} is not a valid run config: its shapes {shapes!r} are not "
-                                 "{num_classes, in_chans, image_size} of positive integers (or null)")
     else:
-        ckpt = load_checkpoint(out / CHECKPOINT, mmap=True)
         opts = ckpt.get("options") if isinstance(ckpt, dict) else None
         if opts is None:
             return  # a checkpoint of an earlier version, which did not record them
+        check_run_config(opts, f"{out / CHECKPOINT} (the options it records)")
         try:
             saved = run_config_from_dict(opts)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{out / CHECKPOINT}: the options it records are not a run config: {e}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{out / CHECKPOINT}: the options it records are not a run config: "
+                                  f"{' '.join(str(e).split())[:160]}") from None
         where = "its checkpoint"
     if to_dict(saved) != to_dict(cfg):
         diff = ", ".join(config_diff(to_dict(saved), to_dict(cfg))[:4])
@@ -259,19 +262,36 @@ def check_resume(cfg: RunConfig, out: Path) -> None:
 
 def read_run_config(f: Path) -> RunConfig:
     """The ``RunConfig`` of a ``config.json``; a one-line ``EarlyExitError`` for a missing, tampered or foreign file."""
+    return _read_config(f)[0]
+
+
+def _read_config(f: Path) -> tuple[RunConfig, Any]:
+    """The ``RunConfig`` of a ``config.json`` and its saved data shapes (None, or checked by ``_valid_shapes``).
+
+    The file is read by ``earlyexit.schema`` (JSON nested at most a few dozen levels, every field of the type its
+    config field has) before any value in it is used.
+    """
+    from .schema import read_config_json
+
     try:
-        raw = json.loads(f.read_text())
+        raw = read_config_json(f)
     except OSError as e:
         raise EarlyExitError(describe_os_error(e, "cannot read")) from None
-    except (ValueError, UnicodeDecodeError):
-        raise EarlyExitError(f"{f} is not valid JSON") from None
-    if not isinstance(raw, dict):
-        raise EarlyExitError(f"{f} is not a valid run config: it holds a {type(raw).__name__}, not an object")
     try:
-        return run_config_from_dict(raw)
+        cfg = run_config_from_dict(raw)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         what = f"the field {e.args[0]!r} is missing" if isinstance(e, KeyError) else " ".join(str(e).split())[:160]
         raise EarlyExitError(f"{f} is not a valid run config: {what}") from None
+    shapes = raw.get("shapes")
+    if shapes is not None and not _valid_shapes(shapes):
+        raise EarlyExitError(f"{f} is not a valid run config: its shapes {_short(shapes)} are not "
+                             "{num_classes, in_chans, image_size} of positive integers (or null)")
+    return cfg, shapes
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 def write_config(cfg: RunConfig, splits: Any, out: Path) -> None:
@@ -335,7 +355,8 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
     The folder is locked for the whole run (``earlyexit.rundir.RunLock``). Everything that can be
     checked (configs, data, the model build and a forward pass, the optimizers, batch against data and
     processes) is checked before a previous run's files are touched; with ``force``, the previous run
-    is set aside and comes back if the new one fails before its first checkpoint.
+    is set aside and comes back if the new one fails before it has written its results (even after its first
+    checkpoints; the price is disk for two runs). No file of the folder is followed through a symbolic link.
     """
     out = Path(out)
     check_run(cfg)
@@ -347,7 +368,8 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
         lock = RunLock(out).acquire()
     try:
         if main:
-            settle(out, RUN_FILES, CHECKPOINT)  # a --force replacement that a crash cut short
+            check_entries(out, RUN_FILES)       # a planted symbolic link: refused before anything changes
+            settle(out, RUN_FILES, RESULTS)     # a --force replacement that a crash cut short
             remove_stale_temps(out)             # what killed writes left behind
             prepare_out_dir(out, resume=resume, force=force)
         if resume:
@@ -356,7 +378,7 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
         stashed = False
         try:
             if main and not resume:
-                if (out / CHECKPOINT).exists() or (out / "results.json").exists():
+                if (out / CHECKPOINT).exists() or (out / RESULTS).exists():
                     stashed = True  # from the first file moved: a failure from here on puts the run back
                     stash_run(out, RUN_FILES, CHECKPOINT)
                 clear_out_dir(out)
@@ -364,19 +386,19 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
             elif main and not (out / "config.json").is_file():
                 write_config(cfg, splits, out)  # a resumed run writes back a lost config.json
             model, train_info = train_run(cfg, model, splits, out, resume=resume, log=log)
-        except BaseException as e:
-            raise _failed(e, out, main=main, stashed=stashed) from None
-        if main and stashed:
-            drop_stash(out)
-        if not main:
-            return {}
-        try:
+            if not main:
+                return {}
             save_weights(model, out)
             res = results_of(cfg, evaluate_model(model, splits, cfg), train_info)
-            res.save(out)
+            res.save(out)  # the new run is complete: from here on it replaces the previous one
+        except BaseException as e:
+            raise _failed(e, out, main=main, stashed=stashed) from None
+        if stashed:
+            drop_stash(out, RUN_FILES)
+        try:
             maybe_plot([out], out / "curve.png")
         except OSError as e:
-            raise EarlyExitError(f"{describe_os_error(e, 'cannot write')}; the last checkpoint is kept") from None
+            raise EarlyExitError(f"{describe_os_error(e, 'cannot write')}; the run's results are written") from None
         return res.to_dict()
     finally:
         if lock is not None:
@@ -401,26 +423,34 @@ _WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
 
 
 def _failed(e: BaseException, out: Path, *, main: bool, stashed: bool) -> BaseException:
-    """The error a failed training ends with, after putting back a replaced run that the new one never replaced."""
-    started = (out / CHECKPOINT).exists()
-    restored = False
+    """The error a failed run ends with, after putting back the previous run that ``--force`` set aside (a new run
+    that has not written its results never replaces it, whatever checkpoints it wrote)."""
+    started = (out / CHECKPOINT).exists()  # the new run wrote a checkpoint
+    note = ""
     if main and stashed:
-        if started:
-            drop_stash(out)
-        else:
-            restored = restore_run(out, RUN_FILES)
-            started = False
-    kept = " (the previous run in the folder is kept)" if restored else ""
+        try:
+            restore_run(out, RUN_FILES)
+            note = "the previous run in the folder is kept"
+        except (OSError, EarlyExitError) as r:
+            cause = describe_os_error(r) if isinstance(r, OSError) else " ".join(str(r).split())
+            note = f"the previous run is still in {out / STASH} ({cause}); the next run in {out} puts it back"
+    kept = f" ({note})" if note else ""
     if isinstance(e, KeyboardInterrupt):
-        if started and not restored:
+        if stashed and started:
+            return RunInterrupted(f"interrupted before this run wrote its results: nothing of this run was saved{kept}")
+        if started:
             return RunInterrupted(f"interrupted; the last checkpoint is kept in {out} (continue with --resume)")
         return RunInterrupted(f"interrupted before the first checkpoint: nothing of this run was saved{kept}")
     if isinstance(e, OSError):
-        last = f"; the last good checkpoint is kept in {out / CHECKPOINT}" if started else kept
+        last = kept if stashed else f"; the last good checkpoint is kept in {out / CHECKPOINT}" if started else ""
         verb = "cannot write" if e.errno in _WRITE_ERRORS else "cannot access"
         return EarlyExitError(f"{describe_os_error(e, verb)}{last}")
-    if restored and isinstance(e, EarlyExitError):
-        return type(e)(f"{' '.join(str(e).split())}{kept}")
+    if stashed and isinstance(e, EarlyExitError):
+        msg = " ".join(str(e).split())
+        if started:  # the checkpoint training said it kept went with this run: say what is in the folder now
+            msg = msg.split(f"; the last good checkpoint is kept at {out / CHECKPOINT}")[0]
+            kept = f" (this run is dropped, as it had not written its results; {note})"
+        return type(e)(f"{msg}{kept}")
     return e
 
 
@@ -440,17 +470,13 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[M
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise EarlyExitError(f"{path} is not a run folder (no config.json)")
-    cfg = read_run_config(cfg_file)
-    shapes = json.loads(cfg_file.read_text()).get("shapes")
+    cfg, shapes = _read_config(cfg_file)
     if shapes is None:  # an earlier layout: read the shapes from the data
         meta = _data_meta(cfg)
-    elif _valid_shapes(shapes):  # the dataset's shapes, saved by the run: no need to read the data
+    else:  # the dataset's shapes, saved by the run (checked): no need to read the data
         from types import SimpleNamespace
 
         meta = SimpleNamespace(**{k: shapes.get(k) for k in ("num_classes", "in_chans", "image_size")})
-    else:
-        raise EarlyExitError(f"{cfg_file} is not a valid run config: its shapes {shapes!r} are not "
-                             "{num_classes, in_chans, image_size} of positive integers (or null)")
     model = make_model(cfg, meta, staged=True)
     load_state_strict(model, load_weights(find_weights(path)), source=str(find_weights(path)))
     return model.to(device).eval(), cfg

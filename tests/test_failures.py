@@ -369,12 +369,16 @@ def test_eval_of_a_run_with_a_tampered_results_json_rewrites_it(copy_of):
 
 @pytest.mark.parametrize("mode", ["--force", "--resume"])
 def test_temp_files_of_killed_writes_are_removed_by_the_next_run(mode, copy_of):
-    for name in (".checkpoint.pt.k1ll3d.tmp", ".results.json.abc_12.tmp", ".history.jsonl.x.tmp"):
+    # ".NAME.<pid>.<8 random characters>.tmp": exactly what io.atomic_write_bytes names its temporary files
+    for name in (".checkpoint.pt.12345.k1ll3d_x.tmp", ".results.json.7.abc_12zz.tmp", ".history.jsonl.999.x0000000.tmp"):
         (copy_of / name).write_bytes(b"half")
-    (copy_of / ".notes.txt").write_text("mine")  # not a temporary file of ours: kept
+    mine = {".notes.txt": "mine", ".notes.tmp": "mine too", ".checkpoint.pt.k1ll3d.tmp": "an old name: not ours"}
+    for name, text in mine.items():  # not temporary files of ours (a user's own hidden *.tmp included): kept
+        (copy_of / name).write_text(text)
     r = _invoke(["run", *QUICK, "--epochs", "1", "--out", str(copy_of), mode])
     assert r.exit_code == 0, r.output
-    assert not list(copy_of.glob(".*.tmp")) and (copy_of / ".notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in copy_of.glob(".*.tmp")) == [".checkpoint.pt.k1ll3d.tmp", ".notes.tmp"]
+    assert all((copy_of / name).read_text() == text for name, text in mine.items())
 
 
 # --------------------------------------------------------------------------- 12. Ctrl-C, other ranks

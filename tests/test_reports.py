@@ -231,7 +231,7 @@ def test_figure_splits_runs_whose_configs_differ_and_refuses_a_seed_twice(runs, 
     fig = runs_figure(dirs)
     try:
         assert [t for t in (ln.get_label() for ln in fig.axes[0].get_lines()) if not t.startswith("_")] == [
-            "mixed (++-), train.phases[0].epochs=2, 3 seeds", "mixed (++-), train.phases[0].epochs=8, 3 seeds"]
+            "mixed (++-), phase 1: 2 epochs, 3 seeds", "mixed (++-), phase 1: 8 epochs, 3 seeds"]
     finally:
         plt.close(fig)
     with pytest.raises(EarlyExitError, match="both seed 0 of one configuration"):
@@ -262,8 +262,8 @@ def test_configurations_of_each_regime_keep_the_regime_colour_and_differ_in_line
                  if not ln.get_label().startswith("_")}
     finally:
         plt.close(fig)
-    joint_dense, joint_sparse = (drawn[f"joint (-+-), model.exits={e}, 3 seeds"] for e in ("every:1", "every:3"))
-    mixed_dense, mixed_sparse = (drawn[f"mixed (++-), model.exits={e}, 3 seeds"] for e in ("every:1", "every:3"))
+    joint_dense, joint_sparse = (drawn[f"joint (-+-), ICs {e}, 3 seeds"] for e in ("every:1", "every:3"))
+    mixed_dense, mixed_sparse = (drawn[f"mixed (++-), ICs {e}, 3 seeds"] for e in ("every:1", "every:3"))
     assert joint_dense[0] == joint_sparse[0] != mixed_dense[0] == mixed_sparse[0]
     assert joint_dense[1] == mixed_dense[1] != joint_sparse[1] == mixed_sparse[1]
     alone = runs_figure(runs["joint"])  # a single configuration keeps the regime's colour and a solid line

@@ -7,7 +7,9 @@
   placement ``exits=``; ``feature_info_for``, ``stage_costs``, ``init_conv_bn``);
 - ``heads``: IC head designs;
 - one file per backbone, each registering its builders with ``@register_model``:
-  ``resnet``, ``efficientnet``, ``mlp``, ``vit``, ``msdnet``, ``bert`` (its pretrained weights in ``bert_weights``).
+  ``resnet``, ``efficientnet``, ``mlp``, ``vit``, ``msdnet``, ``bert`` (its pretrained weights in ``bert_weights``);
+- ``torchvision_any``: the family ``torchvision:NAME``, any torchvision classifier traced and cut into stages
+  (``tvgraph``: the torch.fx cutting, usable on other traceable models).
 
 Importing this package imports every backbone file, so every model is registered.
 """
@@ -15,12 +17,13 @@ Importing this package imports every backbone file, so every model is registered
 from __future__ import annotations
 
 from ..tree import slice_state, state_batch_size
-from . import bert, efficientnet, mlp, msdnet, resnet, vit  # noqa: F401  (each registers its models)
+from . import bert, efficientnet, mlp, msdnet, resnet, torchvision_any, vit  # noqa: F401  (each registers its models)
 from .common import feature_info_for, init_conv_bn, resolve_exits, stage_costs
 from .multiexit import MultiExitModel
 from .registry import (ModelSpec, adapt_foreign_weights, build_model, data_options, get_spec, list_models,
-                       register_model, spec_of, unregister_model)
+                       register_family, register_model, spec_of, unregister_model)
 
 __all__ = ["MultiExitModel", "ModelSpec", "build_model", "list_models", "get_spec", "spec_of", "register_model",
+           "register_family",
            "unregister_model", "adapt_foreign_weights", "data_options", "slice_state", "state_batch_size",
            "resolve_exits", "feature_info_for", "stage_costs", "init_conv_bn"]

@@ -23,6 +23,12 @@ that weight matching can permute declare ``permutation_axes``, blocks with
 foldable BatchNorm declare ``conv_bn_pairs`` (see ``MultiExitModel``).
 ``build_model`` stamps the registry name on the model (``model.arch``), which
 is how ``spec_of`` finds a built model's spec.
+
+A *family* serves names of the form ``PREFIX:NAME`` that are not listed one by
+one (``register_family``; ``torchvision:NAME`` for any torchvision classifier):
+its resolver makes the ``ModelSpec`` of a name on first use. ``list_models``
+lists the registered names only; ``get_spec``, ``build_model`` and the lookups
+accept family names too.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
+from ..errors import ConfigError
 from .multiexit import MultiExitModel
 
 INPUT_KINDS = ("image", "text")
@@ -64,6 +71,8 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+_FAMILIES: dict[str, tuple[Callable[[str], ModelSpec], str]] = {}   # prefix -> (resolver, what its names are)
+_RESOLVED: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, **spec_fields: Any) -> Callable[[Builder], Builder]:
@@ -91,25 +100,53 @@ def unregister_model(name: str) -> None:
         raise ValueError(f"unknown model {name!r}")
 
 
+def register_family(prefix: str, resolve: Callable[[str], ModelSpec], what: str) -> None:
+    """Serve the names ``PREFIX:NAME``: ``resolve(NAME)`` returns the spec (its ``name`` the full name) or raises
+    an ``earlyexit.errors.ConfigError`` for a NAME it does not know; ``what`` describes the names in errors."""
+    if prefix in _FAMILIES:
+        raise ValueError(f"model family {prefix!r} is already registered")
+    _FAMILIES[prefix] = (resolve, what)
+
+
 def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The ``ModelSpec`` registered under ``name``."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
-    return _REGISTRY[name]
+    """The ``ModelSpec`` registered under ``name``, or made by its family (``PREFIX:NAME``).
+
+    Raises:
+        ConfigError: an unknown name (a ``ValueError``).
+    """
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    prefix, sep, rest = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if sep and prefix in _FAMILIES:
+        if name not in _RESOLVED:
+            _RESOLVED[name] = _FAMILIES[prefix][0](rest)
+        return _RESOLVED[name]
+    families = "".join(f", or {p}:NAME ({w})" for p, (_, w) in sorted(_FAMILIES.items()))
+    raise ConfigError(f"unknown model {name!r}; valid: {', '.join(list_models())}{families}")
+
+
+def _lookup(name: Any) -> ModelSpec | None:
+    """The spec of ``name``, or None for a name no registry or family knows."""
+    if not isinstance(name, str):
+        return None
+    try:
+        return get_spec(name)
+    except ValueError:
+        return None
 
 
 def spec_of(model: MultiExitModel) -> ModelSpec | None:
     """The spec of a model built by ``build_model`` (None for a model built otherwise)."""
-    return _REGISTRY.get(getattr(model, "arch", None))
+    return _lookup(getattr(model, "arch", None))
 
 
 def default_grad_clip(name: str | None) -> float | None:
     """The gradient clipping norm a run of model ``name`` uses by default (None: off, or not a registered model)."""
-    spec = _REGISTRY.get(name) if isinstance(name, str) else None
+    spec = _lookup(name)
     return None if spec is None else spec.grad_clip
 
 
@@ -157,7 +194,7 @@ def adapt_foreign_weights(model: MultiExitModel, state_dict: Mapping[str, Tensor
 
 def data_options(name: str, build_options: Mapping[str, Any]) -> dict[str, Any]:
     """Options a text dataset needs for the model ``name`` built with ``build_options`` (empty for most models)."""
-    spec = _REGISTRY.get(name)
+    spec = _lookup(name)
     if spec is None or spec.data_options is None:
         return {}
     return dict(spec.data_options(build_options))

