@@ -61,7 +61,7 @@ class ModelSpec:
     data_options: DataOptions | None = None                # build options -> text dataset options
     options: tuple[Callable[..., Any], ...] = ()           # where a **kw builder's options are declared
     grad_clip: float | None = None                         # default max gradient norm of its training (None: off);
-                                                           # the paper's code clips at 1 only for the ViT and EfficientNet
+                                                           # the paper clips at 1 for the ViT (its code) and EfficientNet (its appendix D.3)
 
     def __post_init__(self) -> None:
         if self.input not in INPUT_KINDS:
