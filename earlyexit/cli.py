@@ -325,12 +325,11 @@ def compare(seeds, budget, out, resume, **flags) -> None:
 
 def _config_file(path: Path) -> RunConfig:
     """The ``RunConfig`` of a run's config.json (its saved data shapes are the run's, not options)."""
-    import json
-
     from .config import run_config_from_dict
+    from .schema import read_config_json
 
     try:
-        raw = json.loads(path.read_text())
+        raw = read_config_json(path)  # JSON read safely, the fields' types checked (one line otherwise)
     except (OSError, ValueError) as e:
         raise EarlyExitError(f"--config: cannot read {path}: {e}") from None
     try:
@@ -432,8 +431,9 @@ def summary(run_dirs, markdown, pairs, claim, json_out) -> None:
             if not side:
                 raise EarlyExitError(f"--pair: no run folder matches {pat!r}")
         paired.append(pair_summary(*sides, direction=1 if claim == "a>b" else -1))
-        used += [d for side in sides for d in side if d not in used]
-    groups = summarize_runs(used if pairs else dirs)  # with pairs: the configurations they compare
+        used += [side for side in sides if side not in used]
+    # with pairs: each side summarised on its own (joint and its matched control are both regime -+-)
+    groups = [g for side in used for g in summarize_runs(side)] if pairs else summarize_runs(dirs)
     if json_out:
         from .io import atomic_write_json
 
@@ -457,19 +457,44 @@ def summary(run_dirs, markdown, pairs, claim, json_out) -> None:
               help="Second run (plane, connectivity; default: the second RUN_DIR).")
 @click.option("--third", default=None, type=click.Path(file_okay=False),
               help="Third run (plane; default: the third RUN_DIR).")
-@click.option("--max-samples", default=512, show_default=True, type=int, help="Samples used by each analysis.")
+@click.option("--max-samples", default=512, show_default=True, type=int,
+              help="Samples used by each analysis (10000: the whole Fashion-MNIST test split).")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default=None,
               help="Data split of every analysis (default: the paper's, test for rank and information, train for "
-              "the landscapes and the plane).")
-@click.option("--mi-method", type=click.Choice(["jensen", "mc", "binning", "knn"]), default="mc", show_default=True,
-              help="Estimator of information: I(X; Z) per layer with Gaussian noise (jensen, mc), binned entropy per "
-              "layer (binning), or the per-exit kNN I(T; Y) with binned I(X; T) (knn).")
-@click.option("--sigma", default=0.1, show_default=True, type=float, help="Noise std of I(X; Z), in feature units.")
+              "the landscapes, the plane and the path).")
+@click.option("--rank-tol", "rank_tolerance", type=click.Choice(["covariance", "numpy"]), default="covariance",
+              show_default=True, help="Rank rule: the authors' rank of the centred covariance with "
+              "torch.linalg.matrix_rank's tolerance (k x eps on its eigenvalues), or numpy's rule on the activations.")
+@click.option("--columns", type=click.Choice(["shared", "layer"]), default="shared", show_default=True,
+              help="Column subsets: the same indices for every layer wide enough (the paper's), or one per layer.")
+@click.option("--mi-method", default="jensen,mc,bhattacharyya", show_default=True,
+              help="Estimator of information, optionally with others beside it after commas (jensen,mc,bhattacharyya):"
+              " I(X; Z) per layer by the Jensen (pairwise) upper bound, Monte Carlo, the Bhattacharyya lower bound or "
+              "the earlier jensen-sampled; binning (binned entropy per layer); knn (per-exit I(T; Y), alone).")
+@click.option("--mi-ref-size", default=None, type=int,
+              help="Reference samples of the estimators after the first in --mi-method (default: all).")
+@click.option("--sigma", default=0.25, show_default=True, type=float,
+              help="Noise of I(X; Z): the factor on each layer's scale (--sigma-ref), or its std in feature units "
+              "with --sigma-ref absolute.")
+@click.option("--sigma-ref", type=click.Choice(["median", "std", "absolute"]), default="median", show_default=True,
+              help="Each layer's scale of --sigma: the median pairwise distance of its features, their RMS distance "
+              "to the mean, or 1 (absolute).")
+@click.option("--distance-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+              help="Precision of the distance products of I(X; Z)'s pairwise bounds (float32: twice as fast).")
 @click.option("--features", "n_features", default=6000, show_default=True, type=int,
               help="Columns kept per layer (rank, information).")
+@click.option("--memory-gib", default=1.0, show_default=True, type=float,
+              help="Memory for the per-layer accumulators of one pass over the data (rank, information).")
 @click.option("--landscape-steps", default="11,11", show_default=True, help="Landscape grid: N (1-D) or N,M (2-D).")
 @click.option("--landscape-span", default=1.0, show_default=True, type=float,
               help="Landscape extent along each direction (filter-normalised units).")
+@click.option("--landscape-direction", type=click.Choice(["gaussian", "uniform"]), default="gaussian",
+              show_default=True, help="Entries of the landscape's directions (both filter-normalised).")
+@click.option("--landscape-bn/--no-landscape-bn", default=True, show_default=True,
+              help="Re-estimate BatchNorm statistics at every landscape point.")
+@click.option("--landscape-range", default=None,
+              help="LO,HI: one fixed colour scale of the landscape figures (default: one over the runs given).")
+@click.option("--plane-range", default=None, help="LO,HI: a fixed colour scale of the plane figure (stated in it).")
 @click.option("--steps", default=21, show_default=True, type=int,
               help="Plane grid points per axis; points on the connectivity path.")
 @click.option("--seed", default=0, show_default=True, type=int,
@@ -478,11 +503,14 @@ def summary(run_dirs, markdown, pairs, claim, json_out) -> None:
 @click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False),
               help="JSON file of the results (default RUN_DIR/analysis.json of the first run); the figures are "
               "written beside it as STEM-ANALYSIS.png.")
+@click.option("--figures-only", is_flag=True,
+              help="Measure nothing: draw the figures again from the JSON file that --out names.")
 @_user_errors
-def analyze(run_dirs, what, other, third, max_samples, split, mi_method, sigma, n_features, landscape_steps,
-            landscape_span, steps, seed, device, out_file) -> None:
+def analyze(run_dirs, what, other, third, max_samples, split, rank_tolerance, columns, mi_method, mi_ref_size, sigma,
+            sigma_ref, distance_dtype, n_features, memory_gib, landscape_steps, landscape_span, landscape_direction,
+            landscape_bn, landscape_range, plane_range, steps, seed, device, out_file, figures_only) -> None:
     """The paper's analyses of trained runs, as JSON and figures (several runs: one line per run)."""
-    from .analysis import analyze_runs, write_figures
+    from .analysis import MI_METHODS, analyze_runs, write_figures
     from .io import atomic_write_json
     from .tree import to_jsonable
 
@@ -490,11 +518,42 @@ def analyze(run_dirs, what, other, third, max_samples, split, mi_method, sigma, 
     grid = tuple(_number(t, "--landscape-steps", kind=int, low=1) for t in landscape_steps.split(","))
     if not 1 <= len(grid) <= 2:
         raise EarlyExitError(f"--landscape-steps: expected N or N,M, got {landscape_steps!r}")
-    results = analyze_runs(run_dirs, what=kinds, other=other, third=third, max_samples=max_samples, split=split,
-                           device=device, mi_method=mi_method, sigma=sigma, n_features=n_features,
-                           landscape_steps=grid, landscape_span=landscape_span, steps=steps, path_steps=steps,
-                           seed=seed)
+    methods = [m.strip() for m in mi_method.split(",") if m.strip()]
+    if not methods or any(m not in MI_METHODS for m in methods):
+        raise EarlyExitError(f"--mi-method: expected a comma list of {', '.join(MI_METHODS)}, got {mi_method!r}")
+    if "knn" in methods[1:] or "binning" in methods[1:] or (methods[0] == "knn" and len(methods) > 1):
+        raise EarlyExitError("--mi-method: knn stands alone, and binning can only come first")
+    if mi_ref_size is not None and mi_ref_size < 1:
+        raise EarlyExitError(f"--mi-ref-size: expected an integer >= 1, got {mi_ref_size}")
+    ranges = {}
+    for flag, text in (("--landscape-range", landscape_range), ("--plane-range", plane_range)):
+        if text is not None:
+            lo_hi = tuple(_number(t, flag) for t in text.split(","))
+            if len(lo_hi) != 2 or not lo_hi[0] < lo_hi[1]:
+                raise EarlyExitError(f"{flag}: expected LO,HI with LO < HI, got {text!r}")
+            ranges[flag] = lo_hi
+    if memory_gib <= 0:
+        raise EarlyExitError(f"--memory-gib: expected a number > 0, got {memory_gib}")
     out = Path(out_file) if out_file else Path(run_dirs[0]) / "analysis.json"
+    if figures_only:
+        from .schema import read_json
+
+        if not out.is_file():
+            raise EarlyExitError(f"--figures-only: no results at {out}")
+        data = read_json(out)  # the one JSON reader: a damaged or crafted file is one line
+        results = data["runs"] if isinstance(data, dict) and "runs" in data else [data]
+        for f in write_figures(results, out.with_suffix(""), echo=lambda m: click.echo(m, err=True),
+                               plane_range=ranges.get("--plane-range"),
+                               landscape_range=ranges.get("--landscape-range")):
+            click.echo(f"wrote {f}")
+        return
+    results = analyze_runs(run_dirs, what=kinds, other=other, third=third, max_samples=max_samples, split=split,
+                           device=device, mi_method=methods[0], mi_also=tuple(methods[1:]),
+                           mi_also_ref_size=mi_ref_size, sigma=sigma, sigma_ref=sigma_ref,
+                           distance_dtype=distance_dtype, n_features=n_features, rank_tolerance=rank_tolerance,
+                           columns=columns, max_bytes=int(memory_gib * 2**30), landscape_steps=grid,
+                           landscape_span=landscape_span, landscape_direction=landscape_direction,
+                           landscape_bn=landscape_bn, steps=steps, path_steps=steps, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, to_jsonable(results[0] if len(results) == 1 else {"runs": results}))
     click.echo(f"wrote {out}")
@@ -503,7 +562,8 @@ def analyze(run_dirs, what, other, third, max_samples, split, mi_method, sigma, 
     except ImportError:
         click.echo("no figures: matplotlib is not installed", err=True)
         return
-    for f in write_figures(results, out.with_suffix(""), echo=lambda m: click.echo(m, err=True)):
+    for f in write_figures(results, out.with_suffix(""), echo=lambda m: click.echo(m, err=True),
+                           plane_range=ranges.get("--plane-range"), landscape_range=ranges.get("--landscape-range")):
         click.echo(f"wrote {f}")
 
 
@@ -532,11 +592,28 @@ def score_cmd(files, val_files, base_flops, criterion, out) -> None:
 
 
 @main.command()
-def models() -> None:
-    """List the registered models."""
+@click.option("--nodes", "nodes_of", default=None, metavar="torchvision:NAME",
+              help="List the candidate IC nodes of a torchvision model (its blocks: index, module, output node, "
+              "shape, cumulative FLOPs and their share), for --exits as indices, cost:F1,F2,.. or node names.")
+@click.option("--image-size", default=224, show_default=True, type=int, help="Input side for --nodes.")
+@_user_errors
+def models(nodes_of, image_size) -> None:
+    """List the registered models (and `torchvision:NAME`, any torchvision classifier)."""
     from .models import list_models
 
-    click.echo("\n".join(list_models()))
+    if nodes_of is None:
+        click.echo("\n".join(list_models() + ["torchvision:NAME  (any classifier of torchvision.models; "
+                                              "see --nodes)"]))
+        return
+    from .models.torchvision_any import describe_nodes
+
+    d = describe_nodes(nodes_of, image_size=image_size)
+    click.echo(f"{'index':>5}  {'module':<32} {'node':<36} {'shape':<18} {'MFLOPs':>10}  share")
+    for r in d["blocks"]:
+        click.echo(f"{r['index']:>5}  {r['module']:<32} {r['node']:<36} {str(r['shape']):<18} "
+                   f"{r['flops'] / 1e6:>10.1f}  {r['share']:.3f}")
+    click.echo(f"final head reads node {d['end']!r} ({d['flops'] / 1e6:.1f} MFLOPs per sample at {image_size} px); "
+               "any node of torchvision's get_graph_node_names can also be named in --exits")
 
 
 @main.command()

@@ -48,7 +48,12 @@ def test_every_analysis_writes_json_and_its_figure(runs, tmp_path):
     layers = ["stages.0.0", "stages.1.0", "stages.2.0", "heads.2.linear"]  # every backbone Linear, no IC head
     assert [row["layer"] for row in first["rank"]] == layers
     assert all(1 <= row["rank"] <= min(row["samples"], row["features"]) for row in first["rank"])
-    assert [row["layer"] for row in first["information"]] == layers and first["information"][0]["method"] == "mc"  # the default estimator
+    assert [row["layer"] for row in first["information"]] == layers and first["information"][0]["method"] == "jensen"  # the default estimator
+    info = first["information"][0]
+    assert info["sigma_ref"] == "median" and {"mi_mc", "mi_bhattacharyya"} <= set(info)  # and the others beside it
+    assert info["sigma"] == pytest.approx(0.25 * info["scale"]) and info["log_n"] == pytest.approx(math.log(64))
+    rank = first["rank"][0]
+    assert rank["tolerance"]["rule"] == "covariance" and rank["ceiling"] == min(rank["samples"], rank["features"])
     assert len(first["gradients"]["cos"]) == 3 and all(-1 <= c <= 1 for c in first["gradients"]["cos"])
     assert first["gradients"]["weights"] == [1.0, 1.0, 1.0]
     land = first["landscape"]
@@ -73,7 +78,10 @@ def test_one_run_default_output_and_the_earlier_variants(runs):
     assert res["regime_name"] == "mixed" and len(res["rank-exits"]["numerical"]) == 3
     assert len(res["gradient-norms"]["norms"]) == 3 and {"I_TY", "I_XT"} <= set(res["information"][0])
     assert len(res["connectivity"]["path"]["alphas"]) == 4 and res["connectivity"]["matched_path"] is not None
-    assert not list(run.glob("analysis-*.png"))  # the variants draw no figure
+    summary = res["connectivity"]["summary"]
+    assert set(summary) == {"plain", "matched"} and len(summary["matched"]["exit_barrier"]) == 3
+    # the variants draw no figure; the path between the two runs does
+    assert [p.name for p in run.glob("analysis-*.png")] == ["analysis-connectivity.png"]
 
 
 def test_rank_figure_has_one_line_per_run_and_the_log_keeps_the_chosen_grid_point(runs, tmp_path, monkeypatch):
@@ -126,3 +134,16 @@ def test_default_splits_are_the_papers(runs):
     assert res["split"] == "test" and res["loss_split"] == "train"
     forced = analyze_run(runs[0], what=("rank",), max_samples=32, n_features=16, split="val", device="cpu")
     assert forced["split"] == "val" and forced["loss_split"] == "val"
+
+
+def test_figures_only_redraws_from_the_json(runs, tmp_path):
+    out = tmp_path / "r" / "rank.json"
+    args = ["analyze", str(runs[0]), str(runs[1]), "--what", "rank", *FAST, "--out", str(out)]
+    assert CliRunner().invoke(main, args, catch_exceptions=False).exit_code == 0
+    png = out.parent / "rank-rank.png"
+    png.unlink()
+    before = out.read_bytes()
+    r = CliRunner().invoke(main, [*args, "--figures-only"], catch_exceptions=False)
+    assert r.exit_code == 0 and _png(png) and out.read_bytes() == before  # drawn again, nothing measured
+    r = CliRunner().invoke(main, ["analyze", str(runs[0]), "--figures-only", "--out", str(tmp_path / "none.json")])
+    assert r.exit_code == 2 and "no results at" in r.output

@@ -37,59 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from ..models.multiexit import MultiExitModel
+from .batchnorm import reset_bn
 from .landscape import exit_losses
-
-
-# --- BatchNorm statistics -------------------------------------------------------
-
-def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-
-def reset_bn(model: MultiExitModel, batches: Iterable[Any], num_batches: int | None = None) -> MultiExitModel:
-    """Recompute every BatchNorm layer's running statistics on ``batches``.
-
-    The statistics are reset and re-estimated as an exact average over the
-    batches (``momentum=None``), with only the BatchNorm layers in training
-    mode (dropout stays off) and no gradients. A model without BatchNorm is
-    returned untouched.
-
-    Args:
-        model: the model, changed in place.
-        batches: ``(x, y)`` pairs (training data, without augmentation is usual).
-        num_batches: use at most this many batches; None = all.
-    Returns:
-        ``model``.
-    Raises:
-        ValueError: if there are BatchNorm layers but no batches.
-    """
-    from ..tree import to_device
-
-    bns = _bn_modules(model)
-    if not bns:
-        return model
-    device = next(model.parameters()).device
-    momenta = [m.momentum for m in bns]
-    was = {m: m.training for m in model.modules()}
-    seen = 0
-    try:
-        model.eval()
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: every batch weighs the same
-            m.train()
-        with torch.no_grad():
-            for x, _ in itertools.islice(batches, num_batches):
-                model(to_device(x, device))
-                seen += 1
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        for m, w in was.items():
-            m.train(w)
-    if seen == 0:
-        raise ValueError("reset_bn needs at least one batch")
-    return model
 
 
 # --- linear interpolation ---------------------------------------------------------
@@ -163,7 +112,7 @@ def interpolation_path(model_a: MultiExitModel, model_b: MultiExitModel, batches
         exits: exits to measure; None = all.
     Returns:
         ``{"alphas": [S], "exits": [E'], "loss": (S, E'), "accuracy": (S, E'),
-        "loss_barrier": (E',), "accuracy_barrier": (E',)}`` (tensors float64 on
+        "loss_barrier": (E',), "accuracy_barrier": (E',), "bn_reset": bool}`` (tensors float64 on
         the CPU; the accuracy barrier is the mean endpoint accuracy minus the lowest on the path).
     Raises:
         ValueError: on fewer than two steps or models that do not match.
@@ -188,7 +137,7 @@ def interpolation_path(model_a: MultiExitModel, model_b: MultiExitModel, batches
             reset_bn(work, bn)
         loss[i], acc[i] = exit_losses(work, batches, exits=wanted)
     return {"alphas": alphas, "exits": wanted, "loss": loss, "accuracy": acc, "loss_barrier": loss_barrier(loss),
-            "accuracy_barrier": loss_barrier(-acc)}
+            "accuracy_barrier": loss_barrier(-acc), "bn_reset": bn is not None}
 
 
 # --- weight matching ------------------------------------------------------------------

@@ -15,14 +15,28 @@ direction, Li et al.'s setting for them.
 uniform instead of Gaussian entries (``random_direction``), the two options
 of the authors' landscape code (appendix A of the paper).
 
-Every exit's loss is measured on the same points, in eval mode: BatchNorm
-uses the model's running statistics, which stay untouched, and the weights
-are restored bit for bit afterwards.
+Every exit's loss is measured on the same points, in eval mode. BatchNorm
+either uses the model's running statistics (the default: the statistics of
+the unperturbed weights at every point) or, with ``bn_batches``, has them
+re-estimated at every grid point on those (training) batches
+(``batchnorm.reset_bn``), as the connectivity plane does: a perturbed network
+with its old statistics is a different function from the one its weights
+define, and the loss then measures the mismatch as much as the landscape. The
+model itself is never changed: its weights are restored bit for bit
+afterwards (and with ``bn_batches`` a copy is evaluated).
+
+``landscape_summary`` reduces a surface to the numbers that a verdict on the
+paper's appendix A (how the regimes' landscapes differ, per exit) can be
+written from: the loss at the centre, its rise within given radii (the
+sharpness of the minimum), the share of the grid within given margins of the
+centre (the width of the basin), the curvature along each direction and
+whether the centre is the lowest point of the slice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Any, Iterable, Sequence
 
@@ -33,6 +47,7 @@ from torch import Tensor, nn
 from ..device import autocast_context
 from ..tree import to_device
 from ..models.multiexit import MultiExitModel
+from .batchnorm import bn_modules, reset_bn
 
 
 def exit_losses(model: MultiExitModel, batches: Iterable[Any], *, exits: Sequence[int] | None = None,
@@ -107,7 +122,8 @@ def _grid(steps: int, span: float) -> Tensor:
 
 def loss_surface(model: MultiExitModel, batches: Iterable[Any], *, steps: int | Sequence[int] = (21, 21),
                  span: float = 1.0, seed: int = 0, exits: Sequence[int] | None = None,
-                 direction: str = "gaussian", weights: Sequence[float] | None = None) -> dict:
+                 direction: str = "gaussian", weights: Sequence[float] | None = None,
+                 bn_batches: Iterable[Any] | None = None) -> dict:
     """Loss and accuracy of every exit on a 1-D or 2-D slice around the trained weights.
 
     Args:
@@ -124,9 +140,11 @@ def loss_surface(model: MultiExitModel, batches: Iterable[Any], *, steps: int | 
             (see ``random_direction``); both filter-normalised.
         weights: loss weight of every exit (one per exit of the model) for the total loss;
             None: the mean over the measured exits.
+        bn_batches: batches on which BatchNorm statistics are re-estimated at every grid point
+            (centre included; materialised first); None: the model's own statistics everywhere.
     Returns:
         ``{"alphas": [S1], "betas": [S2], "exits": [E'], "loss": (E', S1, S2),
-        "accuracy": (E', S1, S2), "total": (S1, S2), "direction": str}``, tensors float64 on the
+        "accuracy": (E', S1, S2), "total": (S1, S2), "direction": str, "bn_reset": bool}``, tensors float64 on the
         CPU; ``total`` is ``sum_k w_k loss_k`` over the measured exits (the training loss when
         every exit is measured); with odd ``S1, S2`` the centre ``[:, S1 // 2, S2 // 2]`` is the
         unperturbed model.
@@ -157,7 +175,14 @@ def loss_surface(model: MultiExitModel, batches: Iterable[Any], *, steps: int | 
     d1 = random_direction(model, generator=g, distribution=direction)
     d2 = random_direction(model, generator=g, distribution=direction) if steps[1] > 1 else None
     alphas, betas = _grid(steps[0], span), _grid(steps[1], span)
-    params = dict(model.named_parameters())
+    bn = None
+    if bn_batches is not None:
+        bn = bn_batches if isinstance(bn_batches, (list, tuple)) else list(bn_batches)
+        if not bn:
+            raise ValueError("bn_batches is empty")
+    reset = bn is not None and bool(bn_modules(model))
+    work = copy.deepcopy(model) if reset else model  # re-estimated statistics never reach the model
+    params = dict(work.named_parameters())
     saved = {n: p.detach().clone() for n, p in params.items()}
     loss = torch.zeros(len(wanted), *steps, dtype=torch.float64)
     acc = torch.zeros(len(wanted), *steps, dtype=torch.float64)
@@ -171,13 +196,15 @@ def loss_surface(model: MultiExitModel, batches: Iterable[Any], *, steps: int | 
                         if d2 is not None:
                             w = w + b * d2[n]
                         p.copy_(w)
-                loss[:, i, j], acc[:, i, j] = exit_losses(model, batches, exits=wanted)
+                if reset:
+                    reset_bn(work, bn)
+                loss[:, i, j], acc[:, i, j] = exit_losses(work, batches, exits=wanted)
     finally:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved[n])
     return {"alphas": alphas.tolist(), "betas": betas.tolist(), "exits": wanted, "loss": loss, "accuracy": acc,
-            "total": torch.einsum("k,kij->ij", loss_w, loss), "direction": direction}
+            "total": torch.einsum("k,kij->ij", loss_w, loss), "direction": direction, "bn_reset": reset}
 
 
 DIRECTIONS = ("gaussian", "uniform")
@@ -216,4 +243,55 @@ def random_direction(model: nn.Module, *, generator: torch.Generator,
         d_norm = d.flatten(1).norm(dim=1).clamp_min(1e-12)  # (out,) one norm per filter
         w_norm = p.detach().flatten(1).norm(dim=1)  # (out,)
         out[name] = d * (w_norm / d_norm).view(-1, *([1] * (p.dim() - 1)))
+    return out
+
+
+def _panel_summary(z: Tensor, alphas: Tensor, betas: Tensor, radii: Sequence[float],
+                   margins: Sequence[float]) -> dict:
+    """The summary numbers of one ``(S1, S2)`` loss slice (see ``landscape_summary``)."""
+    i0, j0 = int(alphas.abs().argmin()), int(betas.abs().argmin())
+    centre = float(z[i0, j0])
+    rise = z - centre  # (S1, S2)
+    r = torch.sqrt(alphas[:, None] ** 2 + betas[None, :] ** 2)  # (S1, S2) distance from the centre
+    out = {"centre": centre, "min": float(z.min()), "max": float(z.max()), "mean_rise": float(rise.mean()),
+           "centre_is_min": bool(float(z.min()) >= centre - 1e-12),
+           "max_rise_within": {f"{q:g}": float(rise[r <= q + 1e-12].max()) for q in radii},
+           "share_within": {f"{m:g}": float((rise <= m).double().mean()) for m in margins}}
+    curv = {}
+    for name, grid, idx, line in (("alpha", alphas, i0, z[:, j0]), ("beta", betas, j0, z[i0, :])):
+        if 0 < idx < len(grid) - 1:
+            h_lo, h_hi = float(grid[idx] - grid[idx - 1]), float(grid[idx + 1] - grid[idx])
+            # the second derivative through three points (uneven spacing allowed)
+            curv[name] = float(2 * (h_lo * line[idx + 1] - (h_lo + h_hi) * line[idx] + h_hi * line[idx - 1])
+                               / (h_lo * h_hi * (h_lo + h_hi)))
+        else:
+            curv[name] = None
+    out["curvature"] = curv
+    return out
+
+
+def landscape_summary(surface: dict, *, radii: Sequence[float] = (0.25, 0.5, 1.0),
+                      margins: Sequence[float] = (0.1, 0.5, 1.0)) -> dict:
+    """Numbers of a ``loss_surface`` result for comparing regimes (appendix A), per exit and for the total loss.
+
+    Args:
+        surface: a ``loss_surface`` result (tensors or nested lists).
+        radii: distances from the centre (in the units of ``alphas``/``betas``) within which the largest
+            rise of the loss over the centre's is reported (the sharpness of the minimum).
+        margins: loss margins (nats) over the centre's: the share of the grid within each (the basin's width).
+    Returns:
+        ``{"total": panel, "exits": {exit: panel}, "direction", "bn_reset"}``, each panel ``{"centre", "min",
+        "max", "mean_rise", "centre_is_min", "max_rise_within": {r: rise}, "share_within": {m: share},
+        "curvature": {"alpha", "beta"}}`` (curvature: the second difference of the loss through the centre
+        along each direction, None where the slice has no point on both sides).
+    """
+    alphas = torch.as_tensor(surface["alphas"], dtype=torch.float64)
+    betas = torch.as_tensor(surface["betas"], dtype=torch.float64)
+    loss = torch.as_tensor(surface["loss"], dtype=torch.float64)  # (E', S1, S2)
+    out = {"exits": {int(k): _panel_summary(loss[i], alphas, betas, radii, margins)
+                     for i, k in enumerate(surface["exits"])},
+           "direction": surface.get("direction"), "bn_reset": surface.get("bn_reset")}
+    if surface.get("total") is not None:
+        out["total"] = _panel_summary(torch.as_tensor(surface["total"], dtype=torch.float64), alphas, betas, radii,
+                                      margins)
     return out

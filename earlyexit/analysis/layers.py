@@ -14,10 +14,17 @@ Disjoint: Mixing Training Regimes for Early-Exit Models".
 - Outputs are flattened with the batch first: ``(B, ...) -> (B, d)`` (a token
   sequence ``(B, T, D)`` becomes ``(B, T * D)``).
 - Columns: a layer with ``d`` outputs keeps a random subset of
-  ``min(n_features, d)`` columns, sorted. The subset is a function of
-  ``(seed, layer name, d)`` only (a SHA-256 of the three seeds a private
-  generator), never of the global RNG state, so two models of the same
-  architecture are measured on the same columns.
+  ``min(n_features, d)`` columns, sorted; a layer with ``d <= n_features`` keeps
+  all. Never drawn from the global RNG state, so two models of the same
+  architecture are measured on the same columns. Two ways (``columns=``):
+  ``"layer"`` (the default) draws a subset per layer, a function of ``(seed,
+  layer name, d)`` (a SHA-256 of the three seeds a private generator);
+  ``"shared"`` is the protocol of the paper's rank analysis, the same indices
+  for every layer its width allows: every flat index ``i`` gets one random key
+  ``u_i`` (a function of ``(seed, i)`` only) and a layer keeps the
+  ``n_features`` indices below ``d`` with the smallest keys. Layers of one
+  width then keep identical indices, and for widths ``d1 < d2`` every index
+  below ``d1`` that the wider layer keeps, the narrower keeps too.
 - Passes: the layers are split into groups whose accumulators fit a byte
   budget, and the data are streamed once per group, so memory stays bounded
   however many layers the model has. More than one pass needs batches that can
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -57,21 +65,44 @@ def backbone_layers(model: nn.Module, *, types: tuple[type, ...] = LAYER_TYPES) 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, types) and id(m) not in skip]
 
 
-def feature_subset(layer: str, dim: int, n_features: int | None, seed: int = 0) -> Tensor | None:
+COLUMNS = ("layer", "shared")
+_KEY_CHUNK = 4096  # the keys of the shared subsets are drawn in blocks of this many indices
+
+
+def _generator(text: str) -> torch.Generator:
+    digest = hashlib.sha256(text.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _shared_keys(dim: int, seed: int) -> Tensor:
+    """``(dim,)`` float64 keys in [0, 1); key ``i`` depends on ``(seed, i)`` only (blocks of ``_KEY_CHUNK``)."""
+    blocks = [torch.rand(_KEY_CHUNK, generator=_generator(f"{seed}|shared-columns|{b}"), dtype=torch.float64)
+              for b in range(math.ceil(dim / _KEY_CHUNK))]
+    return torch.cat(blocks)[:dim]
+
+
+def feature_subset(layer: str, dim: int, n_features: int | None, seed: int = 0, *,
+                   columns: str = "layer") -> Tensor | None:
     """Sorted column indices kept from a layer with ``dim`` outputs (None: all of them).
 
     Args:
-        layer: the layer's qualified name.
+        layer: the layer's qualified name (unused with ``columns="shared"``).
         dim: number of outputs per sample.
         n_features: columns kept; None or ``>= dim`` keeps all.
         seed: the analysis seed.
+        columns: ``"layer"`` (a subset per layer) or ``"shared"`` (the same indices for every layer
+            whose width allows them; see the module docstring).
     Returns:
         ``(min(n_features, dim),)`` long tensor on the CPU, or None.
     """
+    if columns not in COLUMNS:
+        raise ValueError(f"unknown columns {columns!r}; valid: {', '.join(COLUMNS)}")
     if n_features is not None and n_features < 1:
         raise ValueError(f"n_features must be >= 1, got {n_features}")
     if n_features is None or n_features >= dim:
         return None
+    if columns == "shared":
+        return torch.topk(_shared_keys(dim, seed), n_features, largest=False).indices.sort().values
     digest = hashlib.sha256(f"{seed}|{layer}|{dim}".encode()).digest()
     g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
     return torch.randperm(dim, generator=g)[:n_features].sort().values
@@ -155,7 +186,8 @@ def stream_layers(model: nn.Module, batches: Batches, *, n_features: int | None,
                   bytes_per_layer: Callable[[int, int], int], max_bytes: int,
                   layers: Sequence[str] | None = None, max_samples: int | None = None,
                   sink: Callable[[str, Tensor], None],
-                  on_pass_end: Callable[[list[str], int], None] | None = None) -> tuple[list[dict], int]:
+                  on_pass_end: Callable[[list[str], int], None] | None = None,
+                  columns: str = "layer") -> tuple[list[dict], int]:
     """Stream the data through the hooked layers, in passes that respect a memory budget.
 
     Args:
@@ -163,6 +195,7 @@ def stream_layers(model: nn.Module, batches: Batches, *, n_features: int | None,
         batches: ``(x, y)`` pairs or bare inputs; an iterable or a callable returning one.
         n_features: columns kept per layer (see ``feature_subset``).
         seed: seed of the column subsets.
+        columns: ``"layer"`` or ``"shared"`` column subsets (see ``feature_subset``).
         bytes_per_layer: ``(k, d) -> bytes`` that the caller's accumulator for a layer with ``k``
             kept columns (of ``d``) will hold; passes are planned so that their sum is ``<= max_bytes``
             (a layer over the budget on its own gets a pass to itself).
@@ -203,7 +236,7 @@ def stream_layers(model: nn.Module, batches: Batches, *, n_features: int | None,
             probe.remove()
         order = [n for n in probe.shapes]  # layers the forward pass reached, in call order
         by_name = dict(named)
-        subsets = {n: feature_subset(n, probe.shapes[n][0], n_features, seed) for n in order}
+        subsets = {n: feature_subset(n, probe.shapes[n][0], n_features, seed, columns=columns) for n in order}
         info = [{"layer": n, "dim": probe.shapes[n][0], "dtype": probe.shapes[n][1],
                  "features": probe.shapes[n][0] if subsets[n] is None else len(subsets[n])} for n in order]
         passes: list[list[str]] = []

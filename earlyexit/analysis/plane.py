@@ -45,7 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from ..models.multiexit import MultiExitModel
-from .connectivity import reset_bn, weight_matching
+from .batchnorm import reset_bn
+from .connectivity import weight_matching
 from .landscape import exit_losses
 
 

@@ -21,6 +21,16 @@ binning after each exit's stage, ``information.stage_information``), and
 
 The total losses (landscape, plane) and the gradient cosines use the run's
 loss weighting at the end of training (progress 1), over every exit, as in phase 2.
+
+The defaults are the paper's protocols: the rank of the centred covariance with
+``torch.linalg.matrix_rank``'s tolerance on the same seeded columns for every
+layer (``rank_tolerance="covariance"``, ``columns="shared"``; each row says its
+tolerance, ceiling and whether it is saturated); ``I(X; Z)`` by the Jensen
+(pairwise, Kolchinsky & Tracey) upper bound with a noise of ``sigma`` times
+each layer's median pairwise distance, the Monte Carlo estimate and the
+Bhattacharyya lower bound beside it; the landscapes, the plane and the path
+between two runs with BatchNorm re-estimated at every point, after weight
+matching for the plane and the path.
 """
 
 from __future__ import annotations
@@ -35,8 +45,8 @@ from ..tree import to_jsonable
 ANALYSES = ("rank", "gradients", "information", "landscape", "plane", "connectivity", "rank-exits", "gradient-norms")
 PAIRED = ("plane", "connectivity")  # analyses of several runs together (the first run is the reference)
 SPLITS = ("train", "val", "test")
-MI_METHODS = ("jensen", "mc", "binning", "knn")  # knn: the per-exit estimator of ``information.py``
-FIGURES = ("rank", "gradients", "information", "landscape", "plane")
+MI_METHODS = ("jensen", "mc", "bhattacharyya", "jensen-sampled", "binning", "knn")  # knn: per exit
+FIGURES = ("rank", "gradients", "information", "landscape", "plane", "connectivity")
 
 
 def _weights(cfg: Any, num_exits: int) -> list[float]:
@@ -58,9 +68,13 @@ def _load_other(path: str | Path, cfg: Any, dev: Any) -> Any:
 def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradients", "information"),
                 max_samples: int = 512, split: str | None = None, other: str | Path | None = None,
                 third: str | Path | None = None, device: str | None = None, batch_size: int = 256, seed: int = 0,
-                mi_method: str = "mc", sigma: float = 0.1, n_features: int = 6000,
+                mi_method: str = "jensen", sigma: float = 0.25, n_features: int = 6000,
                 landscape_steps: int | Sequence[int] = (11, 11), landscape_span: float = 1.0,
-                steps: int = 21, path_steps: int = 11) -> dict:
+                steps: int = 21, path_steps: int = 11, rank_tolerance: str = "covariance",
+                columns: str = "shared", sigma_ref: str = "median", mi_also: Sequence[str] = ("mc", "bhattacharyya"),
+                mi_also_ref_size: int | None = None, distance_dtype: str = "float64",
+                landscape_direction: str = "gaussian", landscape_bn: bool = True,
+                max_bytes: int = 2**30) -> dict:
     """Run analyses on a finished run folder.
 
     Args:
@@ -75,25 +89,37 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
         device: ``"cpu"``, ``"cuda"``, ...; None = CUDA when available.
         batch_size: evaluation batch size.
         seed: seed of the gradient batches, column subsets, noise, projections and directions.
-        mi_method: ``information``'s estimator: ``"mc"`` (the default) or ``"jensen"`` (``I(X; Z)`` with
-            Gaussian noise of std ``sigma``; Monte Carlo stays within log N, while Jensen's bound on the marginal
-            grows without limit as the noise shrinks against the features' spread), ``"binning"`` (per layer), or ``"knn"`` (the per-exit ``stage_information``).
-        sigma: the noise of ``I(X; Z)``, in the features' units.
+        mi_method: ``information``'s estimator of ``I(X; Z)`` per layer (``noisy_information``): ``"jensen"``
+            (the default, the pairwise upper bound), ``"mc"``, ``"bhattacharyya"`` (the lower bound),
+            ``"jensen-sampled"``, or ``"binning"`` (per layer), or ``"knn"`` (the per-exit ``stage_information``).
+        sigma: the noise of ``I(X; Z)``: the factor on each layer's scale (``sigma_ref``), or in the
+            features' units with ``sigma_ref="absolute"``.
         n_features: columns kept per layer (``rank``, ``information``).
         landscape_steps, landscape_span: grid of ``landscape`` (see ``landscape.loss_surface``).
         steps: grid points per axis of ``plane``.
         path_steps: points on the path of ``connectivity``.
+        rank_tolerance: ``"covariance"`` (the authors') or ``"numpy"`` (see ``layer_rank``).
+        columns: ``"shared"`` (the same indices for every layer) or ``"layer"`` column subsets.
+        sigma_ref: ``"median"``, ``"std"`` or ``"absolute"`` (see ``noisy_information.layer_information``).
+        mi_also: estimators reported beside ``mi_method`` (``mi_<name>`` in each row).
+        mi_also_ref_size: reference set of the ``mi_also`` estimators; None: all samples.
+        distance_dtype: ``"float64"`` or ``"float32"``, the distance products of the pairwise bounds.
+        landscape_direction: ``"gaussian"`` or ``"uniform"`` directions (``landscape.random_direction``).
+        landscape_bn: re-estimate BatchNorm at every landscape point (on unaugmented training batches).
+        max_bytes: memory budget of one pass of ``rank`` / ``information`` (more: fewer passes).
     Returns:
         A JSON-ready dict: ``run``, ``model``, ``dataset``, ``regime``, ``regime_name``, ``exit_after``,
         ``split``, ``num_samples``, ``weights`` and one entry per analysis, under its name:
 
-        - ``rank``: ``[{layer, rank, features, samples, dim}]`` per backbone layer;
+        - ``rank``: ``[{layer, rank, features, samples, dim, ceiling, saturated, tolerance}]`` per backbone layer;
         - ``gradients``: ``{cos: [E] mean over batches, per_batch: [[E]], weights: [E]}``;
-        - ``information``: ``[{layer, mi, features, samples, dim, sigma, method}]`` per backbone layer
-          (``knn``: ``[{exit, stage, I_TY, I_XT, H_Y}]`` per exit);
-        - ``landscape``: ``{alphas, betas, exits, loss: (E, S1, S2), accuracy, total: (S1, S2), direction}``;
+        - ``information``: ``[{layer, mi, features, samples, dim, sigma, method, sigma_ref, sigma_scale, scale,
+          log_n, ref_size, mi_<also>...}]`` per backbone layer (``knn``: ``[{exit, stage, I_TY, I_XT, H_Y}]`` per exit);
+        - ``landscape``: ``{alphas, betas, exits, loss: (E, S1, S2), accuracy, total: (S1, S2), direction, bn_reset,
+          summary}`` (``summary``: ``landscape.landscape_summary``);
         - ``plane``: ``connectivity_plane``'s result with ``runs: {ref, a, b}``;
-        - ``connectivity``: ``{other, path, matched_path}``;
+        - ``connectivity``: ``{other, path, matched_path, summary}`` (``summary``: the loss barrier of every exit
+          and of the weighted total, plain and matched, BatchNorm re-estimated at every point);
         - ``rank-exits``: ``{numerical: [E], effective: [E], dims: [E]}``;
         - ``gradient-norms``: ``{norms: (E, S), dominance: (E, S)}``.
     Raises:
@@ -117,6 +143,8 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
         raise ValueError("the plane analysis needs a second and a third run folder (other=..., third=...)")
     if max_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    if distance_dtype not in DTYPES:
+        raise ValueError(f"unknown distance dtype {distance_dtype!r}; valid: {', '.join(DTYPES)}")
     dev = local_device(device)
     model, cfg = load_run(run_dir, device=dev)
     splits = load_data(cfg)
@@ -129,12 +157,14 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
     weights = _weights(cfg, model.num_exits)
     out: dict[str, Any] = {"run": str(run_dir), "model": cfg.model.name, "dataset": cfg.data.name,
                            "regime": parse_regime(cfg.train.regime), "regime_name": cfg.train.regime,
+                           "seed": cfg.train.seed,
                            "exit_after": list(model.exit_after), "split": feature_split, "loss_split": loss_split,
                            "num_samples": min(sum(len(y) for _, y in batches), max_samples), "weights": weights}
     if "rank" in what:
         from .layer_rank import layer_ranks
 
-        out["rank"] = layer_ranks(model, batches, n_features=n_features, seed=seed, max_samples=max_samples)
+        out["rank"] = layer_ranks(model, batches, n_features=n_features, seed=seed, max_samples=max_samples,
+                                  tolerance=rank_tolerance, columns=columns, max_bytes=max_bytes)
     if "rank-exits" in what:
         from .rank import effective_rank, numerical_rank, stage_features
 
@@ -163,15 +193,22 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
         else:
             from .noisy_information import layer_information
 
-            out["information"] = layer_information(model, batches, sigma=sigma, method=mi_method,
-                                                   n_features=n_features, max_samples=max_samples, seed=seed)
-    if "landscape" in what:
-        from .landscape import loss_surface
+            import torch
 
-        out["landscape"] = loss_surface(model, loss_batches, steps=landscape_steps, span=landscape_span, seed=seed,
-                                        weights=weights)
-    if "plane" in what or "connectivity" in what:
+            out["information"] = layer_information(
+                model, batches, sigma=sigma, method=mi_method, n_features=n_features, max_samples=max_samples,
+                seed=seed, sigma_ref=sigma_ref, also=tuple(m for m in mi_also if m != mi_method),
+                also_ref_size=mi_also_ref_size, dtype=getattr(torch, distance_dtype), columns=columns,
+                max_bytes=max_bytes)
+    if {"plane", "connectivity", "landscape"} & set(what):
         bn = list(itertools.islice(splits.train.batches(bs), n_batches))  # BatchNorm re-estimation: unaugmented
+    if "landscape" in what:
+        from .landscape import landscape_summary, loss_surface
+
+        surface = loss_surface(model, loss_batches, steps=landscape_steps, span=landscape_span, seed=seed,
+                               weights=weights, direction=landscape_direction, bn_batches=bn if landscape_bn else None)
+        out["landscape"] = {**surface, "span": landscape_span, "summary": landscape_summary(surface)}
+    if "plane" in what or "connectivity" in what:
         model_b = _load_other(other, cfg, dev)
     if "plane" in what:
         model_c = _load_other(third, cfg, dev)
@@ -185,8 +222,31 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
         matched = weight_matching(model, model_b, seed=seed) if matchable(model) else None
         matched_path = (interpolation_path(model, matched, loss_batches, steps=path_steps, bn_batches=bn)
                         if matched is not None else None)
-        out["connectivity"] = {"other": str(other), "path": path, "matched_path": matched_path}
+        out["connectivity"] = {"other": str(other), "path": path, "matched_path": matched_path,
+                               "summary": _barriers(path, matched_path, weights)}
     return to_jsonable(out)
+
+
+DTYPES = ("float64", "float32")
+
+
+def _barriers(path: dict, matched: dict | None, weights: list[float]) -> dict:
+    """The loss barrier of every exit and of the weighted total along the plain and the matched path."""
+    import torch
+
+    from .connectivity import loss_barrier
+
+    w = torch.tensor(weights, dtype=torch.float64)
+    out = {}
+    for name, p in (("plain", path), ("matched", matched)):
+        if p is None:
+            continue
+        total = p["loss"] @ w[p["exits"]]  # (S,)
+        out[name] = {"exit_barrier": p["loss_barrier"].tolist(), "total_barrier": float(loss_barrier(total)),
+                     "final_exit_barrier": float(p["loss_barrier"][-1]), "total_loss": total.tolist(),
+                     "final_accuracy_barrier": float(p["accuracy_barrier"][-1]),
+                     "endpoints_total": [float(total[0]), float(total[-1])]}
+    return out
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -243,8 +303,6 @@ def analyze_runs(run_dirs: Sequence[str | Path], *, what: Sequence[str], other: 
 
 def _gradient_log(run_dir: Path) -> list[dict] | None:
     """The run's ``gradients.jsonl``, kept to the grid point each phase chose (None without a log)."""
-    import json
-
     from ..training.state import PROBE_LOG
     from .figures import read_records
 
@@ -254,18 +312,54 @@ def _gradient_log(run_dir: Path) -> list[dict] | None:
     records = read_records(path)
     chosen: dict[int, float] = {}
     if (run_dir / "results.json").is_file():
-        train = json.loads((run_dir / "results.json").read_text()).get("train") or {}
-        chosen = {int(p["phase"]): p["lr"] for p in train.get("phases", [])}
+        from ..results import Results  # read and checked against its schema (a tampered file: one line)
+
+        train = Results.from_json(run_dir).train
+        chosen = {int(p["phase"]): p["lr"] for p in (train.phases if train is not None else [])}
     return [r for r in records if r.get("lr") is None or chosen.get(r["phase"], r["lr"]) == r["lr"]]
 
 
-def write_figures(results: Sequence[dict], stem: str | Path, *, echo: Callable[[str], None] = print) -> list[Path]:
+def short_run(path: str | Path) -> str:
+    """A run folder's name without its model and dataset: ``.../resnet20-fashion-mnist-mixed-s0`` -> ``mixed s0``."""
+    import re
+
+    name = Path(path).name
+    m = re.search(r"-([a-z+]+)-s(\d+)$", name)
+    return f"{m.group(1)} s{m.group(2)}" if m else name
+
+
+def describe(result: dict) -> str:
+    """What a run is, for a figure's title: regime, seed, model and dataset."""
+    seed = f", seed {result['seed']}" if result.get("seed") is not None else ""
+    return f"{result.get('regime_name') or result['regime']} regime{seed} ({result['model']} on {result['dataset']})"
+
+
+def _common_range(surfaces: Sequence[dict]) -> tuple[float, float] | None:
+    """The smallest and largest loss over every panel of several landscapes (one colour scale for all)."""
+    import numpy as np
+
+    vals = [np.asarray(s[k], dtype=float) for s in surfaces for k in ("loss", "total") if s.get(k) is not None]
+    vals = [v[np.isfinite(v)] for v in vals]
+    vals = [v for v in vals if v.size]
+    if not vals:
+        return None
+    lo, hi = min(float(v.min()) for v in vals), max(float(v.max()) for v in vals)
+    return (lo, hi) if hi > lo else None
+
+
+def write_figures(results: Sequence[dict], stem: str | Path, *, echo: Callable[[str], None] = print,
+                  plane_range: tuple[float, float] | None = None,
+                  landscape_range: tuple[float, float] | None = None) -> list[Path]:
     """Draw the paper's figure of every analysis in ``results`` beside ``stem`` (``STEM-NAME.png``).
 
     Args:
         results: ``analyze_runs``'s results (one per run; per-layer figures get one line per run).
         stem: path prefix of the figures, e.g. ``runs/x/analysis``.
         echo: where notes go (e.g. no gradient log to draw).
+        plane_range: a fixed colour scale ``(vmin, vmax)`` of the plane figure (the same for every plane of a
+            study), stated in its caption; None: the plane's own range.
+        landscape_range: a fixed colour scale of the landscape figures; None: one scale over all the runs'
+            landscapes drawn here (the range of all their panels).
     Returns:
         The figures written.
     """
@@ -280,28 +374,55 @@ def write_figures(results: Sequence[dict], stem: str | Path, *, echo: Callable[[
         return stem.with_name(f"{stem.name}-{name}" + (f"-{_slug(label)}" if label and many else "") + ".png")
 
     first = results[0]
+    seeds = sorted({r.get("seed") for r in results if r.get("seed") is not None})
+    what = describe(first) if not many else f"{first['model']} on {first['dataset']}" + \
+        (f", seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" if seeds else "")
     if "rank" in first:
+        n = first["rank"][0].get("samples") if first["rank"] else None
         written.append(fig.plot_layer_ranks({lab: r["rank"] for lab, r in zip(labels, results)}, path("rank"),
-                                            title=f"numerical rank per layer ({first['split']} split)"))
+                                            title=f"numerical rank per layer, {what} ({first['split']} split, "
+                                                  f"N = {n})"))
     if "information" in first and first["information"] and "mi" in first["information"][0]:
         written.append(fig.plot_layer_information({lab: r["information"] for lab, r in zip(labels, results)},
-                                                  path("information")))
+                                                  path("information"), subject=f"{what}, {first['split']} split"))
+    scapes = [r["landscape"] for r in results if "landscape" in r]
+    lo_hi = landscape_range or (_common_range(scapes) if len(scapes) > 1 else None)
     for lab, r in zip(labels, results):
         if "gradients" in r:
             log = _gradient_log(Path(r["run"]))
             if log:
                 written.append(fig.plot_gradient_cosines(log, path("gradients", lab),
-                                                         title=f"gradient cosines over training ({lab})"))
+                                                         title=f"gradient cosines over training: {describe(r)}"))
             else:
                 echo(f"note: {r['run']} has no gradients.jsonl to draw (train with --grad-log-every N)")
         if "landscape" in r:
-            written.append(fig.plot_loss_landscape(r["landscape"], path("landscape", lab),
-                                                   title=f"loss landscape ({lab})"))
+            land = r["landscape"]
+            written.append(fig.plot_loss_landscape(
+                land, path("landscape", lab), vmin=lo_hi[0] if lo_hi else None, vmax=lo_hi[1] if lo_hi else None,
+                title=f"loss landscape, {describe(r)}: {land.get('direction', 'gaussian')} filter-normalised "
+                      f"directions"))
+        if r.get("connectivity"):
+            runs = {"a": r["run"], "b": r["connectivity"]["other"]}
+            written.append(fig.plot_connectivity_path(
+                r["connectivity"], path("connectivity", lab), weights=r.get("weights"),
+                title=f"linear path {short_run(runs['a'])} -> {short_run(runs['b'])} ({r['model']} on {r['dataset']}, "
+                      f"{r.get('loss_split', 'train')} split, {r.get('num_samples')} samples)"))
     if "plane" in first:
-        # each model by the label its run has in the other figures (its regime), else its folder's name
+        # each model by the label its run has in the other figures (its regime), else every one by its folder
         label_of = {str(Path(r["run"])): lab for lab, r in zip(labels, results)}
-        names = {k: label_of.get(str(Path(v)), Path(v).name) for k, v in first["plane"]["runs"].items()}
-        written.append(fig.plot_connectivity_plane(first["plane"], path("plane"), names=names))
+        runs = first["plane"]["runs"]
+        if all(str(Path(v)) in label_of for v in runs.values()):
+            names = {k: label_of[str(Path(v))] for k, v in runs.items()}
+        else:
+            names = {k: short_run(v) for k, v in runs.items()}
+        written.append(fig.plot_connectivity_plane(
+            first["plane"], path("plane"), names=names, vmin=plane_range[0] if plane_range else None,
+            vmax=plane_range[1] if plane_range else None,
+            title="total loss on the plane through " + ", ".join(names[k] for k in ("ref", "a", "b"))
+                  + f"\n{first['model']} on {first['dataset']}, {first.get('loss_split', 'train')} split, "
+                  + f"{first.get('num_samples')} samples\n"
+                  + (f"{names['a']}, {names['b']} weight-matched onto {names['ref']}; "
+                     if first["plane"].get("matched") else "") + "BatchNorm re-estimated"))
     return written
 
 
