@@ -36,18 +36,7 @@ def _batches(n_batches: int = 3, size: int = 16, seed: int = 0, shape=(1, 8, 8))
             for _ in range(n_batches)]
 
 
-def _outputs(model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
-    from earlyexit.analysis import backbone_layers
-
-    got: dict[str, list] = {}
-    handles = [m.register_forward_hook(lambda mod, a, o, n=n: got.setdefault(n, []).append(o.detach().flatten(1)))
-               for n, m in backbone_layers(model)]
-    with torch.no_grad():
-        for x, _ in batches:
-            model.eval()(x)
-    for h in handles:
-        h.remove()
-    return {n: torch.cat(v) for n, v in got.items()}
+from test_layer_analysis import _outputs  # noqa: E402  (every hooked layer's full output, the plain way)
 
 
 # --- columns ------------------------------------------------------------------------------------------
