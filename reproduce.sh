@@ -135,6 +135,10 @@ case "$PRESET" in
                     --dataset fashion-mnist --train-size 12000 --exits every:1 --epochs 8 --lr "0.001;0.1;0.1" \
                     --regime mixed --seed "$seed"
             done
+            F=$R/resnet20-fmnist-5seeds/resnet20-fashion-mnist
+            EE plot "$F"-joint-matched-s{0,1,2} "$F"-mixed-s{0,1,2} "$R"/resnet20-fmnist-undertrained-lr/*-s? \
+                --note "joint: the matched budget (16 epochs); mixed: 8 + 8 epochs" \
+                -o "$R/resnet20-fmnist-undertrained-lr/curves.png"
         fi
         # why joint's final exit trails: joint at the matched budget (16 epochs) with Han et al.'s weights rising
         # with depth (0.6 .. 1.4), so the final exit weighs 1.4 / 0.6 of the first IC instead of the mean's 1
@@ -191,6 +195,28 @@ case "$PRESET" in
         fi
         # the analyses at the paper's sizes: 2,000 samples, a 21 x 21 plane
         if want analyses && [ -f "$R/resnet20-fmnist/summary.json" ]; then analyses "$R" 2000 21; fi
+        if want resnet20-5seeds; then
+            compare "$R/resnet20-fmnist-5seeds" "${FM[@]}" --seeds 0,1,2,3,4 --exits every:1
+            matched "$R/resnet20-fmnist-5seeds" "${FM[@]}" --seeds 0,1,2,3,4 --exits every:1
+        fi
+        if want undertrained-lr; then  # phase 1 at a low, non-optimal lr
+            for seed in 0 1 2; do
+                run_one "$R/resnet20-fmnist-undertrained-lr/resnet20-fashion-mnist-mixed-s$seed" --model resnet20 \
+                    --dataset fashion-mnist --exits every:1 --epochs 100 --patience 20 --lr "0.001;0.1;0.1" \
+                    --regime mixed --seed "$seed"
+            done
+            F=$R/resnet20-fmnist-5seeds/resnet20-fashion-mnist
+            EE plot "$F"-joint-matched-s{0,1,2} "$F"-mixed-s{0,1,2} "$R"/resnet20-fmnist-undertrained-lr/*-s? \
+                --note "joint: the matched budget; mixed: phases 1 and 2 as long as early stopping lets them" \
+                -o "$R/resnet20-fmnist-undertrained-lr/curves.png"
+        fi
+        if want joint-han; then  # joint with weights rising with depth, at 200 epochs (mixed's phases 1 + 2)
+            for seed in 0 1 2; do
+                run_one "$R/resnet20-fmnist-joint-han/resnet20-fashion-mnist-joint-han-s$seed" --model resnet20 \
+                    --dataset fashion-mnist --exits every:1 --epochs 200 --patience 20 --weighting han \
+                    --regime joint --seed "$seed"
+            done
+        fi
         ;;
     *) echo "usage: $0 smoke|cpu|gpu" >&2; exit 2 ;;
 esac

@@ -371,14 +371,16 @@ def eval_cmd(run_dir, criterion, device) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Figure file (.png, .pdf, .svg).")
 @click.option("--curve", type=click.Choice(["test", "geometric", "global"]), default="test", show_default=True,
               help="Thresholds swept on the test set, or calibrated on validation data (geometric / global).")
+@click.option("--note", default=None, help="A second title line saying what the legend cannot (e.g. 'joint: the "
+              "matched budget, 16 epochs').")
 @_user_errors
-def plot(run_dirs, output, curve) -> None:
+def plot(run_dirs, output, curve, note) -> None:
     """Overlay runs' accuracy-vs-FLOPs curves with their static exit points; the seeds of one configuration
     (model, dataset, regime, method) as a mean curve with a +- std band, one colour per configuration."""
     from .reports import maybe_plot
 
     maybe_plot([Path(d) for d in run_dirs], Path(output), required=True,
-               curve="curve" if curve == "test" else f"calibrated_{curve}")
+               curve="curve" if curve == "test" else f"calibrated_{curve}", note=note)
     click.echo(f"wrote {output}")
 
 

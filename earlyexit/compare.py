@@ -103,12 +103,18 @@ def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
     for seed in seeds:
         c = replace(cfg, train=replace(cfg.train, seed=int(seed)))
         splits = runs.load_data(c)
-        p1 = _phase1(c, splits, out / f"s{seed}-{PHASE1}", emit)
+        p1: list[dict] = []  # phase 1 is trained or loaded only when a run still needs it (not for finished runs)
+
+        def phase1(c: RunConfig = c, splits: Any = splits, seed: int = seed) -> dict:
+            if not p1:
+                p1.append(_phase1(c, splits, out / f"s{seed}-{PHASE1}", emit))
+            return p1[0]
+
         spent = {}
         for regime in ("disjoint", "mixed"):
             d = run_dir(out, c, regime, seed)
             emit("run", regime=regime, seed=seed, out=str(d))
-            res = _continue(replace(c, train=replace(c.train, regime=regime)), splits, p1, d, emit)
+            res = _continue(replace(c, train=replace(c.train, regime=regime)), splits, phase1, d, emit)
             spent[regime] = res.train.phases
             mixed_res = res
         joint = replace(c, train=replace(c.train, regime="joint"))
@@ -183,12 +189,14 @@ def _train_phase1(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None
     return blob
 
 
-def _continue(cfg: RunConfig, splits: Any, p1: dict, d: Path, emit: Callable[..., None]) -> Results:
-    """Disjoint or mixed from the shared phase 1: the run folder `run` would write for ``cfg``."""
+def _continue(cfg: RunConfig, splits: Any, phase1: Callable[[], dict], d: Path,
+              emit: Callable[..., None]) -> Results:
+    """Disjoint or mixed from the shared phase 1 (``phase1()`` trains or loads it): the run folder `run` would
+    write for ``cfg``. A finished run is read back without touching phase 1."""
     if _done(d):
         return Results.from_json(d)
     with RunLock(d):  # a `run --out` into this folder meanwhile gets the one-line busy error
-        return _train_continued(cfg, splits, p1, d, emit)
+        return _train_continued(cfg, splits, phase1(), d, emit)
 
 
 def _train_continued(cfg: RunConfig, splits: Any, p1: dict, d: Path, emit: Callable[..., None]) -> Results:

@@ -62,8 +62,11 @@ def test_matched_budget_gives_joint_the_epochs_of_mixed_and_resume_keeps_finishe
     before = (run_dir(out, CFG, "mixed", 1) / "results.json").read_bytes()
     with pytest.raises(EarlyExitError, match="--resume"):
         compare_regimes(CFG, [1], out)
+    # a committed comparison keeps no weights: its finished runs are read back without retraining phase 1
+    (out / "s1-phase1" / "phase1.pt").unlink()
     compare_regimes(CFG, [1], out, budget="matched", resume=True)
     assert (run_dir(out, CFG, "mixed", 1) / "results.json").read_bytes() == before
+    assert not (out / "s1-phase1" / "phase1.pt").exists()
     # the FLOPs rule: the MLP's ICs cost little, so joint's epochs of equal training FLOPs are mixed's 2 + 2 too
     flops = compare_regimes(CFG, [1], out, budget="flops", resume=True)
     joint_f = json.loads((run_dir(out, CFG, "joint-flops", 1) / "results.json").read_text())
