@@ -304,8 +304,10 @@ def run(ctx, config_file, out, resume, force, **flags) -> None:
               "mixed's.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The comparison's folder.")
 @click.option("--resume", is_flag=True, help="Continue a comparison in --out (finished runs are kept).")
+@click.option("--regimes", default="joint,disjoint,mixed", show_default=True,
+              help="The regimes to train, e.g. joint,mixed (the matched and FLOPs budgets need mixed).")
 @_user_errors
-def compare(seeds, budget, out, resume, **flags) -> None:
+def compare(seeds, budget, out, resume, regimes, **flags) -> None:
     """Train joint, disjoint and mixed over seeds (phase 1 shared per seed); write their runs, summary.json, curves.png."""
     from .compare import Progress as Eta, compare_regimes, planned_epochs
 
@@ -315,7 +317,8 @@ def compare(seeds, budget, out, resume, **flags) -> None:
     cfg = _run_config(regime="mixed", seed=seed_list[0], init=None, **flags)
     t0 = time.time()
     summary = compare_regimes(cfg, seed_list, Path(out), budget=budget, resume=resume,
-                              log=Eta(Progress(), planned_epochs(cfg, seed_list)))
+                              log=Eta(Progress(), planned_epochs(cfg, seed_list)),
+                              regimes=[r.strip() for r in regimes.split(",") if r.strip()])
     from .reports import format_summary
 
     for group in summary["summary"]:
@@ -358,12 +361,14 @@ def _model_options(items: tuple[str, ...]) -> dict:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--criterion", default=None, help="Exit criterion (default: the run's).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Write the evaluation to this new folder (config, results, history) and leave RUN_DIR as it is.")
 @_user_errors
-def eval_cmd(run_dir, criterion, device) -> None:
-    """Re-evaluate a run folder on its test split (rewrites results.json)."""
+def eval_cmd(run_dir, criterion, device, out) -> None:
+    """Re-evaluate a run folder on its test split (rewrites results.json, or writes a new folder with --out)."""
     from .runs import evaluate_run
 
-    print_summary(evaluate_run(run_dir, criterion=criterion, device=device))
+    print_summary(evaluate_run(run_dir, criterion=criterion, device=device, out=out))
 
 
 @main.command()

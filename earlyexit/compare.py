@@ -66,7 +66,8 @@ def run_dir(out: Path, cfg: RunConfig, regime: str, seed: int) -> Path:
 
 
 def compare_regimes(cfg: RunConfig, seeds: Sequence[int], out: str | Path, *, budget: str = "paper",
-                    resume: bool = False, log: Callable[..., None] | None = None) -> dict:
+                    resume: bool = False, log: Callable[..., None] | None = None,
+                    regimes: Sequence[str] = REGIMES) -> dict:
     """Train joint, disjoint and mixed for every seed; write one folder per run and ``summary.json``.
 
     Args:
@@ -76,6 +77,8 @@ def compare_regimes(cfg: RunConfig, seeds: Sequence[int], out: str | Path, *, bu
         budget: ``"paper"`` or ``"matched"`` (see the module docstring).
         resume: continue a comparison already in ``out`` (finished runs are kept).
         log: the progress hook of ``train`` (also receives ``event="run"`` before each run).
+        regimes: the regimes to train, a subset of joint, disjoint and mixed (e.g. joint and mixed for the
+            loss-weighting comparisons, where disjoint's ICs train alone); the matched and FLOPs budgets need mixed.
     Returns:
         The summary written to ``out/summary.json``: ``{"budget", "seeds", "runs": {regime: [dirs]},
         "summary": summarize_runs(...)}``.
@@ -84,6 +87,12 @@ def compare_regimes(cfg: RunConfig, seeds: Sequence[int], out: str | Path, *, bu
         raise EarlyExitError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
     if not seeds:
         raise EarlyExitError("compare needs at least one seed")
+    unknown = sorted(set(regimes) - set(REGIMES))
+    if unknown or not regimes:
+        raise EarlyExitError(f"regimes: {', '.join(unknown) or 'none given'}; valid: {', '.join(REGIMES)}")
+    regimes = tuple(r for r in REGIMES if r in set(regimes))  # in the paper's order
+    if budget != "paper" and "mixed" not in regimes:
+        raise EarlyExitError(f"the {budget} budget gives joint the epochs mixed spent: include mixed in the regimes")
     if cfg.init is not None:
         raise EarlyExitError("compare trains phase 1 itself; --init does not apply")
     out = Path(out)
@@ -93,13 +102,13 @@ def compare_regimes(cfg: RunConfig, seeds: Sequence[int], out: str | Path, *, bu
     cfg = runs.with_model_defaults(cfg)
     with RunLock(out):  # one comparison per folder at a time
         remove_stale_temps(out)
-        return _compare(cfg, seeds, out, budget=budget, log=log)
+        return _compare(cfg, seeds, out, budget=budget, log=log, regimes=regimes)
 
 
 def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
-             log: Callable[..., None] | None) -> dict:
+             log: Callable[..., None] | None, regimes: Sequence[str] = REGIMES) -> dict:
     emit = log or (lambda *a, **k: None)
-    dirs: dict[str, list[str]] = {r: [] for r in REGIMES}
+    dirs: dict[str, list[str]] = {r: [] for r in regimes}
     for seed in seeds:
         c = replace(cfg, train=replace(cfg.train, seed=int(seed)))
         splits = runs.load_data(c)
@@ -111,12 +120,16 @@ def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
             return p1[0]
 
         spent = {}
-        for regime in ("disjoint", "mixed"):
+        for regime in [r for r in ("disjoint", "mixed") if r in regimes]:
             d = run_dir(out, c, regime, seed)
             emit("run", regime=regime, seed=seed, out=str(d))
             res = _continue(replace(c, train=replace(c.train, regime=regime)), splits, phase1, d, emit)
             spent[regime] = res.train.phases
             mixed_res = res
+        if "joint" not in regimes:
+            for regime in regimes:
+                dirs[regime].append(str(run_dir(out, c, regime, seed)))
+            continue
         joint = replace(c, train=replace(c.train, regime="joint"))
         if budget != "paper":
             epochs = sum(_epochs_run(ph) for ph in spent["mixed"])
@@ -129,12 +142,13 @@ def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
         d = run_dir(out, c, joint_tag, seed)
         emit("run", regime=joint_tag, seed=seed, out=str(d))
         _single(joint, splits, d, emit)
-        for regime in REGIMES:
+        for regime in regimes:
             dirs[regime].append(str(run_dir(out, c, joint_tag if regime == "joint" else regime, seed)))
-    all_dirs = [Path(d) for r in REGIMES for d in dirs[r]]
+    all_dirs = [Path(d) for r in regimes for d in dirs[r]]
     summary = {"budget": budget, "seeds": [int(s) for s in seeds], "runs": dirs,
                "summary": summarize_runs(all_dirs, same_config=budget == "paper"),  # matched: joint's epochs vary
-               "pairs": [pair_summary([Path(d) for d in dirs[a]], [Path(d) for d in dirs[b]]) for a, b in PAIRS]}
+               "pairs": [pair_summary([Path(d) for d in dirs[a]], [Path(d) for d in dirs[b]])
+                         for a, b in PAIRS if a in dirs and b in dirs]}
     suffix = "" if budget == "paper" else f"-{budget}"
     atomic_write_json(out / f"summary{suffix}.json", summary)
     note = {"paper": None, "matched": "matched budget: joint trains as many epochs as mixed's phases 1 and 2",

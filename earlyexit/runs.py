@@ -33,7 +33,7 @@ from . import metrics
 from .config import GRAD_CLIP_MODEL, RunConfig, config_diff, run_config_from_dict, to_dict
 from .device import local_device
 from .errors import CheckpointError, ConfigError, EarlyExitError, RunInterrupted, TrainingError
-from .io import atomic_write_json, load_checkpoint, load_weights, remove_stale_temps
+from .io import atomic_write_json, atomic_write_text, load_checkpoint, load_weights, remove_stale_temps
 from .models import MultiExitModel, build_model
 from .preflight import build_checked, check_forward
 from .rundir import (STASH, RunLock, check_entries, check_unlocked, describe_os_error, drop_stash, restore_run, settle,
@@ -42,7 +42,7 @@ from .reports import maybe_plot
 from .results import RESULTS, Results, TrainInfo
 from .score import calibrates, evaluate_logits
 from .training import CHECKPOINT, train
-from .training.state import PROBE_LOG
+from .training.state import HISTORY, PROBE_LOG
 
 WEIGHTS_FILES = ("model.safetensors", "model.pt")
 # every file a run writes: what --force replaces (the checkpoint first) and a failed replacement puts back
@@ -499,11 +499,21 @@ def _data_meta(cfg: RunConfig) -> Any:
     return SimpleNamespace(num_classes=s.num_classes, in_chans=s.in_chans, image_size=s.image_size)
 
 
-def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str | None = None) -> dict:
-    """Re-evaluate a run folder on its test split and rewrite its results.json (keeping its training record)."""
+def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str | None = None,
+                 out: str | Path | None = None) -> dict:
+    """Re-evaluate a run folder on its test split (keeping its training record).
+
+    Without ``out`` the run's results.json is rewritten. With ``out`` the run folder is left as it is and the
+    evaluation becomes a run folder of its own (config.json with the criterion it used, results.json, the
+    training history copied), e.g. the same runs under the entropy criterion beside the confidence ones;
+    ``out`` must not hold results already.
+    """
     from dataclasses import replace
 
     path = Path(path)
+    target = path if out is None else Path(out)
+    if out is not None and (target / RESULTS).exists():
+        raise EarlyExitError(f"{target} already holds results.json; choose another --out or remove it")
     dev = local_device(device)
     model, cfg = load_run(path, device=dev)
     if criterion is not None:
@@ -516,5 +526,10 @@ def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str 
         except EarlyExitError:
             train_info = None
     res = results_of(cfg, evaluate_model(model, splits, cfg, dev), train_info)
-    res.save(path)
+    if out is not None:
+        target.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, splits, target)
+        if (path / HISTORY).is_file():
+            atomic_write_text(target / HISTORY, (path / HISTORY).read_text())
+    res.save(target)
     return res.to_dict()

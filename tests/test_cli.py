@@ -64,6 +64,22 @@ def test_load_run_and_eval_reproduce_results(finished_run, tmp_path):
     assert r.exit_code == 2 and "draw each run once" in r.output and not (tmp_path / "twice.png").exists()
 
 
+def test_eval_out_writes_another_criterion_beside_the_run(finished_run, tmp_path):
+    out, _ = finished_run
+    before = {f: (out / f).read_bytes() for f in ("config.json", "results.json")}
+    ent = tmp_path / "entropy"
+    r = _run(["eval", str(out), "--criterion", "entropy", "--out", str(ent)])
+    assert r.exit_code == 0, r.output
+    assert {f: (out / f).read_bytes() for f in before} == before  # the run itself is untouched
+    res, conf = (json.loads((d / "results.json").read_text()) for d in (ent, out))
+    assert res["curve"]["criterion"] == "entropy" and conf["curve"]["criterion"] == "confidence"
+    assert [e["accuracy"] for e in res["exits"]] == [e["accuracy"] for e in conf["exits"]]  # same model
+    assert res["train"] == conf["train"]
+    assert json.loads((ent / "config.json").read_text())["eval"]["criterion"] == "entropy"
+    assert (ent / "history.jsonl").read_text() == (out / "history.jsonl").read_text()
+    _expect_error(["eval", str(out), "--criterion", "entropy", "--out", str(ent)], "already holds results.json")
+
+
 def _expect_error(args, pattern, code=2):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == code, (r.exit_code, r.output, r.exc_info)

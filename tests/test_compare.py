@@ -144,3 +144,17 @@ def test_every_run_folder_of_a_live_comparison_is_locked(tmp_path, monkeypatch):
     assert sorted(seen) == sorted(["s0-phase1", *(run_dir(tmp_path / "cmp", cfg, r, 0).name
                                                   for r in ("disjoint", "mixed", "joint"))])
     assert not list((tmp_path / "cmp").rglob(LOCK))
+
+
+def test_a_subset_of_regimes_trains_only_those_and_pairs_only_those(tmp_path):
+    out = tmp_path / "cmp"
+    s = compare_regimes(CFG, [0], out, budget="matched", regimes=["mixed", "joint"])
+    assert set(s["runs"]) == {"joint", "mixed"}
+    assert not run_dir(out, CFG, "disjoint", 0).exists()
+    assert [(p["a"].split()[-1], p["b"].split()[-1]) for p in s["pairs"]] == [("++-", "-+-")]
+    joint = json.loads((run_dir(out, CFG, "joint-matched", 0) / "results.json").read_text())
+    assert joint["train"]["phases"][0]["grid"][0]["epochs"] == 4
+    with pytest.raises(EarlyExitError, match="include mixed"):
+        compare_regimes(CFG, [0], tmp_path / "b", budget="matched", regimes=["joint", "disjoint"])
+    with pytest.raises(EarlyExitError, match="valid: joint, disjoint, mixed"):
+        compare_regimes(CFG, [0], tmp_path / "c", regimes=["jiont"])
