@@ -419,8 +419,11 @@ def bench(model_name, dataset, data_dir, batch_size, steps, run_dir, device, com
               help="The direction the paper claims, for the verdicts of --pair.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
               help="Also write the summaries (and pairs) to this JSON file.")
+@click.option("--bootstrap", is_flag=True,
+              help="With --pair: also a paired bootstrap over the test samples for the lowest seed both sides "
+              "share (rebuilds the two runs from their weights; validation-calibrated budgets).")
 @_user_errors
-def summary(run_dirs, markdown, pairs, claim, json_out) -> None:
+def summary(run_dirs, markdown, pairs, claim, json_out, bootstrap) -> None:
     """Mean +- std over seeds of per-exit accuracy and three budget tables, grouped by model, dataset, regime
     and method: validation-calibrated (first; the verdicts use it), the paper's rule (curves averaged over
     seeds) and each seed's best within budget (a test-set oracle); with --pair, paired intervals."""
@@ -438,6 +441,8 @@ def summary(run_dirs, markdown, pairs, claim, json_out) -> None:
             if not side:
                 raise EarlyExitError(f"--pair: no run folder matches {pat!r}")
         paired.append(pair_summary(*sides, direction=1 if claim == "a>b" else -1))
+        if bootstrap:
+            paired[-1]["bootstrap"] = _seed_bootstrap(*sides)
         used += [side for side in sides if side not in used]
     # with pairs: each side summarised on its own (joint and its matched control are both regime -+-)
     groups = [g for side in used for g in summarize_runs(side)] if pairs else summarize_runs(dirs)
@@ -452,6 +457,22 @@ def summary(run_dirs, markdown, pairs, claim, json_out) -> None:
         click.echo("\n".join(format_summary(g)))
     for p in paired:
         click.echo("\n".join(format_pair(p)))
+        if p.get("bootstrap"):
+            from .bootstrap import format_bootstrap
+
+            click.echo("  " + "\n  ".join(format_bootstrap(p["bootstrap"])))
+
+
+def _seed_bootstrap(a_dirs: list[Path], b_dirs: list[Path]) -> dict:
+    """``sample_bootstrap`` of the two runs of the lowest seed both sides of a pair hold."""
+    from .bootstrap import sample_bootstrap
+    from .results import Results
+
+    seeds = [{Results.from_json(d).seed: d for d in side} for side in (a_dirs, b_dirs)]
+    common = sorted(set(seeds[0]) & set(seeds[1]))
+    if not common:
+        raise EarlyExitError("--bootstrap: the two sides of the pair share no seed")
+    return {"seed": common[0], **sample_bootstrap(seeds[0][common[0]], seeds[1][common[0]])}
 
 
 @main.command()
