@@ -115,10 +115,88 @@ def markdown_pair(pair: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def mean_cosines(run_dir: Path) -> list[float | None]:
+    """Per exit, the mean over the logged steps of the gradient cosine with the total backbone gradient
+    (``gradients.jsonl``, Figure 4), in the phase that trains the ICs (2; 3 for disjoint), at the grid point the
+    run chose; None for an exit never logged."""
+    from .schema import PROBE_RECORD, read_json_lines
+
+    path = Path(run_dir) / "gradients.jsonl"
+    if not path.is_file():
+        raise EarlyExitError(f"{run_dir} has no gradients.jsonl (train with --grad-log-every N)")
+    train = Results.from_json(run_dir).train
+    chosen = {int(p["phase"]): p["lr"] for p in (train.phases if train is not None else [])}
+    recs = [r for r in read_json_lines(path, item=PROBE_RECORD)
+            if r.get("lr") is None or chosen.get(r["phase"], r["lr"]) == r["lr"]]
+    phase = 2 if any(r["phase"] == 2 for r in recs) else 3
+    recs = [r for r in recs if r["phase"] == phase]
+    if not recs:
+        raise EarlyExitError(f"{run_dir}: gradients.jsonl logs no step of phase 2 or 3")
+    out: list[float | None] = []
+    for k in range(len(recs[0]["cos"])):
+        vals = [r["cos"][k] for r in recs if r["cos"][k] is not None]
+        out.append(sum(vals) / len(vals) if vals else None)
+    return out
+
+
+def cosine_pair(a_dirs: Sequence[Path], b_dirs: Sequence[Path], *, direction: int = 1) -> dict:
+    """Seed-by-seed differences ``a - b`` of each exit's mean gradient cosine (``mean_cosines``), with the paired
+    t interval and the verdict per exit (the same rule as ``pair_summary``).
+
+    Returns:
+        ``{a, b, seeds, direction, exits: [{n, mean, std, low, high, p, verdict} or None]}`` (None: an exit one
+        side never logged).
+    """
+    sides = []
+    for dirs in (a_dirs, b_dirs):
+        groups = group_runs([Path(d) for d in dirs])
+        if len(groups) != 1:
+            raise EarlyExitError(f"a side of a pair must be one configuration, got {len(groups)}")
+        sides.append(groups[0])
+    (ka, ra), (kb, rb) = sides
+    da = {r.seed: d for r, d in zip(ra, _dirs_by_seed(a_dirs, ra))}
+    db = {r.seed: d for r, d in zip(rb, _dirs_by_seed(b_dirs, rb))}
+    seeds = sorted(set(da) & set(db))
+    if not seeds:
+        raise EarlyExitError(f"{_name(ka)} and {_name(kb)} share no seed; a pair compares the same seeds")
+    ca, cb = [mean_cosines(da[s]) for s in seeds], [mean_cosines(db[s]) for s in seeds]
+    exits = []
+    for k in range(min(len(ca[0]), len(cb[0]))):
+        xa, xb = [c[k] for c in ca], [c[k] for c in cb]
+        if any(v is None for v in xa + xb):
+            exits.append(None)
+            continue
+        t = paired_t(xa, xb)
+        exits.append({**t, "verdict": decide(t, direction)})
+    return {"a": _name(ka), "b": _name(kb), "seeds": seeds, "direction": direction, "exits": exits}
+
+
+def _dirs_by_seed(dirs: Sequence[Path], rs: Sequence[Results]) -> list[Path]:
+    """The folders of ``dirs`` in the order of their ``Results`` ``rs`` (matched by seed)."""
+    by_seed = {Results.from_json(Path(d)).seed: Path(d) for d in dirs}
+    return [by_seed[r.seed] for r in rs]
+
+
+def markdown_cosine_pair(pair: dict) -> str:
+    """A ``cosine_pair`` as a Markdown table (RESULTS.md's cosine blocks): one column per exit, each cell the mean
+    difference of the cosines a - b, its 95 % t interval over seeds and the verdict."""
+    arrow = ">" if pair["direction"] > 0 else "<"
+    n = len(pair["exits"])
+    names = [f"IC {k + 1}" for k in range(n - 1)] + ["final"]
+    cell = lambda c: "-" if c is None else (  # noqa: E731
+        f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] {c['verdict']}" if c.get("low") is not None
+        else f"{c['mean']:+.3f} {c['verdict']}")
+    out = [f"{pair['a']} minus {pair['b']}, seeds {','.join(map(str, pair['seeds']))} (the paper: a {arrow} b); "
+           f"gradient cosine with the total backbone gradient, mean over logged steps, [95 % t interval], verdict:",
+           "", "| " + " | ".join(names) + " |", "|" + "---|" * n, "| " + " | ".join(cell(c) for c in pair["exits"]) + " |"]
+    return "\n".join(out) + "\n"
+
+
 def _diff(c: dict) -> str:
     if c.get("low") is None:
         return f"{c['mean'] * 100:+.2f}"
     return f"{c['mean'] * 100:+.2f} [{c['low'] * 100:+.2f}, {c['high'] * 100:+.2f}]"
 
 
-__all__ = ["SHORT", "format_pair", "markdown_pair", "pair_summary", "per_seed_values", "select"]
+__all__ = ["SHORT", "cosine_pair", "format_pair", "markdown_cosine_pair", "markdown_pair", "mean_cosines", "pair_summary",
+           "per_seed_values", "select"]

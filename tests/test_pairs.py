@@ -140,3 +140,29 @@ def test_summary_pair_command_prints_and_writes(runs, tmp_path):
     assert bad.exit_code == 2 and "no run folder matches" in bad.output
     bad = CliRunner().invoke(main, ["summary", *dirs, "--pair", "mixed"])
     assert bad.exit_code == 2 and "expected A:B" in bad.output
+
+
+def test_cosine_pair_known_answer(tmp_path):
+    """Each seed's mean cosine per exit, paired by seed: mixed's cosines are joint's + 0.01 * (seed + 1) at the last
+    IC, so the difference is 0.02 +- 0.01 over 3 seeds; logs of an unchosen grid point and of phase 1 are ignored."""
+    from earlyexit.pairs import cosine_pair, markdown_cosine_pair, mean_cosines
+
+    def log(d, cos_by_step, extra=()):
+        lines = [{"phase": 2, "epoch": 1, "step": i, "cos": c, "lr": None} for i, c in enumerate(cos_by_step)]
+        (d / "gradients.jsonl").write_text("".join(json.dumps(x) + "\n" for x in [*lines, *extra]))
+
+    a, b = [], []
+    for s in range(3):
+        ja, jb = make_run(tmp_path / "a", "mixed", s), make_run(tmp_path / "b", "joint", s)
+        log(jb, [[0.1, 0.5, 0.6, 0.7], [0.3, 0.5, 0.6, 0.7]], extra=[{"phase": 1, "epoch": 1, "step": 0,
+                                                                   "cos": [9.0, 9.0, 9.0, 9.0]}])
+        log(ja, [[0.2, 0.5, 0.6 + 0.01 * (s + 1), None], [0.2, 0.5, 0.6 + 0.01 * (s + 1), None]])
+        a.append(ja), b.append(jb)
+    assert mean_cosines(b[0]) == pytest.approx([0.2, 0.5, 0.6, 0.7])
+    assert mean_cosines(a[0])[-1] is None
+    p = cosine_pair(a, b)
+    assert p["exits"][0]["mean"] == pytest.approx(0.0, abs=1e-12) and p["exits"][3] is None
+    c = p["exits"][2]
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)
+    assert c["mean"] == pytest.approx(0.02) and c["low"] == pytest.approx(0.02 - half) and c["verdict"] == "not resolved"
+    assert "| IC 1 | IC 2 | IC 3 | final |" in markdown_cosine_pair(p)

@@ -4,8 +4,10 @@ A table in RESULTS.md sits between ``<!-- summary: GLOB [GLOB ...] -->`` and ``<
 name the run folders under the repository (e.g. ``results/resnet20-fmnist/*-s?``), and the text between the
 markers must be exactly ``python -m earlyexit summary --markdown`` of those folders. An interval table sits
 between ``<!-- pair: GLOBS_A | GLOBS_B | a>b -->`` and ``<!-- /pair -->`` and must be exactly the paired
-intervals and verdicts (``earlyexit.pairs.markdown_pair``) of the two sets of folders; every verdict the
-claims table states names the interval block it comes from and must equal that block's verdict.
+intervals and verdicts (``earlyexit.pairs.markdown_pair``) of the two sets of folders; a ``<!-- cosine: ... -->``
+block the same for each exit's gradient cosine (``markdown_cosine_pair``). Every interval the claims table
+quotes must be a cell of one of those recomputed blocks, and each verdict the table gives (reproduced,
+contradicted) must be the verdict of an interval it quotes.
 ``scripts/refresh_results_md.py`` rewrites every block.
 """
 
@@ -14,12 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from earlyexit.pairs import markdown_pair, pair_summary
+from earlyexit.pairs import cosine_pair, markdown_cosine_pair, markdown_pair, pair_summary
 from earlyexit.reports import markdown_summary, summarize_runs
 
 ROOT = Path(__file__).parents[1]
 BLOCK = re.compile(r"<!-- summary: (.+?) -->\n(.*?)<!-- /summary -->", re.S)
 PAIR = re.compile(r"<!-- pair: (.+?) -->\n(.*?)<!-- /pair -->", re.S)
+COSINE = re.compile(r"<!-- cosine: (.+?) -->\n(.*?)<!-- /cosine -->", re.S)
+INTERVAL = r"[+-]\d+\.\d+ \[[+-]\d+\.\d+, [+-]\d+\.\d+\]"
 
 
 def _blocks():
@@ -55,6 +59,47 @@ def test_every_interval_and_verdict_is_recomputed_from_its_runs(spec, table):
     da, db = _dirs(a), _dirs(b)
     assert da and db, f"no run folder matches {spec}"
     assert table.strip() == markdown_pair(pair_summary(da, db, direction=1 if claim == "a>b" else -1)).strip()
+
+
+def _cosines():
+    f = ROOT / "RESULTS.md"
+    return COSINE.findall(f.read_text()) if f.is_file() else []
+
+
+@pytest.mark.parametrize("spec,table", _cosines() or [pytest.param("", "", marks=pytest.mark.skip("no cosine blocks"))])
+def test_every_gradient_cosine_interval_is_recomputed_from_its_logs(spec, table):
+    a, b, claim = (part.strip() for part in spec.split("|"))
+    da, db = _dirs(a), _dirs(b)
+    assert da and db, f"no run folder matches {spec}"
+    assert table.strip() == markdown_cosine_pair(cosine_pair(da, db, direction=1 if claim == "a>b" else -1)).strip()
+
+
+def _claim_rows():
+    f = ROOT / "RESULTS.md"
+    if not f.is_file() or "## The paper's claims" not in f.read_text():
+        return []
+    part = f.read_text().split("## The paper's claims", 1)[1]
+    return [r for r in part.splitlines() if r.startswith("| ") and not r.startswith("| claim")]
+
+
+def test_the_claims_table_quotes_recomputed_intervals_and_their_verdicts():
+    rows = _claim_rows()
+    if not rows:
+        pytest.skip("no claims table")
+    text = (ROOT / "RESULTS.md").read_text()
+    blocks = "\n".join(t for _, t in PAIR.findall(text) + COSINE.findall(text))
+    cells = {}  # interval -> the verdicts it carries in the recomputed blocks
+    for m in re.finditer(rf"({INTERVAL}) (reproduced|contradicted|not resolved)", blocks):
+        cells.setdefault(m.group(1), set()).add(m.group(2))
+    for row in rows:
+        quoted = re.findall(INTERVAL, row)
+        missing = [q for q in quoted if q not in cells]
+        assert not missing, f"claims row quotes intervals no recomputed block holds: {missing}\n{row[:120]}"
+        verdict = row.split("|")[2]
+        carried = set().union(*(cells[q] for q in quoted)) if quoted else set()
+        for word in ("reproduced", "contradicted"):
+            if re.search(rf"\*\*{word}\*\*", verdict):
+                assert word in carried, f"the row says {word} but no interval it quotes is: {row[:120]}"
 
 
 @pytest.mark.slow
