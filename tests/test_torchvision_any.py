@@ -279,6 +279,19 @@ def test_imagenet_weights_file_gives_torchvision_logits():
     assert torch.equal(fresh.state_dict()["stages.0.features.0.0.weight"], sd["features.0.0.weight"])
 
 
+def test_grey_input_from_imagenet_weights_is_torchvision_on_the_grey_image_repeated():
+    """The pretrained-backbone experiment (RESULTS.md, MobileNetV2 on Fashion-MNIST): one input channel, 32 pixels.
+    The first convolution sums the file's three colour filters, so on a grey image the logits are torchvision's
+    on that image repeated over three channels."""
+    path = _mobilenet_file()
+    tv = torchvision.models.mobilenet_v2()
+    tv.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    ours = build_model("torchvision:mobilenet_v2", num_classes=1000, in_chans=1, image_size=32, weights=str(path))
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x)[-1], tv.eval()(x.repeat(1, 3, 1, 1)), rtol=1e-5, atol=1e-5)
+
+
 def test_weights_enum_from_the_hub_cache(tmp_path):
     """A member of the model's weights enum is read from torch's hub cache; nothing is downloaded."""
     path = _mobilenet_file()
