@@ -77,10 +77,20 @@ def group_runs(run_dirs: Sequence[Path]) -> list[tuple[tuple, list[Results]]]:
     return _group([read_results(Path(d)) for d in run_dirs])
 
 
+def method_label(r: Results) -> str | None:
+    """The method slot of a configuration's key: the method's name, and the loss weighting where it is not the
+    method's own default (the mean for plain ICs), e.g. ``"weights han"``, ``"pbee, weights sdn"``."""
+    from .config import METHOD_DEFAULTS
+
+    default = METHOD_DEFAULTS[r.method].weighting if r.method in METHOD_DEFAULTS else "mean"
+    weights = f"weights {r.weighting}" if r.weighting not in (None, default) else None
+    return ", ".join(p for p in (r.method, weights) if p) or None
+
+
 def _group(results: Sequence[Results]) -> list[tuple[tuple, list[Results]]]:
     groups: dict[tuple, list[Results]] = {}
     for r in results:
-        groups.setdefault((r.model, r.dataset, r.regime, r.method), []).append(r)
+        groups.setdefault((r.model, r.dataset, r.regime, method_label(r)), []).append(r)
     return [(k, sorted(rs, key=lambda r: r.seed)) for k, rs in groups.items()]
 
 
@@ -141,7 +151,7 @@ def check_pool(run_dirs: Sequence[Path], *, same_config: bool = True) -> None:
     groups: dict[tuple, list[tuple[Path, Results]]] = {}
     for d in run_dirs:
         r = read_results(Path(d))
-        groups.setdefault((r.model, r.dataset, r.regime, r.method), []).append((Path(d), r))
+        groups.setdefault((r.model, r.dataset, r.regime, method_label(r)), []).append((Path(d), r))
     for key, members in groups.items():
         seeds: dict[int, Path] = {}
         for d, r in members:
@@ -352,7 +362,7 @@ def _figure_groups(run_dirs: Sequence[Path], results: Sequence[Results], split_c
     for d, r in zip(run_dirs, results):
         cfg = _config_of(Path(d)) if split_configs else None
         fp = json.dumps(cfg, sort_keys=True) if cfg is not None else None
-        groups.setdefault((r.model, r.dataset, r.regime, r.method, fp), []).append((Path(d), r, cfg))
+        groups.setdefault((r.model, r.dataset, r.regime, method_label(r), fp), []).append((Path(d), r, cfg))
     out = []
     for full_key, members in groups.items():
         seeds: dict[int, Path] = {}

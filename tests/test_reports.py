@@ -302,3 +302,18 @@ def test_a_long_legend_sits_beside_the_axes(runs, tmp_path):
 
     assert legend_outside(dirs)
     assert not legend_outside(runs["joint"] + runs["mixed"])
+
+
+def test_a_weighting_other_than_the_default_is_its_own_configuration_and_named(tmp_path):
+    from earlyexit.reports import group_runs, method_label, summarize_runs
+
+    plain = make_run(tmp_path / "a", "joint", 0)
+    han = make_run(tmp_path / "b", "joint", 0)
+    r = Results.from_json(han)
+    Results.build(regime=r.regime, regime_name=r.regime_name, model=r.model, dataset=r.dataset, seed=0,
+                  evaluation={k: v for k, v in r.to_dict().items() if k in ("base_flops", "exits", "curve", "budgets",
+                              "calibrated_geometric", "calibrated_budgets")},
+                  method=None, weighting="han").save(han)
+    assert method_label(Results.from_json(plain)) is None and method_label(Results.from_json(han)) == "weights han"
+    assert [k[3] for k, _ in group_runs([plain, han])] == [None, "weights han"]
+    assert [g["method"] for g in summarize_runs([plain, han])] == [None, "weights han"]
