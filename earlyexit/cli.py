@@ -14,13 +14,16 @@ from typing import Any, Callable, Sequence
 
 import click
 
-from .config import (EARLY_STOPS, MEMORY_FORMATS, OPTIMIZERS, SCHEDULES, VAL_METRICS, DataConfig, EvalConfig, ModelConfig, PhaseConfig,
+from .config import (MEMORY_FORMATS, OPTIMIZERS, SCHEDULES, VAL_METRICS, DataConfig, ModelConfig, PhaseConfig,
                      RunConfig, TrainConfig)
 from .errors import EarlyExitError
+from .settings import parse_number as _number  # flag text -> number, errors naming the flag
 
 
 def _user_errors(fn):
-    """Turn the package's user-facing errors and file-system errors into one line on stderr and exit code 2.
+    """Turn the package's own errors (``EarlyExitError``) and file-system errors (``OSError``) into one line on
+    stderr and exit code 2. Anything else (a ``ValueError``, ``KeyError``, ``RuntimeError``...) is a bug of ours
+    and keeps its traceback: code that checks user input raises an ``EarlyExitError`` subclass.
 
     Under torchrun only rank 0 prints (every rank meets the same error); Ctrl-C exits with 130.
     """
@@ -29,7 +32,7 @@ def _user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (EarlyExitError, ValueError, OSError) as e:  # DataError and CheckpointError are EarlyExitErrors
+        except (EarlyExitError, OSError) as e:  # the package's own errors (ConfigError, DataError, ...) and the OS's
             if isinstance(e, OSError):
                 from .rundir import describe_os_error
 
@@ -51,74 +54,6 @@ def _echo_once(msg: str) -> None:
 
     if os.environ.get("RANK", "0") == "0":
         click.echo(msg, err=True)
-
-
-def _per_phase(text: str | None, flag: str, parse: Callable[[str, str], Any], *, sep: str = ";") -> tuple | None:
-    """One value for every phase, or three separated by ``sep`` (phases 1, 2, 3); None when the flag is absent."""
-    if text is None:
-        return None
-    parts = [t.strip() for t in str(text).split(sep)]
-    if len(parts) == 1:
-        parts = parts * 3
-    if len(parts) != 3:
-        raise EarlyExitError(f"{flag}: expected one value or three separated by '{sep}' (phases 1{sep}2{sep}3), "
-                             f"got {len(parts)} in {text!r}")
-    return tuple(parse(t, flag) for t in parts)
-
-
-def _number(text: str, flag: str, *, kind: type = float, low: float | None = None, strict: bool = False) -> Any:
-    """``text`` as a finite ``kind`` (>= ``low``, > when ``strict``), or a one-line error naming ``flag``."""
-    import math
-
-    try:
-        v = kind(text)
-    except (TypeError, ValueError):
-        v = None
-    if v is None or not math.isfinite(v) or (low is not None and (v <= low if strict else v < low)):
-        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
-        what = "an integer" if kind is int else "a number"
-        raise EarlyExitError(f"{flag}: expected {what}{bound}, got {text!r}")
-    return v
-
-
-def _lr_grid(text: str, flag: str) -> tuple[float, ...]:
-    vals = tuple(_number(t, flag, low=0, strict=True) for t in text.split(",") if t.strip())
-    if not vals:
-        raise EarlyExitError(f"{flag}: expected comma-separated learning rates, got {text!r}")
-    return vals
-
-
-def _choice(valid: Sequence[str]) -> Callable[[str, str], str]:
-    def parse(text: str, flag: str) -> str:
-        if text not in valid:
-            raise EarlyExitError(f"{flag}: expected one of {', '.join(valid)}, got {text!r}")
-        return text
-    return parse
-
-
-def _patience(text: str, flag: str) -> int | None:
-    if text.lower() in ("none", "off", ""):
-        return None
-    return _number(text, flag, kind=int, low=1)
-
-
-def _epochs(text: str) -> tuple[int, int, int]:
-    """``--epochs``: one value, or three separated by ',' or ';'."""
-    sep = ";" if ";" in text else ","
-    return _per_phase(text, "--epochs", lambda t, f: _number(t, f, kind=int), sep=sep)  # type: ignore[return-value]
-
-
-def _phases(epochs: str, val_metric: str, **flags: str | None) -> tuple[PhaseConfig, PhaseConfig, PhaseConfig]:
-    """The three ``PhaseConfig`` of the per-phase flags (absent flags: the config's defaults)."""
-    parsers = {"lr": _lr_grid, "optimizer": _choice(OPTIMIZERS), "weight_decay": lambda t, f: _number(t, f, low=0),
-               "schedule": _choice(SCHEDULES), "warmup": lambda t, f: _number(t, f, kind=int, low=0), "patience": _patience, "early_stop": _choice(EARLY_STOPS)}
-    per = {k: _per_phase(v, "--" + k.replace("_", "-"), parsers[k]) for k, v in flags.items() if v is not None}
-    return tuple(PhaseConfig(epochs=e, metric=val_metric, **{k: v[i] for k, v in per.items()})  # type: ignore
-                 for i, e in enumerate(_epochs(epochs)))
-
-
-def _optional(text: str | None, flag: str, **kw: Any) -> Any:
-    return None if text is None else _number(text, flag, **kw)
 
 
 class Progress:
@@ -227,32 +162,24 @@ def _config_options(fn: Callable) -> Callable:
     return fn
 
 
-def _run_config(*, regime, seed, init, model_name, exits, weights, model_opts, dataset, data_dir, train_size, epochs,
-                lr, optimizer, weight_decay, schedule, warmup, patience, early_stop, grad_clip, grad_log_every, image_size,
-                val_metric, batch_size, method, weighting, criterion, device, memory_format=_T.memory_format,
-                compile_=False) -> RunConfig:
-    """Map the flags onto a ``RunConfig`` (the config checks every value and fills the defaults)."""
-    if batch_size <= 0:  # named by its flag here; the config checks every value again
-        raise EarlyExitError(f"--batch-size must be > 0, got {batch_size}")
-    phases = _phases(epochs, val_metric, lr=lr, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
-                     warmup=warmup, patience=patience, early_stop=early_stop)
-    if grad_clip is None:
-        clip = _T.grad_clip  # the config's default
-    elif grad_clip.strip().lower() in ("none", "off"):
-        clip = None
-    else:
-        clip = _optional(grad_clip, "--grad-clip", low=0, strict=True)
-    log_every = _optional(grad_log_every, "--grad-log-every", kind=int, low=1)
-    size = _optional(image_size, "--image-size", kind=int, low=1)
-    kwargs = {"weights": weights} if weights else {}
-    kwargs.update(_model_options(model_opts))
-    exits_v = tuple(int(t) for t in exits.split(",")) if exits and exits.replace(",", "").strip().isdigit() else exits
-    return RunConfig(model=ModelConfig(name=model_name, exits=exits_v, kwargs=kwargs),
-                     data=DataConfig(name=dataset, data_dir=data_dir, train_size=train_size, image_size=size),
-                     train=TrainConfig(regime=regime, phases=phases, batch_size=batch_size, weighting=weighting, seed=seed,
-                                       device=device, grad_clip=clip, grad_log_every=log_every,
-                                       memory_format=memory_format, compile=compile_),
-                     eval=EvalConfig(criterion=criterion), init=init, method=method)
+def _file_options(fn: Callable) -> Callable:
+    """``--config FILE`` and ``--set KEY=VALUE``: run settings from a file, overridden key by key (run and compare)."""
+    fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                      help="Override one setting by its dotted path, e.g. train.phases.1.lr=0.05 (phase 2; list "
+                      "indices from 0) or train.phases.epochs=4 (every phase); the value is read as TOML.")(fn)
+    return click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+                        help="Start from the settings of this TOML file (keys: RunConfig's fields, e.g. configs/*.toml) "
+                        "or of a run's config.json (a committed run reruns as it ran); --set and the options given "
+                        "here override it.")(fn)
+
+
+def _config_of(ctx: click.Context, config_file: str | None, sets: Sequence[str], flags: dict, **fixed: Any) -> RunConfig:
+    """The ``RunConfig`` of ``--config``, then each ``--set``, then the flags given on the command line (the flags
+    left at their defaults leave the file's values); ``fixed``: train settings the command sets itself."""
+    from .settings import load_config
+
+    given = {k: v for k, v in flags.items() if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+    return load_config(config_file, sets, given, **fixed)
 
 
 @main.command()
@@ -262,30 +189,26 @@ def _run_config(*, regime, seed, init, model_name, exits, weights, model_opts, d
 @click.option("--seed", default=_T.seed, show_default=True, type=int, help="Seed of init, data order and augmentation.")
 @click.option("--init", default=None, help="Start from these weights: a run folder or a weights file "
               "(a pretrained backbone instead of phase 1; required by '--+').")
-@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
-              help="Rerun the configuration of this config.json (e.g. a committed run's); excludes the other run options.")
+@_file_options
 @click.option("--out", default=None, help="Run folder (default runs/MODEL-DATASET-REGIME-sSEED).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
 @click.pass_context
 @_user_errors
-def run(ctx, config_file, out, resume, force, **flags) -> None:
+def run(ctx, config_file, sets, out, resume, force, **flags) -> None:
     """Train one model in one regime, evaluate it, write a run folder."""
-    from .runs import default_out_dir, run_experiment
-
     if resume and force:
         raise EarlyExitError("--resume and --force exclude each other")
-    if config_file is not None:
-        given = [k for k in flags if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
-        if given:
-            raise EarlyExitError(f"--config excludes the other run options (got --{given[0].rstrip('_').replace('_', '-')})")
-        cfg = _config_file(Path(config_file))
-    else:
-        cfg = _run_config(**flags)
-    out_dir = Path(out) if out else default_out_dir(cfg)
-    t0 = time.time()
-    from . import distributed as dist
+    _train_one(_config_of(ctx, config_file, sets, flags), Path(out) if out else None, resume=resume, force=force)
 
+
+def _train_one(cfg: RunConfig, out_dir: Path | None, *, resume: bool, force: bool) -> None:
+    """``run``'s work: train and evaluate ``cfg`` into ``out_dir`` (None: the default folder), print its table."""
+    from . import distributed as dist
+    from .runs import default_out_dir, run_experiment
+
+    out_dir = out_dir or default_out_dir(cfg)
+    t0 = time.time()
     try:
         res = run_experiment(cfg, out_dir, resume=resume, force=force, log=Progress())
     finally:
@@ -297,6 +220,7 @@ def run(ctx, config_file, out, resume, force, **flags) -> None:
 
 @main.command()
 @_config_options
+@_file_options
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; each trains the three regimes.")
 @click.option("--budget", type=click.Choice(["paper", "matched", "flops"]), default="paper", show_default=True,
               help="paper: every phase to its epochs / early stopping; matched: joint gets as many epochs as mixed "
@@ -306,55 +230,105 @@ def run(ctx, config_file, out, resume, force, **flags) -> None:
 @click.option("--resume", is_flag=True, help="Continue a comparison in --out (finished runs are kept).")
 @click.option("--regimes", default="joint,disjoint,mixed", show_default=True,
               help="The regimes to train, e.g. joint,mixed (the matched and FLOPs budgets need mixed).")
+@click.pass_context
 @_user_errors
-def compare(seeds, budget, out, resume, regimes, **flags) -> None:
+def compare(ctx, config_file, sets, seeds, budget, out, resume, regimes, **flags) -> None:
     """Train joint, disjoint and mixed over seeds (phase 1 shared per seed); write their runs, summary.json, curves.png."""
-    from .compare import Progress as Eta, compare_regimes, planned_epochs
-
     seed_list = [_number(t, "--seeds", kind=int) for t in seeds.split(",") if t.strip()]
     if not seed_list:
         raise EarlyExitError("--seeds: give at least one seed")
-    cfg = _run_config(regime="mixed", seed=seed_list[0], init=None, **flags)
-    t0 = time.time()
-    summary = compare_regimes(cfg, seed_list, Path(out), budget=budget, resume=resume,
-                              log=Eta(Progress(), planned_epochs(cfg, seed_list)),
-                              regimes=[r.strip() for r in regimes.split(",") if r.strip()])
+    cfg = _config_of(ctx, config_file, sets, flags, regime="mixed", seed=seed_list[0])
+    _compare_seeds(cfg, seed_list, Path(out), budget=budget, resume=resume,
+                   regimes=[r.strip() for r in regimes.split(",") if r.strip()])
+
+
+def _compare_seeds(cfg: RunConfig, seeds: list[int], out: Path, *, budget: str, resume: bool,
+                   regimes: Sequence[str] | None) -> None:
+    """``compare``'s work: the regimes over the seeds into ``out``, then their summary tables."""
+    from .compare import Progress as Eta, compare_regimes, planned_epochs
     from .reports import format_summary
 
+    t0 = time.time()
+    summary = compare_regimes(cfg, seeds, out, budget=budget, resume=resume,
+                              log=Eta(Progress(), planned_epochs(cfg, seeds)),
+                              **({"regimes": list(regimes)} if regimes is not None else {}))
     for group in summary["summary"]:
         click.echo("\n".join(format_summary(group)))
     click.echo(f"total time {time.time() - t0:.0f}s; comparison in {out}")
 
 
-def _config_file(path: Path) -> RunConfig:
-    """The ``RunConfig`` of a run's config.json (its saved data shapes are the run's, not options)."""
-    from .config import run_config_from_dict
-    from .schema import read_config_json
+@main.command("experiment")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--preset", default=None, help="Lay each file's [preset.NAME] over it, and run only the files made for "
+              "that preset (reproduce.sh: smoke, cpu, gpu).")
+@click.option("--root", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="The folder the experiments write into.")
+@click.option("--dry", is_flag=True, help="Print every step and its state (new, started, done); run nothing.")
+@click.option("--list", "list_only", is_flag=True, help="Print the files --preset runs, in the order they run "
+              "(each after those its `after` names); run nothing.")
+@_user_errors
+def experiment_cmd(files, preset, root, dry, list_only) -> None:
+    """Run experiment files (configs/*.toml; their keys: earlyexit/experiment.py): every step a run, compare,
+    analyze, plot or summary. Finished steps are skipped and started ones resumed: running a file again continues it."""
+    from .experiment import in_order
 
-    try:
-        raw = read_config_json(path)  # JSON read safely, the fields' types checked (one line otherwise)
-    except (OSError, ValueError) as e:
-        raise EarlyExitError(f"--config: cannot read {path}: {e}") from None
-    try:
-        return run_config_from_dict(raw)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise EarlyExitError(f"--config: {path} is not a run configuration ({type(e).__name__}: {e})") from None
+    exps = in_order(files, preset=preset, root=root)
+    if list_only:
+        click.echo("\n".join(str(e.path) for e in exps))
+        return
+    for e in exps:  # the options of every analyze and plot step, parsed before anything runs
+        for step in e.steps:
+            if step.command in ("analyze", "plot"):
+                try:
+                    main.commands[step.command].make_context(step.command, [*step.runs, *step.args])
+                except click.ClickException as err:
+                    raise EarlyExitError(f"{e.path}: {step.describe()}: {err.format_message()}") from None
+    for e in exps:
+        why = e.missing(check_data=not dry)
+        if why:
+            click.echo(f"{e.name}: skipped{' when run now' if dry else ''}: {why}", err=not dry)
+            if not dry:
+                continue
+        for step in e.steps:
+            state = step.state()
+            click.echo(f"{e.name}: {step.describe()}: {state}", err=not dry)
+            if not dry and state != "done":
+                _run_step(step, resume=state == "started")
 
 
-def _model_options(items: tuple[str, ...]) -> dict:
-    """``KEY=VALUE`` pairs; values are read as JSON where they parse (numbers, true, lists), else as strings."""
-    import json
+def _run_step(step: Any, *, resume: bool) -> None:
+    """One ``experiment.Step``, by the code of the command it names."""
+    if step.command == "run":
+        _train_one(step.config, step.out, resume=resume, force=False)
+    elif step.command == "compare":
+        _compare_seeds(step.config, list(step.seeds), step.out, budget=step.budget, resume=resume, regimes=step.regimes)
+    elif step.command == "eval":  # each run evaluated into a folder of its own (eval --out), the run untouched
+        from .runs import evaluate_run
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise EarlyExitError(f"--model-opt expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except ValueError:
-            out[key.strip()] = value
-    return out
+        opts = dict(zip(step.args[::2], step.args[1::2]))
+        unknown = sorted(set(opts) - {"--criterion", "--device"})
+        if unknown:
+            raise EarlyExitError(f"eval step {step.out}: unknown options {', '.join(unknown)}; valid: criterion, device")
+        for run, target in step.eval_targets().items():
+            if not (target / "results.json").is_file():
+                evaluate_run(run, criterion=opts.get("--criterion"), device=opts.get("--device"), out=target)
+    elif step.command == "summary":  # summary's tables, also written to the step's file
+        from .io import atomic_write_text
+        from .reports import format_summary, summarize_runs
+
+        text = "\n".join("\n".join(format_summary(g)) for g in summarize_runs([Path(d) for d in step.run_dirs()]))
+        click.echo(text)
+        step.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(step.out, text + "\n")
+    else:
+        import importlib.util
+
+        if step.command == "plot" and importlib.util.find_spec("matplotlib") is None:
+            click.echo(f"no figure {step.out}: matplotlib is not installed", err=True)
+            return
+        step.out.parent.mkdir(parents=True, exist_ok=True)
+        main.commands[step.command].main([*step.run_dirs(), *step.args], prog_name=f"earlyexit {step.command}",
+                                         standalone_mode=False)
 
 
 @main.command("eval")
@@ -366,9 +340,10 @@ def _model_options(items: tuple[str, ...]) -> dict:
 @_user_errors
 def eval_cmd(run_dir, criterion, device, out) -> None:
     """Re-evaluate a run folder on its test split (rewrites results.json, or writes a new folder with --out)."""
+    from .progress import terminal_progress
     from .runs import evaluate_run
 
-    print_summary(evaluate_run(run_dir, criterion=criterion, device=device, out=out))
+    print_summary(evaluate_run(run_dir, criterion=criterion, device=device, out=out, progress=terminal_progress()))
 
 
 @main.command()
@@ -538,8 +513,9 @@ def analyze(run_dirs, what, other, third, max_samples, split, rank_tolerance, co
             sigma_ref, distance_dtype, n_features, memory_gib, landscape_steps, landscape_span, landscape_direction,
             landscape_bn, landscape_range, plane_range, steps, seed, device, out_file, figures_only) -> None:
     """The paper's analyses of trained runs, as JSON and figures (several runs: one line per run)."""
-    from .analysis import MI_METHODS, analyze_runs, write_figures
+    from .analyze import MI_METHODS, analyze_runs, write_figures
     from .io import atomic_write_json
+    from .progress import terminal_progress
     from .tree import to_jsonable
 
     kinds = tuple(w.strip() for w in what.split(",") if w.strip())
@@ -581,7 +557,8 @@ def analyze(run_dirs, what, other, third, max_samples, split, rank_tolerance, co
                            distance_dtype=distance_dtype, n_features=n_features, rank_tolerance=rank_tolerance,
                            columns=columns, max_bytes=int(memory_gib * 2**30), landscape_steps=grid,
                            landscape_span=landscape_span, landscape_direction=landscape_direction,
-                           landscape_bn=landscape_bn, steps=steps, path_steps=steps, seed=seed)
+                           landscape_bn=landscape_bn, steps=steps, path_steps=steps, seed=seed,
+                           progress=terminal_progress())
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, to_jsonable(results[0] if len(results) == 1 else {"runs": results}))
     click.echo(f"wrote {out}")
@@ -611,9 +588,11 @@ def score_cmd(files, val_files, base_flops, criterion, out) -> None:
 
     Each FILE (.npz, .pt or .safetensors) holds `logits` (E, N, C), `labels` (N,) and `costs` (E,), the
     cumulative cost of each exit; several FILEs are the seeds of one configuration (mean +- std tables)."""
+    from .progress import terminal_progress
     from .score import format_score, score, write_score
 
-    result = score(list(files), val=list(val_files) or None, base_flops=base_flops, criterion=criterion)
+    result = score(list(files), val=list(val_files) or None, base_flops=base_flops, criterion=criterion,
+                   progress=terminal_progress())
     written = write_score(result, out)
     click.echo("\n".join(format_score(result)))
     click.echo(f"wrote {', '.join(str(p) for p in written)}")

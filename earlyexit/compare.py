@@ -34,7 +34,6 @@ folder: the second pass (``resume=True``) reuses phase 1, disjoint and mixed.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -45,16 +44,17 @@ import torch
 from . import runs
 from .config import RunConfig
 from .errors import EarlyExitError
-from .io import (atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, load_state_strict,
+from .io import (atomic_torch_save, atomic_write_json, load_checkpoint, load_state_strict,
                  remove_stale_temps)
 from .pairs import pair_summary
+from .regime import NAMES, Regime
 from .reports import maybe_plot, summarize_runs
 from .rundir import RunLock
 from .results import RESULTS, Results, TrainInfo
 from .stats import training_cost
-from .training import CHECKPOINT, HISTORY, train
+from .training import CHECKPOINT, train, write_history
 
-REGIMES = ("joint", "disjoint", "mixed")
+REGIMES = tuple(NAMES)  # joint, disjoint, mixed: the paper's order
 BUDGETS = ("paper", "matched", "flops")
 PAIRS = (("mixed", "joint"), ("mixed", "disjoint"), ("disjoint", "joint"))  # a - b, the paper's order
 PHASE1 = "phase1"
@@ -120,7 +120,7 @@ def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
             return p1[0]
 
         spent = {}
-        for regime in [r for r in ("disjoint", "mixed") if r in regimes]:
+        for regime in [r for r in regimes if Regime.parse(r).starts_from_phase1]:  # they continue the shared phase 1
             d = run_dir(out, c, regime, seed)
             emit("run", regime=regime, seed=seed, out=str(d))
             res = _continue(replace(c, train=replace(c.train, regime=regime)), splits, phase1, d, emit)
@@ -193,7 +193,7 @@ def _train_phase1(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None
     torch.manual_seed(cfg.train.seed)  # the model is built from the seed exactly as `run` builds it
     model = runs.make_model(cfg, splits)
     emit("run", regime="phase 1 (shared)", seed=cfg.train.seed, out=str(d))
-    p1cfg = replace(cfg.train, regime="+--")
+    p1cfg = replace(cfg.train, regime=Regime.of(1))
     probe = runs.gradient_probe if cfg.train.grad_log_every is not None else None  # (phase 1 is never probed)
     rec = train(model, splits, config=p1cfg, out_dir=d, resume=(d / CHECKPOINT).is_file(), augment=cfg.data.augment,
                 log=emit, eval_batch_size=cfg.eval.batch_size, probe=probe)
@@ -214,7 +214,7 @@ def _continue(cfg: RunConfig, splits: Any, phase1: Callable[[], dict], d: Path,
 
 
 def _train_continued(cfg: RunConfig, splits: Any, p1: dict, d: Path, emit: Callable[..., None]) -> Results:
-    rest = "-" + cfg.train.phase_string[1:]
+    rest = cfg.train.parsed_regime.after_phase1()
     resume = (d / CHECKPOINT).is_file()
     torch.manual_seed(cfg.train.seed)
     model = runs.make_model(cfg, splits)
@@ -227,7 +227,7 @@ def _train_continued(cfg: RunConfig, splits: Any, p1: dict, d: Path, emit: Calla
     rec = train(model, splits, config=replace(cfg.train, regime=rest), out_dir=d, resume=resume,
                 augment=cfg.data.augment, log=emit, eval_batch_size=cfg.eval.batch_size, probe=probe)
     history = list(p1["history"]) + list(rec.history)  # the run's history, phase 1 included, as `run` writes it
-    atomic_write_text(d / HISTORY, "".join(_json_line(h) for h in history))
+    write_history(d, history)
     info = TrainInfo(seconds=p1["seconds"] + rec.seconds, phases=list(p1["phases"]) + [vars(r) for r in rec.phases])
     model, info = runs.method_stage(cfg, model, splits, info, log=emit)
     return _finish(cfg, model, splits, d, info)
@@ -259,10 +259,6 @@ def _finish(cfg: RunConfig, model: Any, splits: Any, d: Path, info: TrainInfo) -
     res.save(d)
     maybe_plot([d], d / "curve.png")
     return res
-
-
-def _json_line(rec: dict) -> str:
-    return json.dumps(rec) + "\n"
 
 
 class Progress:

@@ -8,8 +8,9 @@ defaults: the CLI maps only the flags a user gives onto fields.
 
 Policy resolved here, once:
 
-- the regime (a name or a phase string) is parsed when ``TrainConfig`` is
-  built; ``TrainConfig.phase_string`` is the parsed form;
+- the regime (a name or a phase string, ``earlyexit.regime``) is checked when
+  ``TrainConfig`` is built; ``TrainConfig.regime`` keeps the spelling given (as
+  config.json holds it), ``TrainConfig.parsed_regime`` is the ``Regime``;
 - a phase's learning rate defaults by optimizer (SGD 0.1, AdamW 1e-3);
 - ``RunConfig`` fills the loss weighting and the exit criterion from its
   method's defaults (``METHOD_DEFAULTS``), else ``DEFAULT_WEIGHTING`` and
@@ -28,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .regime import Regime
 
-REGIMES = {"joint": "-+-", "disjoint": "+-+", "mixed": "++-"}
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")  # TrainConfig.memory_format (earlyexit.device)
@@ -38,12 +39,14 @@ EARLY_STOPS = ("metric", "per_exit")
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 DEFAULT_WEIGHTING = "mean"       # the paper's code averages the exits' losses (earlyexit.weighting)
 DEFAULT_CRITERION = "confidence"
+CRITERIA = ("confidence", "entropy", "patience")  # exit criteria: max-softmax > t, entropy <= t, the same prediction
+                                                  # for t exits in a row (earlyexit.metrics.criteria computes them)
 
 
 @dataclass(frozen=True)
 class MethodDefaults:
     weighting: str                  # loss weighting over exits (earlyexit.weighting)
-    criterion: str                  # exit criterion of the threshold curve (earlyexit.metrics.CRITERIA)
+    criterion: str                  # exit criterion of the threshold curve (CRITERIA)
     paper: str = ""
 
 
@@ -56,19 +59,6 @@ METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     "ztw": MethodDefaults("mean", "confidence", "Wołczyk et al., NeurIPS 2021"),
     "gpf": MethodDefaults("pabee", "entropy", "Liao et al., NAACL 2021"),
 }
-
-
-def parse_regime(regime: str) -> str:
-    """Return the phase string (3 characters over ``+``/``-``) of a regime name or phase string."""
-    if isinstance(regime, str):
-        if regime in REGIMES:
-            return REGIMES[regime]
-        if len(regime) == 3 and set(regime) <= {"+", "-"}:
-            if regime == "---":
-                raise ConfigError("phase string '---' runs no phase; enable at least one of the three")
-            return regime
-    raise ConfigError(
-        f"unknown regime {regime!r}; valid: {', '.join(REGIMES)} or a 3-character phase string over +/- (e.g. '+-+')")
 
 
 def _choice(value: Any, valid: Any, what: str) -> None:
@@ -142,7 +132,7 @@ GRAD_CLIP_MODEL = "model"  # TrainConfig.grad_clip: take the model's own default
 
 @dataclass(frozen=True)
 class TrainConfig:
-    regime: str = "mixed"           # joint | disjoint | mixed | phase string such as "+-+"
+    regime: str = "mixed"           # joint | disjoint | mixed | phase string such as "+-+" (a Regime is kept by its name)
     phases: tuple[PhaseConfig, PhaseConfig, PhaseConfig] = (PhaseConfig(), PhaseConfig(), PhaseConfig())
     batch_size: int = 128           # global batch size (split over DDP ranks)
     weighting: str | None = None    # loss weights alpha_k over exits (earlyexit.weighting); None = DEFAULT_WEIGHTING
@@ -156,13 +146,14 @@ class TrainConfig:
     compile: bool = False           # train through torch.compile (faster steps after a one-off compile)
 
     def __post_init__(self) -> None:
-        phases = parse_regime(self.regime)
-        _set(self, "_phase_string", phases)
+        regime = Regime.parse(self.regime)
+        if isinstance(self.regime, Regime):
+            _set(self, "regime", regime.name)  # config.json holds the regime as a string
         if len(self.phases) != 3 or not all(isinstance(p, PhaseConfig) for p in self.phases):
             raise ConfigError("phases: expected three PhaseConfig, one per phase")
         _set(self, "phases", tuple(self.phases))
         for p, pc in enumerate(self.phases, 1):
-            if phases[p - 1] == "+" and pc.epochs <= 0:
+            if regime.runs(p) and pc.epochs <= 0:
                 raise ConfigError(f"epochs must be > 0 (phase {p} has {pc.epochs})")
         _number(self.batch_size, "batch size", low=1, integer=True)
         _number(self.seed, "seed", integer=True)
@@ -185,9 +176,9 @@ class TrainConfig:
             raise ConfigError(f"compile must be true or false, got {self.compile!r}")
 
     @property
-    def phase_string(self) -> str:
-        """The regime as a phase string over ``+``/``-`` (parsed once, when the config was built)."""
-        return self._phase_string  # type: ignore[attr-defined]
+    def parsed_regime(self) -> Regime:
+        """The ``Regime`` of ``regime`` (checked when the config was built)."""
+        return Regime.parse(self.regime)
 
     @property
     def loss_weighting(self) -> str:
@@ -248,8 +239,6 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.criterion is not None:
-            from .metrics.criteria import CRITERIA
-
             _choice(self.criterion, CRITERIA, "criterion")
         _number(self.thresholds, "number of thresholds", low=1, integer=True)
         _number(self.batch_size, "evaluation batch size", low=1, integer=True)
@@ -276,8 +265,9 @@ class RunConfig:
             _set(self, "train", dataclasses.replace(self.train, weighting=defaults.weighting))
         if self.eval.criterion is None:
             _set(self, "eval", dataclasses.replace(self.eval, criterion=defaults.criterion))
-        if self.train.phase_string[:2] == "--" and self.init is None:
-            raise ConfigError(f"regime {self.train.phase_string!r} trains only the ICs: it needs a trained backbone, "
+        regime = self.train.parsed_regime
+        if not regime.trains_backbone and self.init is None:
+            raise ConfigError(f"regime {regime.phases!r} trains only the ICs: it needs a trained backbone, "
                               "pass --init RUN_OR_WEIGHTS")
 
 

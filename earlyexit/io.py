@@ -119,10 +119,8 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise CheckpointError(f"weights not found: {path}")
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise CheckpointError("reading .safetensors needs the safetensors package (pip install safetensors)") from None
+        from safetensors.torch import load_file  # a main dependency
+
         try:
             return load_file(str(path))
         except Exception as e:

@@ -99,8 +99,10 @@ def build_checked(name: str, *, num_classes: int, in_chans: int, exits: Any, opt
     shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
     try:
         model = build(name, num_classes=num_classes, in_chans=in_chans, exits=exits, **options)
-    except (EarlyExitError, ValueError):
-        raise  # already one line and named
+    except EarlyExitError:
+        raise
+    except ValueError as e:  # a builder's refusal of an option value: already one line and named
+        raise ConfigError(" ".join(str(e).split()) or type(e).__name__) from None
     except (TypeError, RuntimeError, ArithmeticError, AssertionError, IndexError, KeyError, AttributeError) as e:
         msg = " ".join(str(e).split())[:160] or type(e).__name__
         raise ConfigError(f"model {name!r} cannot be built{' with ' + shown if shown else ''}: {msg}") from None

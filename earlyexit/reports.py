@@ -43,10 +43,12 @@ import torch
 from .errors import EarlyExitError
 from .io import atomic_write_bytes, figure_bytes
 from .metrics import average_curves, ztw_budget_table
+from .regime import NAMES as REGIME_NAMES, Regime
 from .results import Results
 from .stats import training_cost
 
-_REGIME_COLOR = {"-+-": 0, "+-+": 1, "++-": 2}  # joint, disjoint, mixed: the same colour in every figure
+_REGIME_COLOR = {phases: i for i, phases in enumerate(REGIME_NAMES.values())}  # joint, disjoint, mixed: the same
+                                                                               # colour in every figure
 _STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # (line, exit marker) per configuration of a regime
 CALIBRATED_TITLE = "validation-calibrated budget (thresholds chosen on validation, per seed, mean +- std)"
 PAPER_BUDGETS_TITLE = "budget (paper's rule, curves averaged over seeds)"
@@ -266,9 +268,6 @@ def format_summary(group: dict) -> list[str]:
     return lines
 
 
-_REGIME_NAMES = {"-+-": "joint", "+-+": "disjoint", "++-": "mixed"}
-
-
 def _md_cell(v: dict | None) -> str:
     return "-" if v is None else f"{v['mean'] * 100:.2f} +- {v['std'] * 100:.2f}"
 
@@ -289,7 +288,7 @@ def markdown_summary(groups: Sequence[dict]) -> str:
     accuracy. Percentages as mean +- std over the seeds.
     """
     def label(g: dict) -> str:
-        regime = _REGIME_NAMES.get(g["regime"], g["regime"])
+        regime = Regime.display(g["regime"])
         method = f" {g['method']}" if g.get("method") else ""
         return f"{g['model']} {regime}{method} (seeds {','.join(str(s) for s in g['seeds'])})"
 
@@ -423,14 +422,14 @@ def describe_run(run_dir: Path) -> str | None:
     except Exception:  # a foreign or older config: the figure goes without the line
         return None
     t = c.train
-    phases = [f"phase {i + 1} {pc.epochs} epochs at lr {'/'.join(f'{v:g}' for v in pc.lr)}"
-              for i, pc in enumerate(t.phases) if t.phase_string[i] == "+"]
+    regime = t.parsed_regime
+    phases = [f"phase {p} {t.phases[p - 1].epochs} epochs at lr {'/'.join(f'{v:g}' for v in t.phases[p - 1].lr)}"
+              for p in regime.run_phases]
     extra = [f"ICs {c.model.exits}" if c.model.exits is not None else None,
              *(f"{k.replace('_', ' ')} {v}" for k, v in sorted(c.model.kwargs.items()) if k != "weights"),
              f"weighting {t.weighting}" if t.weighting not in (None, "mean") else None,
              f"method {c.method}" if c.method else None]
-    name = {"-+-": "joint", "+-+": "disjoint", "++-": "mixed"}.get(t.phase_string, t.phase_string)
-    return f"{name}: {', '.join(phases)}" + ("; " + ", ".join(e for e in extra if e) if any(extra) else "")
+    return f"{regime.name}: {', '.join(phases)}" + ("; " + ", ".join(e for e in extra if e) if any(extra) else "")
 
 
 def _lookup(cfg: dict, dotted: str) -> Any:

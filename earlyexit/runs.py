@@ -8,9 +8,9 @@ registry answer for them.
 A run folder holds (all written atomically):
 
 - ``config.json``: the ``RunConfig`` (and the dataset's shapes);
-- ``history.jsonl``: one line per training epoch;
+- ``history.jsonl``: one line per training epoch, and ``history.csv``: the same rows as a table;
 - ``checkpoint.pt``: the training state (for ``--resume``);
-- ``model.safetensors`` (or ``model.pt`` without safetensors): the final weights;
+- ``model.safetensors``: the final weights (``model.pt`` in runs of earlier versions, still read);
 - ``results.json``: ``earlyexit.results.Results``;
 - ``gradients.jsonl`` with ``TrainConfig.grad_log_every``: one line per probed step of phases 2
   and 3, ``{"phase", "epoch", "step", "cos": [E], "grid", "lr"}``, each exit's gradient cosine
@@ -36,22 +36,24 @@ from .errors import CheckpointError, ConfigError, EarlyExitError, RunInterrupted
 from .io import atomic_write_json, atomic_write_text, load_checkpoint, load_weights, remove_stale_temps
 from .models import MultiExitModel, build_model
 from .preflight import build_checked, check_forward
+from .progress import ProgressFn, tracked
+from .regime import NAMES as REGIME_NAMES
 from .rundir import (STASH, RunLock, check_entries, check_unlocked, describe_os_error, drop_stash, restore_run, settle,
                      stash_run)
 from .reports import maybe_plot
 from .results import RESULTS, Results, TrainInfo
 from .score import calibrates, evaluate_logits
 from .training import CHECKPOINT, train
-from .training.state import HISTORY, PROBE_LOG
+from .training.state import HISTORY, HISTORY_CSV, PROBE_LOG
 
 WEIGHTS_FILES = ("model.safetensors", "model.pt")
 # every file a run writes: what --force replaces (the checkpoint first) and a failed replacement puts back
-RUN_FILES = (CHECKPOINT, "results.json", "history.jsonl", PROBE_LOG, "curve.png", *WEIGHTS_FILES, "config.json")
+RUN_FILES = (CHECKPOINT, "results.json", HISTORY, HISTORY_CSV, PROBE_LOG, "curve.png", *WEIGHTS_FILES, "config.json")
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
     reg = cfg.train.regime
-    tag = reg if reg.isalpha() else reg.replace("+", "p").replace("-", "m")
+    tag = reg if reg in REGIME_NAMES else cfg.train.parsed_regime.slug  # a name as given, else the phase string
     data = cfg.data.name.replace(":", "_").replace("/", "_")
     return Path("runs") / f"{cfg.model.name}-{data}-{tag}-s{cfg.train.seed}"
 
@@ -69,7 +71,7 @@ def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
 
 def clear_out_dir(out: Path) -> None:
     """Remove a previous run's files (``--force``), once the new run is known to start."""
-    for name in ("results.json", CHECKPOINT, "history.jsonl", PROBE_LOG, "curve.png", *WEIGHTS_FILES):
+    for name in ("results.json", CHECKPOINT, HISTORY, HISTORY_CSV, PROBE_LOG, "curve.png", *WEIGHTS_FILES):
         (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -125,14 +127,13 @@ def _is_text_dataset(name: str) -> bool:
 
 
 def save_weights(model: torch.nn.Module, out: Path) -> Path:
-    from .io import atomic_torch_save, atomic_write_bytes
+    """The final weights as ``out/model.safetensors`` (safetensors is a main dependency; ``model.pt`` is only read,
+    from runs of earlier versions)."""
+    from safetensors.torch import save as st_save
+
+    from .io import atomic_write_bytes
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    try:
-        from safetensors.torch import save as st_save
-    except ImportError:
-        atomic_torch_save(sd, out / "model.pt")
-        return out / "model.pt"
     atomic_write_bytes(out / "model.safetensors", st_save(sd))
     return out / "model.safetensors"
 
@@ -182,17 +183,20 @@ def load_init(model: MultiExitModel, path: str | Path) -> None:
     load_state_strict(model, sd, source=f"--init {path}", strict=False)
 
 
-def evaluate_model(model: MultiExitModel, splits: Any, cfg: RunConfig, device: torch.device | None = None) -> dict:
+def evaluate_model(model: MultiExitModel, splits: Any, cfg: RunConfig, device: torch.device | None = None, *,
+                   progress: ProgressFn | None = None) -> dict:
     """Test-set results (the ``exits``, ``curve``, ``budgets`` and ``base_flops`` parts of results.json).
 
     The model's logits go through ``score.evaluate_logits``, the evaluation ``python -m earlyexit score``
-    applies to another implementation's logits.
+    applies to another implementation's logits. ``progress(done, total, label)`` (``earlyexit.progress``) is told
+    of every batch evaluated.
     """
     device = device or next(model.parameters()).device
     example = model.example_input(1, device=device)
     costs = metrics.exit_costs(model, example)
     base = metrics.backbone_cost(model, example)
-    logits, labels = metrics.evaluate(model, splits.test.batches(cfg.eval.batch_size), device=device)
+    bs = cfg.eval.batch_size
+    logits, labels = metrics.evaluate(model, _batches(splits.test, bs, "test batches", progress), device=device)
     if not torch.isfinite(logits).all():
         bad = "weights" if any(not torch.isfinite(p).all() for p in model.parameters()) else "outputs"
         raise TrainingError(f"training diverged: the model's {bad} are not finite (NaN or inf); "
@@ -200,9 +204,13 @@ def evaluate_model(model: MultiExitModel, splits: Any, cfg: RunConfig, device: t
     val_logits = None
     if calibrates(cfg.eval.criterion, len(costs)):
         # thresholds chosen on validation data for each target cost, then applied unchanged to the test set
-        val_logits, _ = metrics.evaluate(model, splits.val.batches(cfg.eval.batch_size), device=device)
+        val_logits, _ = metrics.evaluate(model, _batches(splits.val, bs, "validation batches", progress), device=device)
     return evaluate_logits(logits, labels, costs, base, criterion=cfg.eval.criterion, thresholds=cfg.eval.thresholds,
                            val_logits=val_logits, stages=model.exit_after)
+
+
+def _batches(split: Any, batch_size: int, label: str, progress: ProgressFn | None) -> Any:
+    return tracked(split.batches(batch_size), -(-len(split) // batch_size), label, progress)
 
 
 def with_model_defaults(cfg: RunConfig) -> RunConfig:
@@ -240,7 +248,7 @@ def check_resume(cfg: RunConfig, out: Path) -> None:
     # the checkpoint it resumes from, checked against its schema and this run's learning-rate grids
     ckpt = load_checkpoint(out / CHECKPOINT, mmap=True)
     if isinstance(ckpt, dict) and "version" in ckpt and "phase" in ckpt:  # else: train() refuses it in one line
-        check_checkpoint(ckpt, out / CHECKPOINT, phases=cfg.train.phase_string,
+        check_checkpoint(ckpt, out / CHECKPOINT, phases=cfg.train.parsed_regime.phases,
                          lr_grids=[len(p.lr) for p in cfg.train.phases])
     if f.is_file():
         saved, where = read_run_config(f), "its config.json"
@@ -343,7 +351,7 @@ def method_stage(cfg: RunConfig, model: MultiExitModel, splits: Any, info: Train
 
 def results_of(cfg: RunConfig, evaluation: dict, train_info: TrainInfo | dict | None) -> Results:
     """The run's ``Results``: its identity from the config, the rest from the evaluation."""
-    return Results.build(regime=cfg.train.phase_string, regime_name=cfg.train.regime, model=cfg.model.name,
+    return Results.build(regime=cfg.train.parsed_regime.phases, regime_name=cfg.train.regime, model=cfg.model.name,
                          dataset=cfg.data.name, seed=cfg.train.seed, evaluation=evaluation, method=cfg.method,
                          weighting=cfg.train.weighting, train=train_info)
 
@@ -500,13 +508,13 @@ def _data_meta(cfg: RunConfig) -> Any:
 
 
 def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str | None = None,
-                 out: str | Path | None = None) -> dict:
+                 out: str | Path | None = None, progress: ProgressFn | None = None) -> dict:
     """Re-evaluate a run folder on its test split (keeping its training record).
 
     Without ``out`` the run's results.json is rewritten. With ``out`` the run folder is left as it is and the
     evaluation becomes a run folder of its own (config.json with the criterion it used, results.json, the
     training history copied), e.g. the same runs under the entropy criterion beside the confidence ones;
-    ``out`` must not hold results already.
+    ``out`` must not hold results already. ``progress`` is told of every batch evaluated (``evaluate_model``).
     """
     from dataclasses import replace
 
@@ -525,11 +533,12 @@ def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str 
             train_info = Results.from_json(path).train
         except EarlyExitError:
             train_info = None
-    res = results_of(cfg, evaluate_model(model, splits, cfg, dev), train_info)
+    res = results_of(cfg, evaluate_model(model, splits, cfg, dev, progress=progress), train_info)
     if out is not None:
         target.mkdir(parents=True, exist_ok=True)
         write_config(cfg, splits, target)
-        if (path / HISTORY).is_file():
-            atomic_write_text(target / HISTORY, (path / HISTORY).read_text())
+        for name in (HISTORY, HISTORY_CSV):
+            if (path / name).is_file():
+                atomic_write_text(target / name, (path / name).read_text())
     res.save(target)
     return res.to_dict()

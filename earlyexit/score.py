@@ -41,6 +41,7 @@ from torch import Tensor
 from . import metrics
 from .errors import EarlyExitError
 from .io import atomic_write_bytes, atomic_write_json, figure_bytes, one_line
+from .progress import ProgressFn, tracked
 from .reports import PAPER_BUDGETS_TITLE, SEED_BUDGETS_TITLE
 from .tree import to_jsonable
 
@@ -116,10 +117,8 @@ def read_outputs(path: str | os.PathLike) -> dict[str, Any]:
             with np.load(path, allow_pickle=False) as f:
                 return {k: f[k] for k in f.files}
         if path.suffix == ".safetensors":
-            try:
-                from safetensors.torch import load_file
-            except ImportError:
-                raise EarlyExitError("reading .safetensors needs the safetensors package (pip install safetensors)") from None
+            from safetensors.torch import load_file  # a main dependency
+
             return dict(load_file(str(path)))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except EarlyExitError:
@@ -271,7 +270,8 @@ def _base_flops(items: list[_Outputs], base_flops: float | None) -> float:
 # --- scoring ---------------------------------------------------------------------
 
 def score(outputs: Any, labels: Any = None, costs: Any = None, *, val: Any = None, base_flops: float | None = None,
-          criterion: str = "confidence", thresholds: int = 100, out: str | os.PathLike | None = None) -> dict:
+          criterion: str = "confidence", thresholds: int = 100, out: str | os.PathLike | None = None,
+          progress: ProgressFn | None = None) -> dict:
     """Evaluate another implementation's per-exit outputs exactly as a run of this package evaluates its own.
 
     Args:
@@ -288,6 +288,7 @@ def score(outputs: Any, labels: Any = None, costs: Any = None, *, val: Any = Non
         criterion: ``confidence``, ``entropy`` or ``patience``.
         thresholds: the number of evenly spaced thresholds of the curve (a run's default: 100).
         out: a folder to write ``score.json`` (this dict) and ``curve.png`` (with matplotlib) into.
+        progress: ``progress(done, total, label)`` (``earlyexit.progress``), told of every output read and scored.
     Returns:
         ``{criterion, base_flops, sources, evaluations, summary}``: ``evaluations[i]`` is the evaluation part of a
         results.json for ``sources[i]`` (``evaluate_logits``); ``summary`` (``summarize``) the mean +- std over
@@ -305,7 +306,8 @@ def score(outputs: Any, labels: Any = None, costs: Any = None, *, val: Any = Non
         outputs = {"logits": outputs, "labels": labels, "costs": costs}
     elif isinstance(outputs, (Tensor, np.ndarray)):
         raise EarlyExitError("logits alone cannot be scored: pass labels= and costs= as well")
-    items = [_load(o, f"outputs[{i}]") for i, o in enumerate(_items(outputs))]
+    sources = _items(outputs)
+    items = [_load(o, f"outputs[{i}]") for i, o in tracked(enumerate(sources), len(sources), "reading", progress)]
     if val is None:
         vals: list = [None] * len(items)
     else:
@@ -313,11 +315,12 @@ def score(outputs: Any, labels: Any = None, costs: Any = None, *, val: Any = Non
         if len(vals) != len(items):
             raise EarlyExitError(f"give one validation output per output: {len(items)} outputs, {len(vals)} "
                                  "validation outputs")
-        vals = [_load(v, f"val[{i}]", val=True) for i, v in enumerate(vals)]
+        vals = [_load(v, f"val[{i}]", val=True)
+                for i, v in tracked(enumerate(vals), len(vals), "reading validation outputs", progress)]
     _check_together(items, vals)
     base = _base_flops(items, base_flops)
     evaluations = []
-    for o, v in zip(items, vals):
+    for o, v in tracked(zip(items, vals), len(items), "scoring", progress):
         try:
             ev = evaluate_logits(o.logits, o.labels, o.costs, base, criterion=criterion, thresholds=thresholds,
                                  val_logits=None if v is None else v.logits, stages=o.stages)

@@ -356,7 +356,7 @@ def test_filter_normalised_directions():
 
 def test_analyze_run_on_a_trained_run(tmp_path):
     """The earlier per-exit estimators stay reachable (tests/test_analyze.py covers the paper's)."""
-    from earlyexit.analysis import analyze_run
+    from earlyexit.analyze import analyze_run
     from earlyexit.config import DataConfig, EvalConfig, ModelConfig, PhaseConfig, RunConfig, TrainConfig
     from earlyexit.runs import run_experiment
 

@@ -24,7 +24,7 @@ from torch import nn
 from earlyexit import build_model
 from earlyexit.analysis import (exit_losses, feature_scale, feature_subset, landscape_summary, layer_information,
                                 layer_ranks, loss_surface, mi_xz, pairwise_bounds, rank_from_covariance, reset_bn)
-from earlyexit.analysis.report import _barriers, describe, write_figures
+from earlyexit.analyze import _barriers, describe, write_figures
 
 NUM_CLASSES = 3
 EPS32 = torch.finfo(torch.float32).eps

@@ -1,4 +1,4 @@
-"""``analyze``: the paper's analyses of tiny trained runs, as JSON and figures (``earlyexit.analysis.report``)."""
+"""``analyze``: the paper's analyses of tiny trained runs, as JSON and figures (``earlyexit.analyze``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from earlyexit.analysis import analyze_run, write_figures
+from earlyexit.analyze import analyze_run, analyze_runs, write_figures
 from earlyexit.cli import main
 from earlyexit.config import DataConfig, EvalConfig, ModelConfig, PhaseConfig, RunConfig, TrainConfig
 from earlyexit.runs import run_experiment
@@ -107,6 +107,14 @@ def test_rank_figure_has_one_line_per_run_and_the_log_keeps_the_chosen_grid_poin
     assert {r["lr"] for r in log} == {0.05, 0.02}  # both grid points were logged ...
     assert drawn["plot_gradient_cosines"] == [r for r in log if r["lr"] == chosen]  # ... the chosen one is drawn
     assert {p.name for p in written} == {"a-rank.png", "a-gradients-joint.png"}
+
+
+def test_progress_counts_every_analysis_of_every_run(runs):
+    seen = []
+    kw = dict(max_samples=32, n_features=16, device="cpu", path_steps=3)
+    results = analyze_runs(runs[:2], what=("rank", "connectivity"), progress=lambda *a: seen.append(a), **kw)
+    assert results == analyze_runs(runs[:2], what=("rank", "connectivity"), **kw)  # the same with or without it
+    assert seen == [(i, 3, "analyses") for i in range(4)]  # rank on both runs, the path once
 
 
 def test_gradient_cosines_of_the_trained_model_average_the_batches(runs):

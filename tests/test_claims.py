@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from earlyexit import build_model, load_dataset, train
 from earlyexit.config import PhaseConfig, TrainConfig
 from earlyexit.metrics import backbone_cost, exit_costs
-from earlyexit.metrics.costs import count_flops
+from earlyexit.flops import count_flops
 from earlyexit.training.state import CheckpointFiles
 
 # --------------------------------------------------------------------------- resume at every position

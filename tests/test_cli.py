@@ -312,7 +312,9 @@ def test_bert_run_end_to_end_with_its_vocabulary(tmp_path):
 @pytest.mark.slow
 def test_reproduce_script_smoke_preset(tmp_path):
     script = Path(__file__).parents[1] / "reproduce.sh"
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    root = str(script.parent)  # this checkout's package, installed or not
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     r = subprocess.run(["bash", str(script), "smoke"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "runs" / "smoke"
@@ -330,7 +332,7 @@ def test_config_reruns_a_finished_run_exactly(finished_run, tmp_path):
     a = json.loads((out / "results.json").read_text())
     b = json.loads((tmp_path / "again" / "results.json").read_text())
     assert [e["accuracy"] for e in a["exits"]] == [e["accuracy"] for e in b["exits"]] and a["curve"] == b["curve"]
-    _expect_error(["run", "--config", str(out / "config.json"), "--lr", "0.5", "--out", str(tmp_path / "x")],
-                  "--config excludes the other run options (got --lr)")
+    _expect_error(["run", "--config", str(out / "config.json"), "--lr", "-1", "--out", str(tmp_path / "x")],
+                  "--lr: expected a number > 0, got '-1'")  # the flags given override the file, checked as ever
     (tmp_path / "bad.json").write_text("{}")
     _expect_error(["run", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "y")], "not a run configuration")

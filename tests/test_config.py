@@ -49,7 +49,7 @@ def test_any_unknown_optimizer_or_schedule_is_refused(name):
 def test_lr_defaults_by_optimizer_and_regime_is_parsed_once():
     assert PhaseConfig().lr == (0.1,) and PhaseConfig(optimizer="adamw").lr == (1e-3,)
     assert PhaseConfig(lr=0.05).lr == (0.05,)
-    assert TrainConfig(regime="disjoint").phase_string == "+-+" and TrainConfig(regime="+++").phase_string == "+++"
+    assert TrainConfig(regime="disjoint").parsed_regime.phases == "+-+" and TrainConfig(regime="+++").parsed_regime.phases == "+++"
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_DEFAULTS))

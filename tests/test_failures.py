@@ -473,6 +473,24 @@ def test_every_command_fails_in_one_line(args, pattern, finished, tmp_path):
     _one_line_error(_invoke([a.format(**fill) for a in args]), pattern)
 
 
+@pytest.mark.parametrize("bug", [ValueError("bad index"), KeyError("exits"), RuntimeError("shape mismatch")])
+def test_an_internal_bug_keeps_its_traceback(bug, finished, monkeypatch):
+    """Only the package's own errors (and the OS's) become one line: a stray ValueError, KeyError or RuntimeError
+    from our code is a bug, and the command ends with it (exit 1, the exception and its traceback kept)."""
+    import earlyexit.runs
+
+    raised = [bug]
+
+    def broken(*a, **k):
+        raise raised[0]
+
+    monkeypatch.setattr(earlyexit.runs, "evaluate_run", broken)
+    r = CliRunner().invoke(main, ["eval", str(finished)])
+    assert r.exit_code == 1 and r.exception is bug and "error:" not in r.output, r.output
+    raised[0] = ConfigError(f"the same place, a user's error: {bug}")
+    _one_line_error(CliRunner().invoke(main, ["eval", str(finished)]), "error: the same place, a user's error")
+
+
 def test_results_json_holds_exactly_the_documented_schema(finished):
     """Every key of a real run's results.json is a documented field of its part, and no documented required
     field is missing (the schema printed in the README is generated from the same dataclasses)."""

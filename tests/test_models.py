@@ -146,3 +146,22 @@ def test_sdn_head_sized_from_feature_info():
         head = m.heads[k]
         side = [min(s, 4) for s in info["size"]]
         assert head.linear.in_features == info["num_chs"] * side[0] * side[1]
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mlp", "vit", "msdnet_cifar"])
+def test_repr_is_one_line_with_the_exits_and_their_costs(name):
+    """``print(model)`` names the backbone, where the exits sit and their costs over the backbone's (as ``run``
+    prints them), not the module tree; counting them leaves the model's mode and buffers as they were."""
+    from earlyexit.metrics import backbone_cost, exit_costs
+
+    model = build_model(name, num_classes=5, **get_spec(name).tiny)
+    model.train()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    text = repr(model)
+    assert "\n" not in text and len(text) < 200 and text.startswith(f"{type(model).__name__}({name}, 5 classes: ")
+    assert f"exits after stages {model.exit_after} of {len(model.stages)}" in text
+    x = model.example_input(1)
+    want = [c / backbone_cost(model, x) for c in exit_costs(model, x)]
+    assert f"cost [{', '.join(f'{c:.2f}' for c in want)}] x backbone" in text
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
+    assert repr(model) == text and str(model) == text

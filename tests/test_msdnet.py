@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 import torch.nn.functional as F
 
-from earlyexit.metrics.costs import count_flops
+from earlyexit.flops import count_flops
 from earlyexit.models import build_model, slice_state
 from earlyexit.models.msdnet import block_depths, scale_schedule
 

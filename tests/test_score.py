@@ -274,3 +274,27 @@ def test_python_api_errors_are_one_line():
         score([torch.zeros(3, 5, 4)])
     with pytest.raises(EarlyExitError, match="give the validation logits with their labels"):
         score(GOOD, val=torch.zeros(3, 5, 4))
+
+
+def test_progress_is_told_of_every_file_read_and_scored(tiny_run):
+    seen = []
+    files = [tiny_run["root"] / "test.npz"] * 2
+    r = score(files, val=[tiny_run["root"] / "val.npz"] * 2, progress=lambda *a: seen.append(a))
+    assert r == score(files, val=[tiny_run["root"] / "val.npz"] * 2)  # the same result with or without it
+    assert seen == [(0, 2, "reading"), (1, 2, "reading"), (2, 2, "reading"),
+                    (0, 2, "reading validation outputs"), (1, 2, "reading validation outputs"),
+                    (2, 2, "reading validation outputs"), (0, 2, "scoring"), (1, 2, "scoring"), (2, 2, "scoring")]
+
+
+def test_eval_reports_every_batch_and_writes_the_same_results(tiny_run, tmp_path):
+    from earlyexit.runs import evaluate_run
+
+    seen = []
+    plain = evaluate_run(tiny_run["root"] / "run", out=tmp_path / "a")
+    tracked = evaluate_run(tiny_run["root"] / "run", out=tmp_path / "b", progress=lambda *a: seen.append(a))
+    assert tracked == plain
+    _, cfg = load_run(tiny_run["root"] / "run")
+    splits = load_data(cfg)
+    for split, label in ((splits.test, "test batches"), (splits.val, "validation batches")):
+        n = -(-len(split) // cfg.eval.batch_size)
+        assert [s for s in seen if s[2] == label] == [(i, n, label) for i in range(n + 1)]

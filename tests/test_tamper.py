@@ -432,7 +432,7 @@ def test_read_json_is_one_line_for_every_damage(tmp_path):
 
 def test_every_json_file_is_read_by_the_one_reader():
     """No module of the package parses JSON with a json.load/json.loads of its own but the schema module (the one
-    reader, which never dies of a RecursionError) and the command line's parse of a --model-opt value."""
+    reader, which never dies of a RecursionError) and the parse of a --model-opt value (settings.py)."""
     import re
 
     pkg = Path(__file__).parents[1] / "earlyexit"
@@ -443,4 +443,4 @@ def test_every_json_file_is_read_by_the_one_reader():
         for line in f.read_text().splitlines():
             if re.search(r"\bjson\.loads?\(", line.split("#", 1)[0]):
                 hits.append(f"{f.relative_to(pkg)}: {line.strip()}")
-    assert hits == ["cli.py: out[key.strip()] = json.loads(value)"]
+    assert hits == ["settings.py: out[key.strip()] = json.loads(value)"]

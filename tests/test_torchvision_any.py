@@ -396,3 +396,173 @@ def test_cli_lists_nodes_and_runs(tmp_path):
                                   "--exits", "every:4", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert (out / "results.json").is_file()
+
+
+# --- weight matching on a traced graph (models/graphperm.py) -------------------------------------------------
+
+def _with_statistics(model, size=SIZE):
+    """BatchNorm statistics of real (random) batches, so that permuting them is visible."""
+    from earlyexit.analysis import reset_bn
+
+    g = torch.Generator().manual_seed(5)
+    return reset_bn(model, [(torch.randn(8, 3, size, size, generator=g), None) for _ in range(2)]).eval()
+
+
+def _shuffled(model, seed=3):
+    from earlyexit.analysis import apply_permutation, permutation_spec
+
+    spec = permutation_spec(model)
+    g = torch.Generator().manual_seed(seed)
+    return apply_permutation(model, spec, {p: torch.randperm(n, generator=g) for p, n in spec.sizes.items()}), spec
+
+
+PERMUTED = [("resnet18", "every:1"), ("resnet18", ["layer2.0.bn1", "layer3.1.relu_1"]),
+            ("mobilenet_v3_small", "every:2"), ("efficientnet_b0", "every:2"),
+            pytest.param("regnet_y_400mf", "every:2", marks=pytest.mark.slow),  # grouped convolutions, SE
+            pytest.param("densenet121", "every:2", marks=pytest.mark.slow),  # concatenations
+            pytest.param("googlenet", "every:2", marks=pytest.mark.slow),
+            pytest.param("shufflenet_v2_x0_5", "every:2", marks=pytest.mark.slow),  # channel shuffles
+            pytest.param("squeezenet1_0", "every:2", marks=pytest.mark.slow),  # a convolutional classifier
+            pytest.param("vgg11", "every:2", marks=pytest.mark.slow)]  # the flatten of a 1 x 1 map, hidden Linears
+
+
+@pytest.mark.parametrize("name,exits", PERMUTED)
+def test_permuting_what_the_graph_declares_keeps_every_exit(name, exits):
+    """Soundness of the rules read from the graph: the permuted copy computes the same logits at every exit
+    (in float64: a deep net with random statistics amplifies float32 rounding)."""
+    torch.manual_seed(0)
+    model = _with_statistics(build_model(f"torchvision:{name}", num_classes=5, image_size=SIZE, exits=exits))
+    shuffled, spec = _shuffled(model)
+    assert len(spec.sizes) > 0
+    a, b = model.state_dict(), shuffled.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(3, 3, SIZE, SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        for u, v in zip(model.double()(x), shuffled.double()(x)):
+            torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-9 * float(u.abs().max()))
+
+
+def test_traced_resnet18_has_the_hand_written_resnets_permutations():
+    """The same symmetry as the hand-written ResNet declares (models/resnet.py), entry by entry and axis by
+    axis: residual streams shared across blocks, the downsample shortcut writing the new stream, every IC and
+    the classifier reading the stream they follow."""
+    from earlyexit.analysis import permutation_spec
+
+    hand = build_model("resnet18", num_classes=10, image_size=SIZE, stem="imagenet", exits="every:1")
+    traced = build_model("torchvision:resnet18", num_classes=10, image_size=SIZE, exits="every:1")
+    assert hand.exit_after == traced.exit_after
+    tv = torchvision.models.resnet18(num_classes=10).state_dict()
+    upstream = {id(v): k for k, v in tv.items()}
+    hand_names = {k: upstream[id(v)] for k, v in get_spec("resnet18").foreign_weights(hand, tv).items()}
+    traced_names = {v: k for k, v in traced.torchvision_keys.items()}
+    for names, model in ((hand_names, hand), (traced_names, traced)):  # IC heads: the same keys in both
+        names.update({k: k for k in model.state_dict() if k.startswith("heads.") and k not in names})
+
+    def classes(model, names):
+        spec, out = permutation_spec(model), {}
+        for key, axes in spec.axes.items():
+            for ax, p in enumerate(axes):
+                if p is not None:
+                    out.setdefault(p, set()).add((names[key], ax))
+        return {frozenset(s) for s in out.values()}
+
+    want = classes(hand, hand_names)
+    assert len(want) == 12 and classes(traced, traced_names) == want
+
+
+def test_weight_matching_recovers_a_permuted_traced_model():
+    from earlyexit.analysis import interpolation_path, weight_matching
+
+    torch.manual_seed(0)
+    model = _with_statistics(build_model("torchvision:resnet18", num_classes=4, image_size=SIZE, exits="every:2"))
+    shuffled, _ = _shuffled(model)
+    matched = weight_matching(model, shuffled)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), matched.state_dict().values()))
+    batches = [(torch.randn(8, 3, SIZE, SIZE), torch.randint(4, (8,))) for _ in range(2)]
+    path = interpolation_path(model, matched, batches, steps=3)
+    assert float(path["loss_barrier"].abs().max()) < 1e-6
+
+
+def test_weight_matching_keeps_the_function_where_it_cannot_recover_everything():
+    """MobileNetV3: depthwise convolutions, squeeze-excitation; weight matching's coordinate ascent need not find
+    the global optimum here, but what it returns is a permutation of B (the same function) closer to A."""
+    from earlyexit.analysis import weight_matching
+
+    torch.manual_seed(0)
+    a = _with_statistics(build_model("torchvision:mobilenet_v3_small", num_classes=4, image_size=SIZE,
+                                     exits="every:3"))
+    torch.manual_seed(1)
+    b = _with_statistics(build_model("torchvision:mobilenet_v3_small", num_classes=4, image_size=SIZE,
+                                     exits="every:3"))
+    matched = weight_matching(a, b)
+    x = torch.randn(4, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert all(torch.allclose(u, v, rtol=1e-4, atol=1e-4) for u, v in zip(b(x), matched(x)))
+
+    def flat(m):
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    assert (flat(a) - flat(matched)).norm() < (flat(a) - flat(b)).norm()
+
+
+def test_a_graph_without_free_permutations_says_why():
+    from earlyexit.analysis import permutation_spec
+
+    vit = build_model("torchvision:vit_b_16", num_classes=4, image_size=SIZE, exits="every:4")
+    assert vit.graph_symmetry.sizes == {} and vit.graph_symmetry.reason
+    with pytest.raises(ValueError, match="cannot permute this traced model: its traced graph leaves no channel"):
+        permutation_spec(vit)
+
+
+# --- your own module (models.from_module) ---------------------------------------------------------------------
+
+class _Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn(self.conv(x)))
+
+
+def _own_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Sequential(_Residual(8), _Residual(8), _Residual(8)), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 4))
+
+
+def test_from_module_puts_exits_on_your_own_classifier():
+    from earlyexit.analysis import permutation_spec
+    from earlyexit.models import from_module
+
+    net = _own_net()
+    model = from_module(net, input_shape=(3, 16, 16), exits="every:1")
+    assert model.exit_after == [0, 1, 2] and model.nodes[:2] == ["3.0.relu", "3.1.relu"]
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[-1], net.eval()(x))  # the last exit is the module itself
+    assert set(map(id, model.backbone_parameters())) == set(map(id, net.parameters()))  # shared, not copied
+    assert len(permutation_spec(model).sizes) == 1  # the stem's channels and the residual stream: one permutation
+    same = from_module(net, example_input=x, num_classes=4)
+    assert same.input_shape == (3, 16, 16) and same.num_exits >= 2  # the default placement, "sdn"
+    for kw, match in [(dict(input_shape=(3, 16, 16), num_classes=3), "gives 4 logits, not num_classes=3"),
+                      ({}, "exactly one of input_shape and example_input"),
+                      (dict(input_shape=(3, 16, 16), exits=[5]), "IC block indices")]:
+        with pytest.raises(ConfigError, match=match):
+            from_module(net, **kw)
+    with pytest.raises(ConfigError, match="cannot trace the module _Branchy at node 'gate'"):
+        from_module(_Branchy(), input_shape=(3, 8, 8))
+
+
+def test_from_module_trains_with_the_regimes():
+    from earlyexit.models import from_module
+
+    net = _own_net()
+    model = from_module(net, input_shape=(3, SIZE, SIZE), exits="every:1")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    pc = PhaseConfig(lr=(0.01,), epochs=1)
+    rec = train(model, _Data(), regime="mixed", config=TrainConfig(phases=(pc, pc, pc), batch_size=8, device="cpu"))
+    assert [h["phase"] for h in rec.history] == [1, 2]
+    assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())  # the module itself trained

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from earlyexit import build_model
-from earlyexit.config import PhaseConfig, TrainConfig, parse_regime
+from earlyexit.config import PhaseConfig, TrainConfig
+from earlyexit.regime import Regime
 from earlyexit.data import load_dataset
 from earlyexit.io import load_checkpoint
 from earlyexit.models.resnet import cifar_resnet
@@ -187,11 +188,11 @@ def test_freezing_across_phases_in_one_call(data, kind, regime):
 
 
 def test_regime_names():
-    assert parse_regime("joint") == "-+-" and parse_regime("disjoint") == "+-+" and parse_regime("mixed") == "++-"
-    assert parse_regime("+++") == "+++"
+    assert Regime.parse("joint").phases == "-+-" and Regime.parse("disjoint").phases == "+-+" and Regime.parse("mixed").phases == "++-"
+    assert Regime.parse("+++").phases == "+++"
     for bad in ["both", "++", "+x-", "---", "++++"]:
         with pytest.raises(ValueError):
-            parse_regime(bad)
+            Regime.parse(bad)
 
 
 def test_mixed_runs_both_phases_and_restores_best(data, tmp_path):

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
-from earlyexit.metrics.costs import count_flops
+from earlyexit.flops import count_flops
 from earlyexit.models import build_model, slice_state
 from earlyexit.models.vit import (TokenHead, interpolate_pos_embedding, load_torchvision_vit, parse_head,
                                   torchvision_vit_key_map)

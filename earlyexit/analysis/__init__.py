@@ -30,10 +30,10 @@ The paper's figures, each by its own definition:
   weight-matched models, BatchNorm re-estimated at every point;
 - ``figures``: the drawings of all of them and of the loss landscapes.
 
-``report.analyze_run`` runs the chosen analyses on a finished run folder and
-returns JSON-ready results (the table of names in ``report``);
-``report.write_figures`` draws their figures. scipy (weight matching only) is
-imported when needed.
+``earlyexit.analyze`` runs the chosen analyses on finished run folders
+(``analyze_run``, the table of names, ``write_figures``): it reads the runs, so
+it sits above this package, which never imports the run code. scipy (weight
+matching only) is imported when needed.
 """
 
 from __future__ import annotations
@@ -56,12 +56,9 @@ from .layer_rank import layer_ranks, rank_from_covariance, rank_from_gram
 from .layers import backbone_layers, feature_subset
 from .noisy_information import feature_scale, layer_information, mi_xz, pairwise_bounds
 from .plane import connectivity_plane, plane_basis
-from .report import (ANALYSES, FIGURES, MI_METHODS, analyze_run, analyze_runs, describe, matchable, run_labels,
-                     write_figures)
 
 __all__ = [
-    "analyze_run", "analyze_runs", "write_figures", "run_labels", "describe", "matchable", "to_jsonable", "ANALYSES",
-    "FIGURES", "MI_METHODS",
+    "to_jsonable",
     "numerical_rank", "effective_rank", "stage_ranks", "stage_features", "state_features",
     "exit_gradient_norms", "gradient_dominance", "dominance_from_norms", "mean_gradient_norms", "stage_parameter_groups",
     "mutual_information", "stage_information", "binned_entropy", "label_entropy", "random_projection",

@@ -23,7 +23,9 @@ which records the axes of their state-dict entries in ``rules``
 (``PermutationRules``) given the permutation of their input, and returns that
 of their output (the MLP's layers and the ResNets' stems and blocks do, and
 the heads of ``earlyexit.models.heads``). IC heads permute their input
-features with the stage they read.
+features with the stage they read. A model whose parts are pieces of one
+traced graph (``torchvision:NAME``, ``models.from_module``) declares all its
+entries itself, from the graph (``models.graphperm``).
 """
 
 from __future__ import annotations
@@ -201,12 +203,18 @@ def permutation_spec(model: MultiExitModel) -> PermutationSpec:
     """The permutation symmetries of a multi-exit model, as its parts declare them (see the module docstring).
 
     Args:
-        model: a model whose stem, stages and heads define ``permutation_axes`` (the MLP, the ResNets).
+        model: a model whose stem, stages and heads define ``permutation_axes`` (the MLP, the ResNets), or that
+            defines ``permutation_axes(rules, "", None)`` itself for all its entries (a traced model,
+            ``models.graphperm``).
     Returns:
         A ``PermutationSpec`` covering every state-dict entry.
     Raises:
         ValueError: for other architectures or unknown head types.
     """
+    if hasattr(model, "permutation_axes"):  # a model that declares all its parts at once (a traced graph)
+        rules = PermutationRules()
+        model.permutation_axes(rules, "", None)
+        return _checked_spec(model, rules)
     parts = [model.stem, *model.stages]
     lacking = next((m for m in parts if not hasattr(m, "permutation_axes")), None)
     if lacking is not None:
@@ -225,6 +233,10 @@ def permutation_spec(model: MultiExitModel) -> PermutationSpec:
         if not hasattr(h, "permutation_axes"):
             raise ValueError(f"weight matching does not know the head type {type(h).__name__} (exit {k})")
         h.permutation_axes(rules, f"heads.{k}.", stage_perm[model.exit_after[k]])
+    return _checked_spec(model, rules)
+
+
+def _checked_spec(model: MultiExitModel, rules: PermutationRules) -> PermutationSpec:
     missing = [key for key in model.state_dict() if key not in rules.axes]
     if missing:
         raise ValueError(f"weight matching has no permutation rule for {missing[0]}")

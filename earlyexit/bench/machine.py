@@ -29,6 +29,7 @@ import torch
 from .. import metrics
 from ..config import ModelConfig, RunConfig
 from ..device import local_device
+from ..errors import ConfigError
 from ..training.phases import phase_exits
 from .inference import inference_section
 from .sweep import SWEEP_SAMPLES, time_sweep
@@ -77,26 +78,26 @@ def run_bench(*, model: str = "resnet20", dataset: str = "fashion-mnist", data_d
         the ``inference_*`` figures of ``bench.inference``, and ``bench.training.time_layouts``'s
         ``layout_*_samples_per_s``, ``channels_last_speedup`` (``compiled_speedup``, ``compile_s``) for image models.
     Raises:
-        ValueError: on bad arguments or a model without IC heads.
+        ConfigError: on bad arguments or a model without IC heads.
         DataError: when the dataset cannot be loaded.
     """
     from ..data import load_dataset
     from ..runs import make_model
 
     if batch_size < 1 or steps < 1 or warmup < 0:
-        raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0; got {batch_size}, {steps}, {warmup}")
+        raise ConfigError(f"need batch_size >= 1, steps >= 1, warmup >= 0; got {batch_size}, {steps}, {warmup}")
     if run_dir is not None:  # a run folder that cannot be read fails now, not after minutes of timing
         from ..runs import read_run_config
 
         if not (Path(run_dir) / "config.json").is_file():
-            raise ValueError(f"--run: {run_dir} is not a run folder (no config.json)")
+            raise ConfigError(f"--run: {run_dir} is not a run folder (no config.json)")
         read_run_config(Path(run_dir) / "config.json")
     dev = local_device(device)
     splits = load_dataset(dataset, data_dir=data_dir)
     torch.manual_seed(0)
     net = make_model(RunConfig(model=ModelConfig(name=model)), splits).to(dev)
     if net.num_exits < 2:
-        raise ValueError(f"model {model!r} has no IC heads: phases 2 and 3 cannot be timed")
+        raise ConfigError(f"model {model!r} has no IC heads: phases 2 and 3 cannot be timed")
 
     example = net.example_input(1, device=dev)
     costs = metrics.exit_costs(net, example)

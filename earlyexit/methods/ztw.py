@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.multiexit import MultiExitModel
+from ..regime import Regime
 from .base import RewiredModel, batch_of
 
 
@@ -190,7 +191,7 @@ def train_ensembles(model: MultiExitModel, data: Any, config: Any = None, *, out
                     **train_kw: Any) -> tuple[EnsembleModel, Any]:
     """ZTW's second stage: train the ensembles on the frozen backbone and ICs.
 
-    Runs ``earlyexit.train`` with the regime ``"--+"`` (phase 3 alone,
+    Runs ``earlyexit.train`` with the regime ``Regime.of(3)`` (``"--+"``, phase 3 alone,
     its optimiser settings from ``config.phases[2]``) and the loss weighting
     ``mean`` (each ensemble ``1 / E``, as the paper's code averages over the
     outputs, the frozen final exit included) on ``add_ensembles(model)``.
@@ -208,6 +209,6 @@ def train_ensembles(model: MultiExitModel, data: Any, config: Any = None, *, out
     from ..training import train
 
     ens = add_ensembles(model)
-    cfg = replace(config if config is not None else TrainConfig(), regime="--+", weighting="mean")
+    cfg = replace(config if config is not None else TrainConfig(), regime=Regime.of(3), weighting="mean")
     record = train(ens, data, config=cfg, out_dir=out_dir, **train_kw)
     return ens, record

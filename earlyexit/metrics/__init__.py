@@ -11,7 +11,7 @@ budgeted protocol (Huang et al., ICLR 2018): ``calibrate_thresholds``,
 
 One concern per module, all re-exported here:
 
-- ``costs``: FLOP counting and per-exit costs (``count_flops``, ``exit_costs``, ``backbone_cost``);
+- ``costs``: per-exit costs (``exit_costs``, ``backbone_cost``; ``count_flops`` lives below the models in ``earlyexit.flops``);
 - ``evaluate``: the one logits pass (``evaluate``);
 - ``criteria``: exit criteria (``CRITERIA``, ``exit_scores``, ``exit_decisions``);
 - ``curves``: ``threshold_curve``, ``static_points``, ``accuracy_per_exit``, ``budget_table`` (best
@@ -26,7 +26,8 @@ from __future__ import annotations
 from ..device import autocast_context, model_device
 from ..tree import to_device
 from .calibration import CALIBRATION_MODES, apply_thresholds, calibrate_thresholds, calibrated_curve, geometric_fractions
-from .costs import backbone_cost, count_flops, exit_costs
+from ..flops import count_flops
+from .costs import backbone_cost, exit_costs
 from .criteria import CRITERIA, exit_decisions, exit_scores
 from .curves import accuracy_per_exit, average_curves, budget_table, static_points, threshold_curve, ztw_budget_table
 from .evaluate import evaluate

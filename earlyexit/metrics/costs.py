@@ -1,8 +1,6 @@
-"""FLOP counting and per-exit costs, shared by model building and metrics.
-
-``count_flops`` counts one call; ``exit_costs`` and ``backbone_cost`` give a
-multi-exit model's per-sample cost of leaving at each exit and of its backbone
-alone (the reference of the budget table).
+"""Per-exit costs: ``exit_costs`` and ``backbone_cost`` give a multi-exit model's per-sample cost of
+leaving at each exit and of its backbone alone (the reference of the budget table), counted by
+``earlyexit.flops.count_flops`` (which the models use too, below both).
 
 Convention: FLOPs = 2 x multiply-adds, as ``torch.utils.flop_counter`` counts
 matrix products and convolutions (including the score and value products
@@ -12,36 +10,14 @@ normalisation are not counted, as in that counter. Costs are per sample.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
-
-import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from typing import TYPE_CHECKING, Any
 
 from ..device import model_device
+from ..flops import count_flops
 from ..tree import state_batch_size, to_device
 
-if TYPE_CHECKING:  # annotations only: models import this module for their stage costs
+if TYPE_CHECKING:  # annotations only: metrics never import models
     from ..models.multiexit import MultiExitModel
-
-
-def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    shape = lambda t: getattr(t, "shape", t)  # noqa: E731  (the counter passes shapes, older releases tensors)
-    return sdpa_flop_count(shape(query), shape(key), shape(value))
-
-
-def _extra_mapping() -> dict:
-    # On CPU, scaled_dot_product_attention dispatches to a fused kernel that the stock counter does not
-    # know; count it as the score (Q K^T) and value (P V) products it performs.
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return {op: _sdpa_cpu_flops} if op is not None else {}
-
-
-@torch.no_grad()
-def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:
-    """Run ``fn(*args, **kwargs)`` once and return ``(flops, output)``."""
-    with FlopCounterMode(display=False, custom_mapping=_extra_mapping()) as counter:
-        out = fn(*args, **kwargs)
-    return int(counter.get_total_flops()), out
 
 
 # --- per-exit costs -----------------------------------------------------------
@@ -127,4 +103,4 @@ def backbone_cost(model: MultiExitModel, example_input: Any) -> float:
     return sum(stage_flops) + head_flops[-1]
 
 
-__all__ = ["count_flops", "exit_costs", "backbone_cost"]
+__all__ = ["exit_costs", "backbone_cost"]

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-CRITERIA = ("confidence", "entropy", "patience")
+from ..config import CRITERIA  # the names live with the config, which checks them when it is built
 
 
 def _check_logits(logits: Tensor, labels: Tensor | None = None, costs: Sequence[float] | None = None) -> None:

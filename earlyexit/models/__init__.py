@@ -8,8 +8,9 @@
 - ``heads``: IC head designs;
 - one file per backbone, each registering its builders with ``@register_model``:
   ``resnet``, ``efficientnet``, ``mlp``, ``vit``, ``msdnet``, ``bert`` (its pretrained weights in ``bert_weights``);
-- ``torchvision_any``: the family ``torchvision:NAME``, any torchvision classifier traced and cut into stages
-  (``tvgraph``: the torch.fx cutting, usable on other traceable models).
+- ``torchvision_any``: the family ``torchvision:NAME``, any torchvision classifier traced and cut into stages,
+  and ``from_module`` for your own traceable classifier (``tvgraph``: the torch.fx cutting; ``graphperm``: the
+  permutation symmetries weight matching reads from the graph).
 
 Importing this package imports every backbone file, so every model is registered.
 """
@@ -20,10 +21,11 @@ from ..tree import slice_state, state_batch_size
 from . import bert, efficientnet, mlp, msdnet, resnet, torchvision_any, vit  # noqa: F401  (each registers its models)
 from .common import feature_info_for, init_conv_bn, resolve_exits, stage_costs
 from .multiexit import MultiExitModel
+from .torchvision_any import from_module
 from .registry import (ModelSpec, adapt_foreign_weights, build_model, data_options, get_spec, list_models,
                        register_family, register_model, spec_of, unregister_model)
 
-__all__ = ["MultiExitModel", "ModelSpec", "build_model", "list_models", "get_spec", "spec_of", "register_model",
-           "register_family",
+__all__ = ["MultiExitModel", "ModelSpec", "build_model", "from_module", "list_models", "get_spec", "spec_of",
+           "register_model", "register_family",
            "unregister_model", "adapt_foreign_weights", "data_options", "slice_state", "state_batch_size",
            "resolve_exits", "feature_info_for", "stage_costs", "init_conv_bn"]

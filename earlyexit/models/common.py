@@ -32,7 +32,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..metrics.costs import count_flops
+from ..errors import ConfigError
+from ..flops import count_flops
 
 
 @torch.no_grad()
@@ -91,7 +92,7 @@ def resolve_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head:
     Returns:
         Sorted unique stage indices in ``[0, len(stages) - 2]``.
     Raises:
-        ValueError: for a malformed spec or an index out of range.
+        ConfigError: for a malformed spec or an index out of range (a ValueError too).
     """
     n = len(stages)
     if spec is None or spec == "default":
@@ -107,11 +108,11 @@ def resolve_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head:
         try:
             spec = [int(t) for t in s.split(",") if t.strip()]
         except ValueError:
-            raise ValueError(f"bad exits spec {spec!r}: expected a list of block indices, every:N, sdn, default or none") from None
+            raise ConfigError(f"bad exits spec {spec!r}: expected a list of block indices, every:N, sdn, default or none") from None
     idx = [int(i) for i in spec]
     bad = [i for i in idx if not 0 <= i < n - 1]
     if bad:
-        raise ValueError(f"IC block indices must lie in [0, {n - 2}]; got {bad}")
+        raise ConfigError(f"IC block indices must lie in [0, {n - 2}]; got {bad}")
     return sorted(set(idx))
 
 
@@ -124,11 +125,11 @@ def _every(spec: str, s: str, n: int) -> list[int]:
         step = int(parts[0])
         offset = int(parts[1]) if len(parts) == 2 else step - 1
     except ValueError:
-        raise ValueError(f"bad exits spec {spec!r}: expected every:N or every:N:OFFSET with integers") from None
+        raise ConfigError(f"bad exits spec {spec!r}: expected every:N or every:N:OFFSET with integers") from None
     if step < 1:
-        raise ValueError(f"bad exits spec {spec!r}: N must be >= 1")
+        raise ConfigError(f"bad exits spec {spec!r}: N must be >= 1")
     if len(parts) == 2 and not 0 <= offset < n - 1:
-        raise ValueError(f"bad exits spec {spec!r}: OFFSET must lie in [0, {n - 2}]")
+        raise ConfigError(f"bad exits spec {spec!r}: OFFSET must lie in [0, {n - 2}]")
     return list(range(offset, n - 1, step))
 
 

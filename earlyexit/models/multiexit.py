@@ -187,3 +187,52 @@ class MultiExitModel(nn.Module):
             if i in want:
                 out.append(state)
         return out
+
+    # --- description ---------------------------------------------------------
+    def __repr__(self) -> str:
+        """One line instead of the module tree: the backbone, where its exits sit and what leaving there costs.
+
+        E.g. ``MultiExitModel(resnet20, 10 classes: exits after stages [2, 5, 8] of 9, cost [0.36, 0.69, 1.04]
+        x backbone)``. The costs are ``earlyexit.metrics.exit_costs`` over the backbone's cost (what ``run``
+        prints as "cost %"), counted once on ``example_input()`` and kept; ``print(model.stages)`` and
+        ``named_modules()`` still show the parts.
+        """
+        arch = getattr(self, "arch", None)
+        head = f"{arch}, " if arch else ""
+        costs = self._relative_costs()
+        cost = f", cost [{', '.join(f'{c:.2f}' for c in costs)}] x backbone" if costs else ""
+        return (f"{type(self).__name__}({head}{self.num_classes} classes: exits after stages {list(self.exit_after)} "
+                f"of {len(self.stages)}{cost})")
+
+    def _relative_costs(self) -> list[float] | None:
+        """Each exit's cumulative per-sample FLOPs over the backbone's (stages and own head); None when the model
+        cannot be run on its example input. Counted in eval mode, no gradients; kept until the exits change."""
+        from ..flops import count_flops
+
+        key = (tuple(self.exit_after), tuple(id(h) for h in self.heads))
+        cached = self.__dict__.get("_cost_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if getattr(torch.compiler, "is_compiling", lambda: False)():
+            return None  # never a forward pass from inside a trace
+        was_training = self.training
+        try:
+            p = next(self.parameters(), None)
+            state = self.example_input(device=p.device if p is not None else None)
+            self.eval()
+            stages, heads, k = [], [], 0
+            for i in range(len(self.stages)):
+                c, state = count_flops(self.stage, i, state)
+                stages.append(c)
+                while k < self.num_exits and self.exit_after[k] == i:
+                    heads.append(count_flops(self.head, k, state)[0])
+                    k += 1
+        except Exception:  # a repr never fails: the model is described without its costs
+            return None
+        finally:
+            self.train(was_training)
+        base = sum(stages) + heads[-1]
+        cum = [sum(stages[: self.exit_after[k] + 1]) + sum(heads[: k + 1]) for k in range(self.num_exits)]
+        costs = [c / base for c in cum] if base > 0 else None
+        self.__dict__["_cost_cache"] = (key, costs)
+        return costs

@@ -175,7 +175,7 @@ def build_model(name: str, *, num_classes: int, in_chans: int = 3, exits: Any = 
         if "unexpected keyword argument" not in str(e):
             raise
         bad = str(e).split("argument")[-1].strip()
-        raise ValueError(f"model {name!r} does not take the option {bad}") from None
+        raise ConfigError(f"model {name!r} does not take the option {bad}") from None
     model.arch = name
     return model
 

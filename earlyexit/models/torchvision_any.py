@@ -23,13 +23,16 @@ itself: on the same weights its logits equal torchvision's. Options:
   ``token_pool``: what ICs on token sequences read (``"auto"``, ``"token"``, ``"mean"``).
 
 ``--init`` also reads a torchvision state dict of the model (``foreign_weights``).
+
+``from_module(module, input_shape=...)`` does the same for a user's own traceable
+classifier (no registry name: it is trained and evaluated from Python).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +40,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, ConfigError
 from .multiexit import MultiExitModel
 from .registry import ModelSpec, register_family
-from .tvgraph import plan_graph, trace
+from .tvgraph import cut_model, plan_graph, trace
 
 PREFIX = "torchvision"
 TINY_SIZE = {"inception_v3": 75, "maxvit_t": 224, "alexnet": 64}  # the smallest sides these run on; 32 for the others
@@ -213,6 +216,50 @@ def describe_nodes(name: str, *, image_size: int = 224, in_chans: int = 3) -> di
     return {"blocks": rows, "end": plan.end, "flops": total}
 
 
+def from_module(module: nn.Module, *, input_shape: Sequence[int] | None = None, example_input: Tensor | None = None,
+                num_classes: int | None = None, exits: Any = None, head: str = "sdn",
+                token_pool: str = "auto") -> MultiExitModel:
+    """Early exits on your own classifier: ``module`` traced with torch.fx and cut into stages, as
+    ``torchvision:NAME`` (its natural blocks, ``exits=`` and the IC heads chosen by node shape alike).
+
+    The model shares ``module``'s parameters (training one trains the other); its last exit is ``module`` itself.
+
+    Args:
+        module: an ``nn.Module`` mapping a ``(B, *input_shape)`` batch to ``(B, classes)`` logits, traceable
+            by torch.fx (no control flow on the data).
+        input_shape: one sample's shape, e.g. ``(3, 32, 32)``; or give ``example_input`` instead.
+        example_input: a batch of real inputs (its first two samples are traced through).
+        num_classes: the module's number of classes (checked; default: read from its output).
+        exits: the IC placement (``tvgraph.resolve_graph_exits``: block indices, ``"every:N"``,
+            ``"cost:0.25,0.5"``, node names; default ``"sdn"``).
+        head, token_pool: the IC heads (see the module docstring).
+    Returns:
+        A ``MultiExitModel``.
+    Raises:
+        ConfigError: an untraceable module (naming where tracing failed), a wrong shape or ``num_classes``,
+            a bad ``exits``.
+    """
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"from_module needs an nn.Module, not {type(module).__name__}")
+    if (input_shape is None) == (example_input is None):
+        raise ConfigError("give exactly one of input_shape and example_input")
+    if example_input is not None:
+        if not isinstance(example_input, Tensor) or example_input.dim() < 2 or not len(example_input):
+            raise ConfigError("example_input must be a (B, ...) tensor batch")
+        example = example_input[:2].detach() if len(example_input) >= 2 else \
+            example_input[:1].detach().expand(2, *example_input.shape[1:])
+    else:
+        device = next(module.parameters(), torch.empty(0)).device  # traced where the module lives
+        example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    what = f"the module {type(module).__name__}"
+    plan = plan_graph(module, trace(module, what), example, what)
+    out = plan.shape[plan.eval.name[next(n for n in plan.eval.nodes if n.op == "output").args[0]]]
+    if num_classes is not None and out != (num_classes,):
+        raise ConfigError(f"{what} gives {out[0]} logits, not num_classes={num_classes}; replace its classifier first")
+    return cut_model(plan, num_classes=out[0], input_shape=tuple(example.shape[1:]), exits=exits, head=head,
+                     token_pool=token_pool)
+
+
 def _spec(name: str) -> ModelSpec:
     _check_name(name)
 
@@ -227,5 +274,5 @@ def _spec(name: str) -> ModelSpec:
 
 register_family(PREFIX, _spec, "any classifier of torchvision.models")
 
-__all__ = ["build_torchvision", "describe_nodes", "load_torchvision_weights", "torchvision_names",
+__all__ = ["build_torchvision", "describe_nodes", "from_module", "load_torchvision_weights", "torchvision_names",
            "torchvision_state_dict"]

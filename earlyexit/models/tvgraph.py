@@ -5,7 +5,7 @@ The model is traced twice, in train and in eval mode (torchvision's
 ``torchvision.models.feature_extraction.get_graph_node_names``), because a
 graph bakes in whatever its Python code decided from ``self.training``.
 ``plan_graph`` runs the eval graph once on an example to record every node's
-output shape and the FLOPs counted up to it (``metrics.count_flops``:
+output shape and the FLOPs counted up to it (``flops.count_flops``:
 2 x multiply-adds). ``cut_model`` then cuts both graphs at the same nodes:
 
 - stage ``i`` maps the state after cut ``i - 1`` to the state after cut ``i``
@@ -40,6 +40,9 @@ a ``(B, C, H, W)`` map gets the SDN head (``head=``), a channels-last
 Swin) LayerNorm + mean over ``H, W`` + linear, a ``(B, T, D)`` sequence
 LayerNorm + linear on the class token or the mean of the tokens
 (``vit.TokenHead``), a ``(B, D)`` vector a linear layer.
+
+Weight matching (``analysis.connectivity``) permutes what ``models.graphperm`` reads
+from the graph at cut time (``GraphMultiExit.permutation_axes``).
 """
 
 from __future__ import annotations
@@ -54,8 +57,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..errors import ConfigError
-from ..metrics.costs import count_flops
+from ..flops import count_flops
 from .common import resolve_exits, sdn_placement
+from .graphperm import GraphSymmetry, graph_symmetry
 from .heads import LinearHead, conv_head
 from .multiexit import MultiExitModel
 from .vit import TokenHead
@@ -423,11 +427,43 @@ def _piece(t: Traced, start: int, stop: int, state_in: list[fx.Node], state_out:
 class GraphMultiExit(MultiExitModel):
     """A ``MultiExitModel`` of ``GraphStage`` s; a dict state's first entry is what its IC reads."""
 
+    graph_symmetry: GraphSymmetry | None = None  # set by ``cut_model``
+
     def map_ic_input(self, state: Any, fn: Callable[[Any], Any]) -> Any:
         if isinstance(state, dict):
             key = next(iter(state))
             return {k: fn(v) if k == key else v for k, v in state.items()}
         return fn(state)
+
+    def permutation_axes(self, rules: Any, prefix: str = "", inp: None = None) -> None:
+        """Weight matching (``analysis.connectivity``): the whole model's permutations at once, as read from its
+        graph (``models.graphperm``); IC heads declare theirs on the permutation of the node they read.
+
+        Raises:
+            ValueError: a graph with no free permutation (the reason), or an IC head that declares none.
+        """
+        sym = self.graph_symmetry
+        if sym is None or sym.reason is not None:
+            raise ValueError(f"weight matching cannot permute this traced model: "
+                             f"{sym.reason if sym is not None else 'it was not cut by cut_model'}")
+        for name, size in sym.sizes.items():
+            rules.new(name, size)
+        final = f"heads.{self.num_exits - 1}."
+        for key, t in self.state_dict().items():
+            if key.startswith("stages."):
+                own = key.split(".", 2)[2]  # the stage holds the model's parts under their own paths
+            elif key.startswith(final) and sym.head_path is not None:
+                own = f"{sym.head_path}.{key[len(final):]}"
+            else:
+                own = None
+            rules.axes[prefix + key] = (sym.axes.get(own) if own is not None else None) or (None,) * t.dim()
+        for k, h in enumerate(self.heads[:-1]):
+            perm = sym.cut_perm.get(self.nodes[self.exit_after[k]])
+            if perm is None:
+                continue  # an unpermuted input: the head's entries stay as they are (declared above)
+            if not hasattr(h, "permutation_axes"):
+                raise ValueError(f"weight matching does not know the head type {type(h).__name__} (exit {k})")
+            h.permutation_axes(rules, f"{prefix}heads.{k}.", perm)
 
 
 class ReadNode(nn.Module):
@@ -439,6 +475,13 @@ class ReadNode(nn.Module):
 
     def forward(self, state: Any) -> Tensor:
         return self.head(next(iter(state.values())) if isinstance(state, dict) else state)
+
+    def permutation_axes(self, rules: Any, prefix: str, inp: str) -> None:
+        """Weight matching: the head's own rule, on the cut node's permutation."""
+        declare = getattr(self.head, "permutation_axes", None)
+        if declare is None:
+            raise ValueError(f"weight matching does not know the head type {type(self.head).__name__}")
+        declare(rules, prefix + "head.", inp)
 
 
 class ChannelsLastHead(nn.Module):
@@ -546,6 +589,7 @@ def cut_model(plan: Plan, *, num_classes: int, input_shape: Sequence[int], exits
                            make_head=lambda fi, k: make_ic_head(fi, k, head=head, token_pool=pool),
                            feature_info=info, num_classes=num_classes, input_shape=input_shape)
     model.nodes = list(cuts)
+    model.graph_symmetry = graph_symmetry(plan, cuts)
     return model
 
 

@@ -40,9 +40,7 @@ def check_training(model: MultiExitModel, data: Any, config: TrainConfig, *, wor
         raise DataError("the validation split is empty: pass a larger --train-size or validation fraction")
     flags = [p.requires_grad for p in model.parameters()]
     try:
-        for p, on in enumerate(config.phase_string, 1):
-            if on != "+":
-                continue
+        for p in config.parsed_regime.run_phases:
             set_trainable(model, p)
             params = [q for q in model.parameters() if q.requires_grad]
             if not params:

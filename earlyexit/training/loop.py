@@ -1,8 +1,8 @@
 """One training loop for the three regimes of "Joint or Disjoint: Mixing
 Training Regimes for Early-Exit Models": ``train``, its records, ``validate``.
 
-A regime is a phase string over ``+``/``-`` (``joint = "-+-"``,
-``disjoint = "+-+"``, ``mixed = "++-"``). What differs between phases is data,
+A regime (``earlyexit.regime.Regime``) says which phases run, a phase string
+over ``+``/``-`` (``joint = "-+-"``, ``disjoint = "+-+"``, ``mixed = "++-"``). What differs between phases is data,
 the phase table in ``earlyexit.training.phases``: which parameters train
 (``requires_grad``), which exits count, which are validated, which modules are
 in eval mode, whether the loss weights apply. The loop itself knows no phase
@@ -43,6 +43,7 @@ from ..errors import TrainingError
 from ..io import load_state_strict
 from ..models.multiexit import MultiExitModel
 from ..models.registry import effective_grad_clip
+from ..regime import Regime
 from ..tree import to_device
 from .optim import make_optimizer, seed_for
 from .phases import phase_exits, phase_spec, set_mode, set_trainable, val_metric, validated_exits
@@ -100,7 +101,7 @@ def train(
     model: MultiExitModel,
     data: Any,
     *,
-    regime: str | None = None,
+    regime: str | Regime | None = None,
     config: TrainConfig | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
@@ -119,7 +120,7 @@ def train(
         model: a ``MultiExitModel`` (moved to the chosen device).
         data: splits with ``train`` and ``val`` objects offering
             ``batches(batch_size, *, shuffle, seed, epoch, augment, rank, world_size, drop_last)``.
-        regime: joint | disjoint | mixed | a phase string; overrides ``config.regime``.
+        regime: joint | disjoint | mixed | a phase string | a ``Regime``; overrides ``config.regime``.
         config: optimisation settings (defaults: ``TrainConfig()``).
         out_dir: folder for ``checkpoint.pt`` and ``history.jsonl`` (None: keep nothing on disk).
         resume: continue from ``out_dir/checkpoint.pt``.
@@ -147,7 +148,8 @@ def train(
     cfg = config or TrainConfig()
     if regime is not None:
         cfg = replace(cfg, regime=regime)
-    phases = cfg.phase_string  # the config parsed the regime and checked every phase when it was built
+    regime = cfg.parsed_regime  # the config checked the regime and every phase it runs when it was built
+    phases = regime.phases  # the checkpoint records the phase string
     if cfg.grad_log_every is not None and probe is None:
         raise TrainingError("grad_log_every needs a step probe: pass probe=earlyexit.runs.gradient_probe "
                             "(run_experiment does)")
@@ -175,7 +177,7 @@ def train(
                want_steps=log is not None and main and getattr(log, "wants_steps", True),
                probe=probe if main else None, fmt=fmt)
     try:
-        _train_phases(run, st, phases)
+        _train_phases(run, st, regime)
     finally:
         model.to(memory_format=torch.contiguous_format)  # weights leave in the usual layout (safetensors, eval)
     set_trainable(model, 2)  # every parameter trainable again
@@ -219,10 +221,10 @@ class _Run:
         return self.net if self.net is not None else self.model
 
 
-def _train_phases(run: _Run, st: TrainState, phases: str) -> None:
-    """Train every remaining epoch of the phases marked ``+``, with a checkpoint after each."""
+def _train_phases(run: _Run, st: TrainState, regime: Regime) -> None:
+    """Train every remaining epoch of the phases the regime runs, with a checkpoint after each."""
     while st.phase <= 3:
-        if phases[st.phase - 1] != "+":
+        if not regime.runs(st.phase):
             st.skip_phase()
             continue
         _train_epoch(run, st)

@@ -1,8 +1,8 @@
 """The phase table of the three training regimes, as data, and the functions that read it.
 
-A regime is a phase string over ``+``/``-`` (``joint = "-+-"``,
-``disjoint = "+-+"``, ``mixed = "++-"``); character ``p`` says whether
-phase ``p`` runs. What a phase does is one ``Phase`` row of ``PHASES``:
+A regime (``earlyexit.regime.Regime``) is a phase string over ``+``/``-``
+(``joint = "-+-"``, ``disjoint = "+-+"``, ``mixed = "++-"``); ``Regime.runs(p)``
+says whether phase ``p`` runs. What a phase does is one ``Phase`` row of ``PHASES``:
 
 | phase | trains (``requires_grad``) | losses counted | validated | eval mode | loss weights |
 |-------|----------------------------|----------------|-----------|-----------|--------------|

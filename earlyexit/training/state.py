@@ -10,7 +10,8 @@ plain dict of tensors and containers that ``checkpoint.pt`` holds (readable
 with ``torch.load(weights_only=True)``) and back.
 
 ``CheckpointFiles`` writes ``checkpoint.pt`` (with the model's weights),
-``history.jsonl`` and, when a step probe recorded anything, ``gradients.jsonl``
+``history.jsonl`` (and ``history.csv``, ``logs.write_history``) and, when a step probe recorded anything,
+``gradients.jsonl``
 atomically after every epoch (both rewritten whole from the state, so a
 resumed run that repeats an epoch writes no line twice), and reads a checkpoint back
 for ``resume``, refusing files that are not training checkpoints of this
@@ -29,9 +30,9 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..io import atomic_torch_save, atomic_write_text, load_checkpoint, load_state_strict
 from ..schema import check_checkpoint, check_optimizer_shapes
+from .logs import HISTORY, HISTORY_CSV, write_history  # noqa: F401  (HISTORY, HISTORY_CSV: the files' names)
 
 CHECKPOINT = "checkpoint.pt"
-HISTORY = "history.jsonl"
 PROBE_LOG = "gradients.jsonl"  # the step probe's records (run_experiment's probe: gradient cosines per exit)
 VERSION = 1  # of the checkpoint's layout
 
@@ -175,10 +176,10 @@ class CheckpointFiles:
             self.save_logs(st)
 
     def save_logs(self, st: TrainState) -> None:
-        """Rewrite ``history.jsonl`` (and the probe's log) from the state: a line lost to an interrupt between
-        the checkpoint's write and the history's comes back on resume."""
+        """Rewrite ``history.jsonl`` and ``history.csv`` (and the probe's log) from the state: a line lost to an
+        interrupt between the checkpoint's write and the history's comes back on resume."""
         if self.write:
-            atomic_write_text(self.out / HISTORY, "".join(json.dumps(h) + "\n" for h in st.history))
+            write_history(self.out, st.history)
             if st.probe_log or (self.out / PROBE_LOG).exists():
                 atomic_write_text(self.out / PROBE_LOG, "".join(json.dumps(r) + "\n" for r in st.probe_log))
 
@@ -218,4 +219,4 @@ def _trained_shapes(model: nn.Module, phase: int) -> list[tuple[int, ...]]:
             p.requires_grad_(flag)
 
 
-__all__ = ["CHECKPOINT", "HISTORY", "PROBE_LOG", "Best", "TrainState", "CheckpointFiles", "cpu_state"]
+__all__ = ["CHECKPOINT", "HISTORY", "HISTORY_CSV", "PROBE_LOG", "Best", "TrainState", "CheckpointFiles", "cpu_state"]

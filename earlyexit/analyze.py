@@ -1,5 +1,9 @@
 """The analyses of finished run folders, and their figures: what ``python -m earlyexit analyze`` runs.
 
+The analyses themselves are functions over a model and batches (``earlyexit.analysis``); this module
+reads run folders (``earlyexit.runs``) and hands them over, so the analysis package never imports the
+run code (which uses its gradient probe).
+
 Each analysis of "Joint or Disjoint: Mixing Training Regimes for Early-Exit
 Models" by the paper's own definition, under the name ``analyze`` knows it by:
 
@@ -40,7 +44,10 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..tree import to_jsonable
+from .errors import ConfigError
+from .progress import ProgressFn
+from .regime import Regime
+from .tree import to_jsonable
 
 ANALYSES = ("rank", "gradients", "information", "landscape", "plane", "connectivity", "rank-exits", "gradient-norms")
 PAIRED = ("plane", "connectivity")  # analyses of several runs together (the first run is the reference)
@@ -51,17 +58,17 @@ FIGURES = ("rank", "gradients", "information", "landscape", "plane", "connectivi
 
 def _weights(cfg: Any, num_exits: int) -> list[float]:
     """The run's loss weight of every exit at the end of training (phase 2's weighting, progress 1)."""
-    from ..weighting import get_weighting
+    from .weighting import get_weighting
 
     return [float(w) for w in get_weighting(cfg.train.loss_weighting)(num_exits, 1.0)]
 
 
 def _load_other(path: str | Path, cfg: Any, dev: Any) -> Any:
-    from ..runs import load_run
+    from .runs import load_run
 
     model, other_cfg = load_run(path, device=dev)
     if other_cfg.model.name != cfg.model.name:
-        raise ValueError(f"cannot compare a {cfg.model.name} run with a {other_cfg.model.name} run ({path})")
+        raise ConfigError(f"cannot compare a {cfg.model.name} run with a {other_cfg.model.name} run ({path})")
     return model
 
 
@@ -74,7 +81,7 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
                 columns: str = "shared", sigma_ref: str = "median", mi_also: Sequence[str] = ("mc", "bhattacharyya"),
                 mi_also_ref_size: int | None = None, distance_dtype: str = "float64",
                 landscape_direction: str = "gaussian", landscape_bn: bool = True,
-                max_bytes: int = 2**30) -> dict:
+                max_bytes: int = 2**30, on_done: Callable[[str], None] | None = None) -> dict:
     """Run analyses on a finished run folder.
 
     Args:
@@ -107,6 +114,7 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
         landscape_direction: ``"gaussian"`` or ``"uniform"`` directions (``landscape.random_direction``).
         landscape_bn: re-estimate BatchNorm at every landscape point (on unaugmented training batches).
         max_bytes: memory budget of one pass of ``rank`` / ``information`` (more: fewer passes).
+        on_done: called with an analysis' name when it is finished (progress).
     Returns:
         A JSON-ready dict: ``run``, ``model``, ``dataset``, ``regime``, ``regime_name``, ``exit_after``,
         ``split``, ``num_samples``, ``weights`` and one entry per analysis, under its name:
@@ -123,28 +131,28 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
         - ``rank-exits``: ``{numerical: [E], effective: [E], dims: [E]}``;
         - ``gradient-norms``: ``{norms: (E, S), dominance: (E, S)}``.
     Raises:
-        ValueError: on unknown analyses, split or estimator, or a paired analysis without its runs.
+        ConfigError: on unknown analyses, split or estimator, or a paired analysis without its runs.
     """
-    from ..config import parse_regime
-    from ..device import local_device
-    from ..runs import load_data, load_run
+    from .device import local_device
+    from .runs import load_data, load_run
 
     what = tuple(what)
     bad = [w for w in what if w not in ANALYSES]
     if bad:
-        raise ValueError(f"unknown analysis {bad[0]!r}; valid: {', '.join(ANALYSES)}")
+        raise ConfigError(f"unknown analysis {bad[0]!r}; valid: {', '.join(ANALYSES)}")
     if split is not None and split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if mi_method not in MI_METHODS:
-        raise ValueError(f"unknown estimator {mi_method!r}; valid: {', '.join(MI_METHODS)}")
+        raise ConfigError(f"unknown estimator {mi_method!r}; valid: {', '.join(MI_METHODS)}")
     if "connectivity" in what and other is None:
-        raise ValueError("the connectivity analysis needs a second run folder (other=...)")
+        raise ConfigError("the connectivity analysis needs a second run folder (other=...)")
     if "plane" in what and (other is None or third is None):
-        raise ValueError("the plane analysis needs a second and a third run folder (other=..., third=...)")
+        raise ConfigError("the plane analysis needs a second and a third run folder (other=..., third=...)")
     if max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        raise ConfigError(f"max_samples must be >= 1, got {max_samples}")
     if distance_dtype not in DTYPES:
-        raise ValueError(f"unknown distance dtype {distance_dtype!r}; valid: {', '.join(DTYPES)}")
+        raise ConfigError(f"unknown distance dtype {distance_dtype!r}; valid: {', '.join(DTYPES)}")
+    tick = on_done or (lambda name: None)
     dev = local_device(device)
     model, cfg = load_run(run_dir, device=dev)
     splits = load_data(cfg)
@@ -156,42 +164,46 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
         list(itertools.islice(getattr(splits, loss_split).batches(bs), n_batches))
     weights = _weights(cfg, model.num_exits)
     out: dict[str, Any] = {"run": str(run_dir), "model": cfg.model.name, "dataset": cfg.data.name,
-                           "regime": parse_regime(cfg.train.regime), "regime_name": cfg.train.regime,
+                           "regime": cfg.train.parsed_regime.phases, "regime_name": cfg.train.regime,
                            "seed": cfg.train.seed,
                            "exit_after": list(model.exit_after), "split": feature_split, "loss_split": loss_split,
                            "num_samples": min(sum(len(y) for _, y in batches), max_samples), "weights": weights}
     if "rank" in what:
-        from .layer_rank import layer_ranks
+        from .analysis.layer_rank import layer_ranks
 
         out["rank"] = layer_ranks(model, batches, n_features=n_features, seed=seed, max_samples=max_samples,
                                   tolerance=rank_tolerance, columns=columns, max_bytes=max_bytes)
+        tick("rank")
     if "rank-exits" in what:
-        from .rank import effective_rank, numerical_rank, stage_features
+        from .analysis.rank import effective_rank, numerical_rank, stage_features
 
         feats = stage_features(model, batches, max_samples=max_samples)["features"]
         out["rank-exits"] = {"numerical": [numerical_rank(f) for f in feats],
                              "effective": [effective_rank(f) for f in feats], "dims": [f.shape[1] for f in feats]}
+        tick("rank-exits")
     if "gradients" in what or "gradient-norms" in what:
         train_batches = list(itertools.islice(splits.train.batches(bs, shuffle=True, seed=seed), n_batches))
     if "gradients" in what:
-        from .cosines import gradient_cosines
+        from .analysis.cosines import gradient_cosines
 
         per_batch = [gradient_cosines(model, x, y, weights=weights) for x, y in train_batches]
         out["gradients"] = {"cos": [_mean([c[k] for c in per_batch]) for k in range(model.num_exits)],
                             "per_batch": per_batch, "weights": weights}
+        tick("gradients")
     if "gradient-norms" in what:
-        from .gradients import dominance_from_norms, exit_gradient_norms
+        from .analysis.gradients import dominance_from_norms, exit_gradient_norms
 
         x, y = train_batches[0]
         norms = exit_gradient_norms(model, x, y)
         out["gradient-norms"] = {"norms": norms, "dominance": dominance_from_norms(norms)}
+        tick("gradient-norms")
     if "information" in what:
         if mi_method == "knn":
-            from .information import stage_information
+            from .analysis.information import stage_information
 
             out["information"] = stage_information(model, batches, method="knn", max_samples=max_samples, seed=seed)
         else:
-            from .noisy_information import layer_information
+            from .analysis.noisy_information import layer_information
 
             import torch
 
@@ -200,22 +212,25 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
                 seed=seed, sigma_ref=sigma_ref, also=tuple(m for m in mi_also if m != mi_method),
                 also_ref_size=mi_also_ref_size, dtype=getattr(torch, distance_dtype), columns=columns,
                 max_bytes=max_bytes)
+        tick("information")
     if {"plane", "connectivity", "landscape"} & set(what):
         bn = list(itertools.islice(splits.train.batches(bs), n_batches))  # BatchNorm re-estimation: unaugmented
     if "landscape" in what:
-        from .landscape import landscape_summary, loss_surface
+        from .analysis.landscape import landscape_summary, loss_surface
 
         surface = loss_surface(model, loss_batches, steps=landscape_steps, span=landscape_span, seed=seed,
                                weights=weights, direction=landscape_direction, bn_batches=bn if landscape_bn else None)
         out["landscape"] = {**surface, "span": landscape_span, "summary": landscape_summary(surface)}
+        tick("landscape")
     if "plane" in what or "connectivity" in what:
         model_b = _load_other(other, cfg, dev)
     if "plane" in what:
         model_c = _load_other(third, cfg, dev)
         out["plane"] = {**_plane(model, model_b, model_c, loss_batches, bn, steps=steps, weights=weights, seed=seed),
                         "runs": {"ref": str(run_dir), "a": str(other), "b": str(third)}}
+        tick("plane")
     if "connectivity" in what:
-        from .connectivity import interpolation_path, weight_matching
+        from .analysis.connectivity import interpolation_path, weight_matching
 
         path = interpolation_path(model, model_b, loss_batches, steps=path_steps, bn_batches=bn)
         # an architecture without permutation rules (or no scipy): the plain path only
@@ -224,6 +239,7 @@ def analyze_run(run_dir: str | Path, *, what: Sequence[str] = ("rank", "gradient
                         if matched is not None else None)
         out["connectivity"] = {"other": str(other), "path": path, "matched_path": matched_path,
                                "summary": _barriers(path, matched_path, weights)}
+        tick("connectivity")
     return to_jsonable(out)
 
 
@@ -234,7 +250,7 @@ def _barriers(path: dict, matched: dict | None, weights: list[float]) -> dict:
     """The loss barrier of every exit and of the weighted total along the plain and the matched path."""
     import torch
 
-    from .connectivity import loss_barrier
+    from .analysis.connectivity import loss_barrier
 
     w = torch.tensor(weights, dtype=torch.float64)
     out = {}
@@ -256,7 +272,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 def matchable(model: Any) -> bool:
     """Whether weight matching can permute ``model`` (its parts declare their permutations, and scipy is there)."""
-    from .connectivity import permutation_spec
+    from .analysis.connectivity import permutation_spec
 
     try:
         import scipy.optimize  # noqa: F401
@@ -268,7 +284,7 @@ def matchable(model: Any) -> bool:
 
 def _plane(ref: Any, a: Any, b: Any, batches: list, bn: list, *, steps: int, weights: list[float], seed: int) -> dict:
     """``connectivity_plane``, weight-matched where the architecture allows it."""
-    from .plane import connectivity_plane
+    from .analysis.plane import connectivity_plane
 
     return connectivity_plane(ref, a, b, batches, steps=steps, match=matchable(ref), bn_batches=bn, weights=weights,
                               seed=seed)
@@ -285,26 +301,37 @@ def run_labels(results: Sequence[dict]) -> list[str]:
 
 
 def analyze_runs(run_dirs: Sequence[str | Path], *, what: Sequence[str], other: str | Path | None = None,
-                 third: str | Path | None = None, **kwargs: Any) -> list[dict]:
+                 third: str | Path | None = None, progress: ProgressFn | None = None, **kwargs: Any) -> list[dict]:
     """``analyze_run`` on every run; the paired analyses (``plane``, ``connectivity``) once, on the first.
 
     The partners of a paired analysis are ``other`` and ``third``, else the second and third runs given.
+    ``progress(done, total, "analyses")`` (``earlyexit.progress``) is told of every analysis finished.
     """
     run_dirs = list(run_dirs)
     if not run_dirs:
-        raise ValueError("no run folder given")
+        raise ConfigError("no run folder given")
     other = other if other is not None else (run_dirs[1] if len(run_dirs) > 1 else None)
     third = third if third is not None else (run_dirs[2] if len(run_dirs) > 2 else None)
+    what = tuple(dict.fromkeys(what))
     single = tuple(w for w in what if w not in PAIRED)
-    out = [analyze_run(run_dirs[0], what=tuple(what), other=other, third=third, **kwargs)]
-    out += [analyze_run(d, what=single, **kwargs) for d in run_dirs[1:]]
+    total, done = len(what) + len(single) * (len(run_dirs) - 1), [0]
+
+    def on_done(name: str) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total, "analyses")
+
+    if progress is not None:
+        progress(0, total, "analyses")
+    out = [analyze_run(run_dirs[0], what=what, other=other, third=third, on_done=on_done, **kwargs)]
+    out += [analyze_run(d, what=single, on_done=on_done, **kwargs) for d in run_dirs[1:]]
     return out
 
 
 def _gradient_log(run_dir: Path) -> list[dict] | None:
     """The run's ``gradients.jsonl``, kept to the grid point each phase chose (None without a log)."""
-    from ..training.state import PROBE_LOG
-    from .figures import read_records
+    from .training.state import PROBE_LOG
+    from .analysis.figures import read_records
 
     path = run_dir / PROBE_LOG
     if not path.is_file():
@@ -312,7 +339,7 @@ def _gradient_log(run_dir: Path) -> list[dict] | None:
     records = read_records(path)
     chosen: dict[int, float] = {}
     if (run_dir / "results.json").is_file():
-        from ..results import Results  # read and checked against its schema (a tampered file: one line)
+        from .results import Results  # read and checked against its schema (a tampered file: one line)
 
         train = Results.from_json(run_dir).train
         chosen = {int(p["phase"]): p["lr"] for p in (train.phases if train is not None else [])}
@@ -363,7 +390,7 @@ def write_figures(results: Sequence[dict], stem: str | Path, *, echo: Callable[[
     Returns:
         The figures written.
     """
-    from . import figures as fig
+    from .analysis import figures as fig
 
     stem = Path(stem)
     labels = run_labels(results)
@@ -428,6 +455,7 @@ def write_figures(results: Sequence[dict], stem: str | Path, *, echo: Callable[[
 
 def _slug(text: str) -> str:
     """A file-name part: a phase string spelt with p/m (as run folders are), other characters kept safe."""
-    if text and set(text) <= {"+", "-"}:
-        return text.replace("+", "p").replace("-", "m")
+    regime = Regime.try_parse(text)
+    if regime is not None and regime.phases == text:
+        return regime.slug
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)

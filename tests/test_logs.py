@@ -1,0 +1,103 @@
+"""The log sinks beside ``history.jsonl``: ``history.csv`` (always) and TensorBoard (``--log tensorboard``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from earlyexit.config import PhaseConfig, TrainConfig
+from earlyexit.data import load_dataset
+from earlyexit.errors import ConfigError
+from earlyexit.models.heads import LinearHead
+from earlyexit.models.multiexit import MultiExitModel
+from earlyexit.training import HISTORY, HISTORY_CSV, TensorBoardLog, log_hook, train
+from earlyexit.training.logs import flatten, history_csv
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic", image_size=8, num_classes=4, train_samples=64, test_samples=16)
+
+
+def _model():
+    torch.manual_seed(0)
+    stage = lambda d: nn.Sequential(nn.Linear(d, 12), nn.ReLU())  # noqa: E731
+    return MultiExitModel(stem=nn.Flatten(), stages=[stage(64), stage(12)], head=LinearHead(12, 4), exits=[0],
+                          make_head=lambda fi, c: nn.Linear(fi["num_chs"], c), feature_info=[{"num_chs": 12}] * 2,
+                          num_classes=4, input_shape=(1, 8, 8))
+
+
+def _cfg():
+    pc = PhaseConfig(lr=(0.05, 0.02), epochs=2)
+    return TrainConfig(phases=(pc, pc, pc), batch_size=16, device="cpu")
+
+
+def _csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_flatten_names_list_positions_and_dict_keys():
+    assert flatten({"phase": 1, "val_acc": [0.5, 0.75], "x": {"a": None, "b": [1]}}) == \
+        {"phase": 1, "val_acc.0": 0.5, "val_acc.1": 0.75, "x.a": None, "x.b.0": 1}
+    assert history_csv([]) == ""
+    assert history_csv([{"a": 1, "l": [0.1]}, {"a": 2, "l": [0.2, 0.3], "b": True}]) == \
+        "a,l.0,l.1,b\n1,0.1,,\n2,0.2,0.3,true\n"
+
+
+def test_history_csv_holds_the_rows_of_history_jsonl(data, tmp_path):
+    rec = train(_model(), data, regime="mixed", config=_cfg(), out_dir=tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / HISTORY).read_text().splitlines()]
+    table = _csv_rows(tmp_path / HISTORY_CSV)
+    assert rows == rec.history and len(table) == len(rows) == 8  # 2 phases x 2 grid points x 2 epochs
+    assert list(table[0])[:4] == ["phase", "lr", "epoch", "train_loss"]
+    for row, line in zip(rows, table):
+        flat = flatten(row)
+        assert {k: v for k, v in line.items() if v != ""} == {k: str(v) for k, v in flat.items()}
+        assert all(float(line[k]) == v for k, v in flat.items() if isinstance(v, float))  # every digit kept
+    assert table[0]["val_acc.1"] == "" and table[-1]["val_acc.1"] != ""  # phase 1 validates its one exit
+
+
+def test_tensorboard_gets_every_epoch_and_the_inner_hook_every_event(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    seen = []
+    inner = lambda event, **k: seen.append(event)  # noqa: E731
+    hook = log_hook(("tensorboard",), tmp_path, inner)
+    assert isinstance(hook, TensorBoardLog) and not (tmp_path / "tensorboard").exists()  # nothing before the run
+    rec = train(_model(), data, regime="joint", config=_cfg(), log=hook)
+    assert seen.count("epoch") == len(rec.history) == 4 and seen[-1] == "done"
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    for lr in (0.05, 0.02):
+        rows = [h for h in rec.history if h["lr"] == lr]
+        got = acc.Scalars(f"phase2-lr{lr:g}/val_acc/exit1")
+        assert [e.step for e in got] == [1, 2]
+        assert [e.value for e in got] == pytest.approx([h["val_acc"][1] for h in rows], rel=1e-6)
+        assert [e.value for e in acc.Scalars(f"phase2-lr{lr:g}/train_loss")] == \
+            pytest.approx([h["train_loss"] for h in rows], rel=1e-6)
+
+
+def test_a_comparison_logs_each_run_into_its_own_folder(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    hook = log_hook(("tensorboard",), tmp_path / "cmp")
+    for name in ("a", "b"):
+        hook("run", regime=name, seed=0, out=str(tmp_path / name))
+        train(_model(), data, regime="joint", config=_cfg(), log=hook)
+    assert all(any((tmp_path / name / "tensorboard").iterdir()) for name in ("a", "b"))
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_a_missing_tensorboard_or_an_unknown_sink_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    with pytest.raises(ConfigError, match=r"^--log tensorboard needs the tensorboard package: pip install"):
+        log_hook(("tensorboard",), tmp_path)
+    with pytest.raises(ConfigError, match="unknown log sink 'wandb'; valid: tensorboard"):
+        log_hook(("wandb",), tmp_path)
+    assert log_hook((), tmp_path) is None and list(tmp_path.iterdir()) == []
