@@ -276,11 +276,12 @@ def experiment_cmd(files, preset, root, dry, list_only) -> None:
     if list_only:
         click.echo("\n".join(str(e.path) for e in exps))
         return
-    for e in exps:  # the options of every analyze and plot step, parsed before anything runs
+    for e in exps:  # the options of every analyze, plot and eval step, parsed before anything runs
         for step in e.steps:
-            if step.command in ("analyze", "plot"):
+            if step.command in ("analyze", "plot", "eval"):
+                args = [*step.runs, *step.args] if step.command != "eval" else [step.runs[0], *step.args, "--out", "-"]
                 try:
-                    main.commands[step.command].make_context(step.command, [*step.runs, *step.args])
+                    main.commands[step.command].make_context(step.command, args)
                 except click.ClickException as err:
                     raise EarlyExitError(f"{e.path}: {step.describe()}: {err.format_message()}") from None
     for e in exps:
@@ -303,15 +304,10 @@ def _run_step(step: Any, *, resume: bool) -> None:
     elif step.command == "compare":
         _compare_seeds(step.config, list(step.seeds), step.out, budget=step.budget, resume=resume, regimes=step.regimes)
     elif step.command == "eval":  # each run evaluated into a folder of its own (eval --out), the run untouched
-        from .runs import evaluate_run
-
-        opts = dict(zip(step.args[::2], step.args[1::2]))
-        unknown = sorted(set(opts) - {"--criterion", "--device"})
-        if unknown:
-            raise EarlyExitError(f"eval step {step.out}: unknown options {', '.join(unknown)}; valid: criterion, device")
         for run, target in step.eval_targets().items():
             if not (target / "results.json").is_file():
-                evaluate_run(run, criterion=opts.get("--criterion"), device=opts.get("--device"), out=target)
+                main.commands["eval"].main([run, *step.args, "--out", str(target)], prog_name="earlyexit eval",
+                                           standalone_mode=False)
     elif step.command == "summary":  # summary's tables, also written to the step's file
         from .io import atomic_write_text
         from .reports import format_summary, summarize_runs

@@ -34,6 +34,7 @@ folder: the second pass (``resume=True``) reuses phase 1, disjoint and mixed.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -112,12 +113,8 @@ def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
     for seed in seeds:
         c = replace(cfg, train=replace(cfg.train, seed=int(seed)))
         splits = runs.load_data(c)
-        p1: list[dict] = []  # phase 1 is trained or loaded only when a run still needs it (not for finished runs)
-
-        def phase1(c: RunConfig = c, splits: Any = splits, seed: int = seed) -> dict:
-            if not p1:
-                p1.append(_phase1(c, splits, out / f"s{seed}-{PHASE1}", emit))
-            return p1[0]
+        # phase 1 is trained or loaded only when a run still needs it (not for finished runs), and once
+        phase1 = functools.cache(functools.partial(_phase1, c, splits, out / f"s{seed}-{PHASE1}", emit))
 
         spent = {}
         for regime in [r for r in regimes if Regime.parse(r).starts_from_phase1]:  # they continue the shared phase 1

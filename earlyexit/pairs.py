@@ -45,6 +45,15 @@ def select(run_dirs: Sequence[Path], pattern: str) -> list[Path]:
     return [Path(d) for d in run_dirs if fnmatch(Path(d).name, pattern)]
 
 
+def _one_config(dirs: Sequence[Path]) -> tuple[tuple, list[Results]]:
+    """The one configuration (key, runs by seed) a side of a pair must hold."""
+    groups = group_runs([Path(d) for d in dirs])
+    if len(groups) != 1:
+        raise EarlyExitError(f"a side of a pair must be one configuration, got {len(groups)}: "
+                             f"{', '.join(_name(k) for k, _ in groups)}")
+    return groups[0]
+
+
 def pair_summary(a_dirs: Sequence[Path], b_dirs: Sequence[Path], *, direction: int = 1) -> dict:
     """Seed-by-seed differences ``a - b`` of two configurations at every budget of the three tables.
 
@@ -58,14 +67,7 @@ def pair_summary(a_dirs: Sequence[Path], b_dirs: Sequence[Path], *, direction: i
     Raises:
         EarlyExitError: a side holds several configurations, or the sides share no seed.
     """
-    sides = []
-    for dirs in (a_dirs, b_dirs):
-        groups = group_runs([Path(d) for d in dirs])
-        if len(groups) != 1:
-            raise EarlyExitError(f"a side of a pair must be one configuration, got {len(groups)}: "
-                                 f"{', '.join(_name(k) for k, _ in groups)}")
-        sides.append(groups[0])
-    (ka, ra), (kb, rb) = sides
+    (ka, ra), (kb, rb) = _one_config(a_dirs), _one_config(b_dirs)
     seeds = sorted({r.seed for r in ra} & {r.seed for r in rb})
     if not seeds:
         raise EarlyExitError(f"{_name(ka)} and {_name(kb)} share no seed; a pair compares the same seeds")
@@ -147,15 +149,8 @@ def cosine_pair(a_dirs: Sequence[Path], b_dirs: Sequence[Path], *, direction: in
         ``{a, b, seeds, direction, exits: [{n, mean, std, low, high, p, verdict} or None]}`` (None: an exit one
         side never logged).
     """
-    sides = []
-    for dirs in (a_dirs, b_dirs):
-        groups = group_runs([Path(d) for d in dirs])
-        if len(groups) != 1:
-            raise EarlyExitError(f"a side of a pair must be one configuration, got {len(groups)}")
-        sides.append(groups[0])
-    (ka, ra), (kb, rb) = sides
-    da = {r.seed: d for r, d in zip(ra, _dirs_by_seed(a_dirs, ra))}
-    db = {r.seed: d for r, d in zip(rb, _dirs_by_seed(b_dirs, rb))}
+    (ka, _), (kb, _) = _one_config(a_dirs), _one_config(b_dirs)
+    da, db = ({Results.from_json(Path(d)).seed: Path(d) for d in dirs} for dirs in (a_dirs, b_dirs))
     seeds = sorted(set(da) & set(db))
     if not seeds:
         raise EarlyExitError(f"{_name(ka)} and {_name(kb)} share no seed; a pair compares the same seeds")
@@ -169,12 +164,6 @@ def cosine_pair(a_dirs: Sequence[Path], b_dirs: Sequence[Path], *, direction: in
         t = paired_t(xa, xb)
         exits.append({**t, "verdict": decide(t, direction)})
     return {"a": _name(ka), "b": _name(kb), "seeds": seeds, "direction": direction, "exits": exits}
-
-
-def _dirs_by_seed(dirs: Sequence[Path], rs: Sequence[Results]) -> list[Path]:
-    """The folders of ``dirs`` in the order of their ``Results`` ``rs`` (matched by seed)."""
-    by_seed = {Results.from_json(Path(d)).seed: Path(d) for d in dirs}
-    return [by_seed[r.seed] for r in rs]
 
 
 def markdown_cosine_pair(pair: dict) -> str:

@@ -38,7 +38,7 @@ def test_results_md_has_tables_when_results_exist():
 
 @pytest.mark.parametrize("globs,table", _blocks() or [pytest.param("", "", marks=pytest.mark.skip("no RESULTS.md tables yet"))])
 def test_every_table_is_the_summary_of_its_runs(globs, table):
-    dirs = sorted({p for g in globs.split() for p in ROOT.glob(g) if (p / "results.json").is_file()})
+    dirs = _dirs(globs)
     assert dirs, f"no run folder matches {globs}"
     assert table.strip() == markdown_summary(summarize_runs(dirs)).strip()
 
@@ -47,31 +47,30 @@ def _dirs(globs):
     return sorted({p for g in globs.split() for p in ROOT.glob(g) if (p / "results.json").is_file()})
 
 
-def _pairs():
+def _found(pattern):
     f = ROOT / "RESULTS.md"
-    return PAIR.findall(f.read_text()) if f.is_file() else []
+    return pattern.findall(f.read_text()) if f.is_file() else []
 
 
-@pytest.mark.parametrize("spec,table", _pairs() or [pytest.param("", "", marks=pytest.mark.skip("no intervals yet"))])
-def test_every_interval_and_verdict_is_recomputed_from_its_runs(spec, table):
+def _sides(spec):
+    """An interval block's ``GLOBS_A | GLOBS_B | a>b``: the two sides' run folders and the claimed direction."""
     a, b, claim = (part.strip() for part in spec.split("|"))
     assert claim in ("a>b", "a<b"), spec
     da, db = _dirs(a), _dirs(b)
     assert da and db, f"no run folder matches {spec}"
-    assert table.strip() == markdown_pair(pair_summary(da, db, direction=1 if claim == "a>b" else -1)).strip()
+    return da, db, 1 if claim == "a>b" else -1
 
 
-def _cosines():
-    f = ROOT / "RESULTS.md"
-    return COSINE.findall(f.read_text()) if f.is_file() else []
+@pytest.mark.parametrize("spec,table", _found(PAIR) or [pytest.param("", "", marks=pytest.mark.skip("no intervals yet"))])
+def test_every_interval_and_verdict_is_recomputed_from_its_runs(spec, table):
+    da, db, direction = _sides(spec)
+    assert table.strip() == markdown_pair(pair_summary(da, db, direction=direction)).strip()
 
 
-@pytest.mark.parametrize("spec,table", _cosines() or [pytest.param("", "", marks=pytest.mark.skip("no cosine blocks"))])
+@pytest.mark.parametrize("spec,table", _found(COSINE) or [pytest.param("", "", marks=pytest.mark.skip("no cosine blocks"))])
 def test_every_gradient_cosine_interval_is_recomputed_from_its_logs(spec, table):
-    a, b, claim = (part.strip() for part in spec.split("|"))
-    da, db = _dirs(a), _dirs(b)
-    assert da and db, f"no run folder matches {spec}"
-    assert table.strip() == markdown_cosine_pair(cosine_pair(da, db, direction=1 if claim == "a>b" else -1)).strip()
+    da, db, direction = _sides(spec)
+    assert table.strip() == markdown_cosine_pair(cosine_pair(da, db, direction=direction)).strip()
 
 
 def _claim_rows():
