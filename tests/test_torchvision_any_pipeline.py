@@ -170,6 +170,14 @@ if int(__import__("os").environ.get("RANK", 0)) == 0:
 """
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_ddp_on_a_traced_model_matches_one_process(tmp_path):
     """torchrun with two processes trains a traced model (a from_module net, no BatchNorm or dropout, so that the
@@ -178,9 +186,12 @@ def test_ddp_on_a_traced_model_matches_one_process(tmp_path):
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(ee.__file__).parents[1])}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], check=True, capture_output=True, env=env)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
-           str(script), str(tmp_path / "two.pt")]
-    r = subprocess.run(cmd, capture_output=True, env=env, text=True)
+    for attempt in range(2):  # a rendezvous that loses a race with another test's sockets is launched once more
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(script), str(tmp_path / "two.pt")]
+        r = subprocess.run(cmd, capture_output=True, env=env, text=True)
+        if r.returncode == 0:
+            break
     assert r.returncode == 0, r.stderr[-2000:]
     one, two = (torch.load(tmp_path / f, weights_only=True) for f in ("one.pt", "two.pt"))
     assert [h["phase"] for h in one["history"]] == [h["phase"] for h in two["history"]] == [1, 2, 3]
