@@ -40,6 +40,7 @@ run (a checkpoint) or comparison (its folder) continues (``--resume``). Figures 
 from __future__ import annotations
 
 import glob
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -55,6 +56,14 @@ STEP_KEYS = ("command", "out", "seeds", "budgets", "regimes", "run_name", "runs"
 EXPERIMENT_KEYS = STEP_KEYS + ("steps", "presets", "after", "needs", "needs_data", "vars")
 SETTING_KEYS = SECTIONS + ("init", "method")
 OUT_FLAGS = {"analyze": "--out", "plot": "--output"}
+
+
+def _summary_seeds(path: Path) -> list[int]:
+    """The seeds a comparison's summary covers (none when the file is not one)."""
+    try:
+        return [int(x) for x in json.loads(path.read_text()).get("seeds", [])]
+    except (ValueError, TypeError, AttributeError):
+        return []
 
 
 @dataclass(frozen=True)
@@ -77,8 +86,9 @@ class Step:
                 "started" if (self.out / "checkpoint.pt").is_file() else "new"
         if self.command == "compare":  # compare.py names a budget's summary so
             name = "summary.json" if self.budget == "paper" else f"summary-{self.budget}.json"
-            return "done" if (self.out / name).is_file() else \
-                "started" if self.out.is_dir() and any(self.out.iterdir()) else "new"
+            if (self.out / name).is_file() and set(self.seeds) <= set(_summary_seeds(self.out / name)):
+                return "done"  # a summary over fewer seeds than asked (seeds added later) is resumed
+            return "started" if self.out.is_dir() and any(self.out.iterdir()) else "new"
         if self.command == "analyze":
             return "done" if self.out.is_file() else "new"
         if self.command == "eval":

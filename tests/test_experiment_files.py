@@ -294,3 +294,15 @@ def test_an_eval_step_writes_each_run_under_another_criterion_beside_it(tmp_path
         assert f"eval {root / 'entropy'}" in r.output and state in r.output
     res = json.loads((root / "entropy" / "exp" / "mlp-s0" / "results.json").read_text())
     assert res["curve"]["criterion"] == "entropy" and (run / "results.json").read_bytes() == before
+
+
+def test_a_comparison_given_more_seeds_than_its_summary_covers_is_resumed_not_skipped(tmp_path):
+    """Seeds added to a finished comparison (e.g. 2 -> 5) make its step "started", so the new seeds run."""
+    from earlyexit.experiment import Step
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"budget": "paper", "seeds": [0, 1], "runs": {}, "summary": []}))
+    assert Step("compare", out, seeds=(0, 1)).state() == "done"
+    assert Step("compare", out, seeds=(0, 1, 2)).state() == "started"
+    assert Step("compare", out, seeds=(0, 1), budget="matched").state() == "started"  # its own summary is absent
