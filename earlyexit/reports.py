@@ -80,13 +80,16 @@ def group_runs(run_dirs: Sequence[Path]) -> list[tuple[tuple, list[Results]]]:
 
 
 def method_label(r: Results) -> str | None:
-    """The method slot of a configuration's key: the method's name, and the loss weighting where it is not the
-    method's own default (the mean for plain ICs), e.g. ``"weights han"``, ``"pbee, weights sdn"``."""
-    from .config import METHOD_DEFAULTS
+    """The method slot of a configuration's key: the method's name, the loss weighting where it is not the
+    method's own default (the mean for plain ICs) and the exit criterion where it is not the method's own
+    (confidence for plain ICs), e.g. ``"weights han"``, ``"pbee, weights sdn"``, ``"exit by entropy"``."""
+    from .config import DEFAULT_CRITERION, METHOD_DEFAULTS
 
-    default = METHOD_DEFAULTS[r.method].weighting if r.method in METHOD_DEFAULTS else "mean"
-    weights = f"weights {r.weighting}" if r.weighting not in (None, default) else None
-    return ", ".join(p for p in (r.method, weights) if p) or None
+    own = METHOD_DEFAULTS.get(r.method)
+    weights = f"weights {r.weighting}" if r.weighting not in (None, own.weighting if own else "mean") else None
+    criterion = r.curve.criterion if r.curve is not None else None
+    exit_by = f"exit by {criterion}" if criterion not in (None, own.criterion if own else DEFAULT_CRITERION) else None
+    return ", ".join(p for p in (r.method, weights, exit_by) if p) or None
 
 
 def _group(results: Sequence[Results]) -> list[tuple[tuple, list[Results]]]:

@@ -317,3 +317,22 @@ def test_a_weighting_other_than_the_default_is_its_own_configuration_and_named(t
     assert method_label(Results.from_json(plain)) is None and method_label(Results.from_json(han)) == "weights han"
     assert [k[3] for k, _ in group_runs([plain, han])] == [None, "weights han"]
     assert [g["method"] for g in summarize_runs([plain, han])] == [None, "weights han"]
+
+
+def test_an_exit_criterion_other_than_the_methods_own_is_its_own_configuration_and_named(tmp_path):
+    """The entropy re-evaluation of a run (``eval --criterion entropy --out``) is another configuration than the run,
+    named in every row; a method's own criterion (PBEE's patience) is not repeated."""
+    import dataclasses
+
+    from earlyexit.reports import group_runs, method_label
+
+    plain = make_run(tmp_path / "a", "joint", 0)
+    r = Results.from_json(plain)
+    entropy = dataclasses.replace(r, curve=dataclasses.replace(r.curve, criterion="entropy"))
+    assert method_label(entropy) == "exit by entropy"
+    assert method_label(dataclasses.replace(r, method="pbee", curve=dataclasses.replace(r.curve, criterion="patience"))) \
+        == "pbee"
+    assert method_label(dataclasses.replace(r, method="pbee")) == "pbee, exit by confidence"
+    (tmp_path / "e").mkdir()
+    entropy.save(tmp_path / "e")
+    assert [k[3] for k, _ in group_runs([plain, tmp_path / "e"])] == [None, "exit by entropy"]
