@@ -21,7 +21,7 @@ import torch
 from . import metrics
 from .errors import EarlyExitError
 from .results import Results
-from .score import calibrates
+from .score import calibrates, calibration_modes
 from .stats import paired_bootstrap
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -50,7 +50,8 @@ def calibrated_correct(run_dir: str | Path, *, device: str | None = None) -> dic
     test, labels = metrics.evaluate(model, splits.test.batches(cfg.eval.batch_size), device=dev)
     val, _ = metrics.evaluate(model, splits.val.batches(cfg.eval.batch_size), device=dev)
     test, labels, val = test.cpu(), labels.cpu(), val.cpu()
-    cal = metrics.calibrated_curve(val, test, labels, costs, criterion=crit, mode="geometric")
+    mode = calibration_modes(crit)[0]  # the calibration results.json's calibrated_budgets reads
+    cal = metrics.calibrated_curve(val, test, labels, costs, criterion=crit, mode=mode)
     points = list(enumerate(zip(cal["flops"], cal["accuracy"])))
     chosen: dict[str, int | None] = {}
     for f in FRACTIONS:  # budget_table's rule: the best accuracy among the points within the budget
@@ -64,7 +65,8 @@ def calibrated_correct(run_dir: str | Path, *, device: str | None = None) -> dic
         if i is None:
             acc[name], correct[name] = None, None
             continue
-        exits = metrics.apply_thresholds(test, cal["thresholds"][i], criterion=crit)
+        exits = (metrics.exit_decisions(test, crit, cal["thresholds"][i][0]) if crit == "patience"
+                 else metrics.apply_thresholds(test, cal["thresholds"][i], criterion=crit))
         ok = test[exits, rows].argmax(-1) == labels
         acc[name], correct[name] = float(ok.double().mean()), ok
     stored = Results.from_json(run_dir).calibrated_budgets or {}

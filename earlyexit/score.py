@@ -55,8 +55,13 @@ CALIBRATED_BUDGETS_TITLE = "calibrated on validation, best within budget (per se
 # --- the evaluation -------------------------------------------------------------
 
 def calibrates(criterion: str, num_exits: int) -> bool:
-    """Whether validation-calibrated curves exist: a per-exit threshold criterion and at least one IC."""
-    return criterion in ("confidence", "entropy") and num_exits > 1
+    """Whether validation-calibrated curves exist: a threshold criterion (or PBEE's patience) and at least one IC."""
+    return criterion in ("confidence", "entropy", "patience") and num_exits > 1
+
+
+def calibration_modes(criterion: str) -> tuple[str, ...]:
+    """The calibrations of a criterion; the first feeds ``calibrated_budgets`` (patience: one value, ``global``)."""
+    return ("global",) if criterion == "patience" else metrics.CALIBRATION_MODES
 
 
 def evaluate_logits(logits: Tensor, labels: Tensor, costs: Sequence[float], base_flops: float, *,
@@ -69,8 +74,9 @@ def evaluate_logits(logits: Tensor, labels: Tensor, costs: Sequence[float], base
         base_flops: the reference cost of the budget table (a run: ``backbone_cost``).
         criterion: exit criterion of the threshold curve.
         thresholds: the curve's thresholds (a count or explicit values).
-        val_logits: ``(E, N_val, C)`` validation logits; with them (and a confidence or entropy criterion and at
-            least one IC) the calibrated curves and ``calibrated_budgets`` are added.
+        val_logits: ``(E, N_val, C)`` validation logits; with them (and at least one IC) the calibrated curves
+            and ``calibrated_budgets`` are added (patience: ``calibrated_global`` only, the patience chosen on
+            validation per target cost).
         stages: per exit, the block it sits after (results.json's ``exits[].stage``); None leaves it out.
     Returns:
         ``{base_flops, exits, curve, budgets}`` and, where computed, ``calibrated_geometric``,
@@ -84,10 +90,11 @@ def evaluate_logits(logits: Tensor, labels: Tensor, costs: Sequence[float], base
     out = {"base_flops": base_flops, "exits": statics, "curve": curve,
            "budgets": metrics.budget_table(curve, statics, base_flops)}
     if val_logits is not None and calibrates(criterion, len(costs)):
-        for mode in metrics.CALIBRATION_MODES:
+        modes = calibration_modes(criterion)
+        for mode in modes:
             cal = metrics.calibrated_curve(val_logits, logits, labels, costs, criterion=criterion, mode=mode)
             out[f"calibrated_{mode}"] = to_jsonable(cal)  # infinite thresholds (always / never fires) -> null
-        out["calibrated_budgets"] = metrics.budget_table(out["calibrated_geometric"], [], base_flops)
+        out["calibrated_budgets"] = metrics.budget_table(out[f"calibrated_{modes[0]}"], [], base_flops)
     return out
 
 

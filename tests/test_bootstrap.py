@@ -62,3 +62,15 @@ def test_summary_bootstrap_and_weights_that_are_not_the_results(two_runs, tmp_pa
               str(find_weights(c)))
     with pytest.raises(EarlyExitError, match="not the ones the results came from"):
         calibrated_correct(c)
+
+
+def test_a_pbee_run_rebuilds_its_patience_calibrated_points(tmp_path):
+    """PBEE exits by patience: its calibrated_budgets come from one patience chosen on validation per target, and
+    the bootstrap rebuilds them from the weights exactly."""
+    run = tmp_path / "mlp-pbee-s0"
+    r = CliRunner().invoke(main, ["run", *QUICK, "--regime", "joint", "--method", "pbee", "--out", str(run)],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    stored = json.loads((run / "results.json").read_text())
+    assert stored["curve"]["criterion"] == "patience" and stored["calibrated_global"]["criterion"] == "patience"
+    assert calibrated_correct(run)["accuracy"] == pytest.approx(stored["calibrated_budgets"], abs=1e-9)

@@ -296,3 +296,25 @@ def test_bad_input_raises():
         calibrated_curve(logits, logits, labels, costs, budgets=[])
     with pytest.raises(ValueError, match="logits"):
         calibrate_thresholds(logits[0], costs, 2.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 40), st.integers(2, 5), st.integers(0, 10_000))
+def test_patience_calibration_picks_the_largest_patience_within_each_target_on_validation(E, N, C, seed):
+    """PBEE's patience calibrated on validation (mode ``global``): per target, the patience chosen is the largest
+    whose validation cost fits (brute force over 1..E), and the test side is ``exit_decisions`` at that patience."""
+    val, _ = random_logits(E, N, C, seed)
+    test, labels = random_logits(E, N + 3, C, seed + 1)
+    costs = [float(k + 1) for k in range(E)]
+    curve = calibrated_curve(val, test, labels, costs, criterion="patience", mode="global")
+    cost = torch.tensor(costs, dtype=torch.float64)
+    val_cost = {p: float(cost[exit_decisions(val, "patience", p)].mean()) for p in range(1, E + 1)}
+    for target, row, f, a, vf in zip(curve["targets"], curve["thresholds"], curve["flops"], curve["accuracy"],
+                                     curve["val_flops"]):
+        p = int(row[0])
+        assert row == [float(p)] * E
+        assert p == max(q for q, c in val_cost.items() if c <= target + 1e-9 * target)
+        assert vf == pytest.approx(val_cost[p])
+        exits = exit_decisions(test, "patience", p)
+        assert f == pytest.approx(float(cost[exits].mean()))
+        assert a == pytest.approx(float((test[exits, torch.arange(N + 3)].argmax(-1) == labels).double().mean()))

@@ -18,7 +18,7 @@ import earlyexit as ee
 from earlyexit.cli import main
 from earlyexit.config import DataConfig, ModelConfig, PhaseConfig, RunConfig, TrainConfig
 from earlyexit.errors import EarlyExitError
-from earlyexit.metrics import CRITERIA, ztw_budget_table
+from earlyexit.metrics import CRITERIA, budget_table, ztw_budget_table
 from earlyexit.reports import PAPER_BUDGETS_TITLE, SEED_BUDGETS_TITLE, summarize_runs
 from earlyexit.results import Results
 from earlyexit.runs import load_data, load_run, run_experiment
@@ -151,11 +151,10 @@ def test_several_seeds_give_the_tables_summary_gives_for_run_folders(criterion, 
     assert r["summary"]["paper_budgets"] == summary["paper_budgets"]
     assert r["summary"]["budgets"] == summary["budgets"]
     assert [{k: e[k] for k in ("index", "mean", "std")} for e in r["summary"]["exits"]] == summary["exits"]
-    if criterion == "patience":
-        assert "calibrated_budgets" not in r["summary"]
-    else:
-        cal = [ev["calibrated_budgets"]["75%"] for ev in r["evaluations"]]
-        assert r["summary"]["calibrated_budgets"]["75%"]["mean"] == pytest.approx(sum(cal) / 3, rel=1e-12)
+    if criterion == "patience":  # one patience chosen on validation per target: no per-exit (geometric) thresholds
+        assert all("calibrated_geometric" not in ev and "calibrated_global" in ev for ev in r["evaluations"])
+    cal = [ev["calibrated_budgets"]["75%"] for ev in r["evaluations"]]
+    assert r["summary"]["calibrated_budgets"]["75%"]["mean"] == pytest.approx(sum(cal) / 3, rel=1e-12)
     text = "\n".join(format_score(r))
     assert PAPER_BUDGETS_TITLE in text and "over 3 seeds" in text
 
@@ -194,7 +193,9 @@ def test_evaluate_logits_is_what_a_run_uses():
     assert "evaluate_logits(" in inspect.getsource(runs.evaluate_model)
     d = _seed(0)["test"]
     ev = evaluate_logits(d["logits"], d["labels"], COSTS, 100.0, criterion="patience", val_logits=d["logits"])
-    assert set(ev) == {"base_flops", "exits", "curve", "budgets"}  # patience: nothing to calibrate
+    # patience: one value for every exit, calibrated on validation in the global mode only
+    assert set(ev) == {"base_flops", "exits", "curve", "budgets", "calibrated_global", "calibrated_budgets"}
+    assert ev["calibrated_budgets"] == budget_table(ev["calibrated_global"], [], 100.0)
 
 
 # --- errors: one line, exit code 2 ---------------------------------------------------------------

@@ -5,6 +5,9 @@ Resource Efficient Image Classification", ICLR 2018): per-exit thresholds are
 chosen on the validation split for a target average cost, then applied
 unchanged to the test split, so no test label or test score shapes the
 operating point.
+
+PBEE's patience is one integer for every exit, not a per-exit threshold: its calibration is the ``global`` mode
+only, the patience whose validation cost is the largest within the target (``calibrated_curve``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .criteria import _check_logits, exit_scores
+from .criteria import _check_logits, _exit_indices, exit_scores
 
 CALIBRATION_MODES = ("geometric", "global")
 
@@ -217,6 +220,19 @@ def _calibrate(scores: Tensor, cost: Tensor, targets: Sequence[float], criterion
     return [[_from_score_threshold(u, criterion) for u in row] for row in us]
 
 
+def _calibrate_patience(val_logits: Tensor, cost: Tensor, targets: Sequence[float]) -> list[list[float]]:
+    """Per target, the patience (1 .. E) whose validation average cost is the largest within it, repeated per exit.
+
+    A larger patience never lets a sample leave earlier, so the cost rises with it and ``_pick_global``'s rule
+    applies; patience 1 (everyone leaves at the first exit) costs ``cost[0]`` and always fits.
+    """
+    E, N = val_logits.shape[:2]
+    cands = torch.arange(1, E + 1, dtype=torch.float64)  # (E,)
+    exits = _exit_indices(val_logits, "patience", cands).cpu()  # (E, N)
+    flops = cost[exits].mean(dim=1)  # (E,)
+    return [[_pick_global(cands, flops, t)] * E for t in targets]
+
+
 def _exits_under(values: Tensor, criterion: str, thresholds: Tensor) -> Tensor:
     """(P, N) long: the exit of each sample under each row of per-exit thresholds ``(P, E)``."""
     t = thresholds.to(values.device)[:, :, None]  # (P, E, 1)
@@ -270,7 +286,8 @@ def calibrated_curve(val_logits: Tensor, test_logits: Tensor, test_labels: Tenso
         test_logits: ``(E, N, C)`` test logits; test_labels: ``(N,)`` class indices.
         costs: per-exit cumulative costs (from ``exit_costs``), non-decreasing.
         budgets: target average costs; ``None`` = 40 evenly spaced from ``costs[0]`` to ``costs[-1]``.
-        criterion: ``"confidence"`` or ``"entropy"``.
+        criterion: ``"confidence"``, ``"entropy"`` or ``"patience"`` (PBEE: ``mode="global"`` only; the
+            thresholds are then the chosen patience, repeated for every exit).
         mode: ``"geometric"`` (MSDNet) or ``"global"`` (one threshold for every exit).
     Returns:
         A dict with ``criterion``, ``mode``, ``targets`` (the budgets), ``thresholds`` (per target, a list
@@ -280,7 +297,11 @@ def calibrated_curve(val_logits: Tensor, test_logits: Tensor, test_labels: Tenso
     """
     _check_logits(val_logits, costs=costs)
     _check_logits(test_logits, test_labels, costs)
-    _check_calibration_criterion(criterion)
+    if criterion == "patience":
+        if mode != "global":
+            raise ValueError("a patience is one value for every exit: calibrate it with mode='global'")
+    else:
+        _check_calibration_criterion(criterion)
     if mode not in CALIBRATION_MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(CALIBRATION_MODES)}")
     cost = _check_costs(costs)
@@ -291,13 +312,23 @@ def calibrated_curve(val_logits: Tensor, test_logits: Tensor, test_labels: Tenso
         if not targets:
             raise ValueError("budgets must not be empty")
     E = cost.numel()
-    thresholds = _calibrate(_leave_scores(val_logits, criterion), cost, targets, criterion, mode)
-    t = _thresholds_tensor(thresholds, E)  # (P, E)
     P = len(targets)
     offsets = torch.arange(P)[:, None] * E  # (P, 1): one histogram row per target
+    if criterion == "patience":
+        thresholds = _calibrate_patience(val_logits, cost, targets)
+        patience = torch.as_tensor([row[0] for row in thresholds], dtype=torch.float64)  # (P,)
+
+        def exits_of(logits: Tensor) -> Tensor:
+            return _exit_indices(logits, "patience", patience).cpu()  # (P, N)
+    else:
+        thresholds = _calibrate(_leave_scores(val_logits, criterion), cost, targets, criterion, mode)
+        t = _thresholds_tensor(thresholds, E)  # (P, E)
+
+        def exits_of(logits: Tensor) -> Tensor:
+            return _exits_under(exit_scores(logits, criterion), criterion, t).cpu()  # (P, N)
 
     def counts_of(logits: Tensor) -> tuple[Tensor, Tensor]:
-        exits = _exits_under(exit_scores(logits, criterion), criterion, t).cpu()  # (P, N)
+        exits = exits_of(logits)  # (P, N)
         counts = torch.bincount((exits + offsets).flatten(), minlength=P * E).view(P, E)  # (P, E)
         return exits, counts
 
