@@ -40,7 +40,6 @@ run (a checkpoint) or comparison (its folder) continues (``--resume``). Figures 
 from __future__ import annotations
 
 import glob
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -60,9 +59,11 @@ OUT_FLAGS = {"analyze": "--out", "plot": "--output"}
 
 def _summary_seeds(path: Path) -> list[int]:
     """The seeds a comparison's summary covers (none when the file is not one)."""
+    from .schema import read_json
+
     try:
-        return [int(x) for x in json.loads(path.read_text()).get("seeds", [])]
-    except (ValueError, TypeError, AttributeError):
+        return [int(x) for x in read_json(path).get("seeds", [])]
+    except (EarlyExitError, ValueError, TypeError, AttributeError):
         return []
 
 
