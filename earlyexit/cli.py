@@ -10,14 +10,17 @@ import functools
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import click
 
-from .config import (MEMORY_FORMATS, OPTIMIZERS, SCHEDULES, VAL_METRICS, DataConfig, ModelConfig, PhaseConfig,
-                     RunConfig, TrainConfig)
+from .config import (LOG_SINKS, MEMORY_FORMATS, OPTIMIZERS, SCHEDULES, VAL_METRICS, DataConfig, ModelConfig,
+                     PhaseConfig, RunConfig, TrainConfig)
 from .errors import EarlyExitError
 from .settings import parse_number as _number  # flag text -> number, errors naming the flag
+
+if TYPE_CHECKING:
+    from .results import Results
 
 
 def _user_errors(fn):
@@ -85,15 +88,15 @@ class Progress:
             click.echo(f"{k['regime']}, seed {k['seed']}: {k['out']}", err=True)
 
 
-def print_summary(res: dict) -> None:
-    base = res["base_flops"]
-    click.echo(f"\n{res['model']} on {res['dataset']}, regime {res.get('regime_name', res['regime'])} ({res['regime']}), seed {res['seed']}")
+def print_summary(res: Results) -> None:
+    base = res.base_flops
+    click.echo(f"\n{res.model} on {res.dataset}, regime {res.regime_name} ({res.regime}), seed {res.seed}")
     click.echo(f"{'exit':>4} {'stage':>5} {'cost %':>7} {'test acc %':>10}")
-    for e in res["exits"]:
-        click.echo(f"{e['index']:>4} {e.get('stage', ''):>5} {e['flops'] / base * 100:>7.1f} {e['accuracy'] * 100:>10.2f}")
-    b = res["budgets"]
-    cells = "  ".join(f"{k}: {'-' if v is None else f'{v * 100:.2f}'}" for k, v in b.items())
-    click.echo(f"budgets (best accuracy at <= share of backbone cost, {res['curve']['criterion']}): {cells}")
+    for e in res.exits:
+        stage = "" if e.stage is None else e.stage
+        click.echo(f"{e.index:>4} {stage:>5} {e.flops / base * 100:>7.1f} {e.accuracy * 100:>10.2f}")
+    cells = "  ".join(f"{k}: {'-' if v is None else f'{v * 100:.2f}'}" for k, v in res.budgets.items())
+    click.echo(f"budgets (best accuracy at <= share of backbone cost, {res.curve.criterion}): {cells}")
 
 
 # The defaults shown and used are the config's own (one set of defaults for the library and the CLI).
@@ -109,10 +112,12 @@ def _config_options(fn: Callable) -> Callable:
     """The options that build a ``RunConfig`` (model, data, optimisation, method, device): shared by run and compare."""
     for option in reversed([
         click.option("--model", "model_name", default=_M.name, show_default=True, help="Backbone (see `python -m earlyexit models`)."),
-        click.option("--exits", default=None, help="IC placement: block indices '4,6,8', 'every:N', 'sdn' or 'default'."),
-        click.option("--weights", default=None, help="Pretrained weights the model builder reads (BERT: a folder or 'minilm-l6')."),
+        click.option("--ic-after", default=None, help="IC placement, the blocks ICs follow: indices '4,6,8', 'every:N', 'sdn', 'none' or 'default'."),
+        click.option("--weights", default=None, help="Pretrained weights: a torchvision state_dict file (ResNet, ViT, "
+                  "EfficientNet, torchvision:NAME), a torchvision weights name, a BERT folder or 'minilm-l6'."),
         click.option("--model-opt", "model_opts", multiple=True, metavar="KEY=VALUE",
-                  help="A model builder option, repeatable, e.g. head_pool=mean (BERT), head=mlp1024 (ViT), width=128."),
+                  help="A field of the model's config, repeatable, e.g. head_pool=mean (BERT), head=mlp1024 (ViT), width=2 "
+                  "(ResNet-20)."),
         click.option("--dataset", default=_D.name, show_default=True, help="Dataset name (see `python -m earlyexit datasets`)."),
         click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Local data root searched first."),
         click.option("--train-size", default=None, type=int, help="Use only the first N training samples (train + validation)."),
@@ -157,6 +162,9 @@ def _config_options(fn: Callable) -> Callable:
                      "models that train faster in it (ResNet, EfficientNet; see `bench`), else contiguous."),
         click.option("--compile", "compile_", is_flag=True, default=False,
                      help="Train through torch.compile (faster steps after a one-off compile; see `bench --compile`)."),
+        click.option("--log", default=None, help=f"Also log every epoch to: {', '.join(LOG_SINKS)} (event files in "
+                     "RUN/tensorboard; pip install 'earlyexit[tensorboard]'); a comma list, or 'none'. history.jsonl "
+                     "and history.csv are always written."),
     ]):
         fn = option(fn)
     return fn
@@ -597,7 +605,7 @@ def score_cmd(files, val_files, base_flops, criterion, out) -> None:
 @main.command()
 @click.option("--nodes", "nodes_of", default=None, metavar="torchvision:NAME",
               help="List the candidate IC nodes of a torchvision model (its blocks: index, module, output node, "
-              "shape, cumulative FLOPs and their share), for --exits as indices, cost:F1,F2,.. or node names.")
+              "shape, cumulative FLOPs and their share), for --ic-after as indices, cost:F1,F2,.. or node names.")
 @click.option("--image-size", default=224, show_default=True, type=int, help="Input side for --nodes.")
 @_user_errors
 def models(nodes_of, image_size) -> None:
@@ -616,7 +624,7 @@ def models(nodes_of, image_size) -> None:
         click.echo(f"{r['index']:>5}  {r['module']:<32} {r['node']:<36} {str(r['shape']):<18} "
                    f"{r['flops'] / 1e6:>10.1f}  {r['share']:.3f}")
     click.echo(f"final head reads node {d['end']!r} ({d['flops'] / 1e6:.1f} MFLOPs per sample at {image_size} px); "
-               "any node of torchvision's get_graph_node_names can also be named in --exits")
+               "any node of torchvision's get_graph_node_names can also be named in --ic-after")
 
 
 @main.command()

@@ -3,12 +3,14 @@
 For each seed, phase 1 (backbone and final head) is trained once and shared:
 disjoint continues it with phase 3 (ICs on the frozen backbone), mixed with
 phase 2 (everything); joint trains phase 2 from scratch. Disjoint and mixed
-thus start from the same backbone, as in the paper, and each regime's run
-folder is exactly what ``run`` writes for that regime (config.json naming the
-regime, the history of every phase, weights, results.json), bit for bit on
-the CPU: a phase's data order, augmentation and dropout are seeded from
-``(seed, phase, grid point, epoch)`` alone, and the model is built from the
-seed before phase 1 in both cases.
+thus start from the same backbone, as in the paper. Every run goes through
+``run``'s own steps (``earlyexit.runs``: ``new_model``, ``open_run``,
+``train_run``, ``finish_run``, ``plot_run``; disjoint and mixed pass the shared
+phase 1 to ``train_run``), so each regime's run folder is exactly what ``run``
+writes for that regime (config.json naming the regime, the history of every
+phase, weights, results.json), bit for bit on the CPU: a phase's data order,
+augmentation and dropout are seeded from ``(seed, phase, grid point, epoch)``
+alone, and the model is built from the seed before phase 1 in both cases.
 
 Budgets (``budget``):
 
@@ -40,20 +42,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-
 from . import runs
 from .config import RunConfig
 from .errors import EarlyExitError
-from .io import (atomic_torch_save, atomic_write_json, load_checkpoint, load_state_strict,
-                 remove_stale_temps)
+from .io import atomic_torch_save, atomic_write_json, load_checkpoint, load_state_strict, remove_stale_temps
 from .pairs import pair_summary
 from .regime import NAMES, Regime
 from .reports import maybe_plot, summarize_runs
 from .rundir import RunLock
-from .results import RESULTS, Results, TrainInfo
+from .results import RESULTS, Results
 from .stats import training_cost
-from .training import CHECKPOINT, train, write_history
+from .training import CHECKPOINT, log_hook, train
 
 REGIMES = tuple(NAMES)  # joint, disjoint, mixed: the paper's order
 BUDGETS = ("paper", "matched", "flops")
@@ -62,8 +61,9 @@ PHASE1 = "phase1"
 
 
 def run_dir(out: Path, cfg: RunConfig, regime: str, seed: int) -> Path:
-    data = cfg.data.name.replace(":", "_").replace("/", "_")
-    return Path(out) / f"{cfg.model.name}-{data}-{regime}-s{seed}"
+    """The folder of one run of the comparison in ``out``: ``run``'s folder name (``runs.run_name``) with
+    ``regime`` as its tag (e.g. ``mixed``, ``joint-matched``)."""
+    return Path(out) / runs.run_name(cfg, tag=regime, seed=seed)
 
 
 def compare_regimes(cfg: RunConfig, seeds: Sequence[int], out: str | Path, *, budget: str = "paper",
@@ -77,7 +77,8 @@ def compare_regimes(cfg: RunConfig, seeds: Sequence[int], out: str | Path, *, bu
         out: the comparison's folder.
         budget: ``"paper"`` or ``"matched"`` (see the module docstring).
         resume: continue a comparison already in ``out`` (finished runs are kept).
-        log: the progress hook of ``train`` (also receives ``event="run"`` before each run).
+        log: the progress hook of ``train`` (also receives ``event="run"`` before each run); the sinks of
+            ``cfg.train.log`` are added to it (TensorBoard: each run's ``tensorboard`` folder, phase 1's too).
         regimes: the regimes to train, a subset of joint, disjoint and mixed (e.g. joint and mixed for the
             loss-weighting comparisons, where disjoint's ICs train alone); the matched and FLOPs budgets need mixed.
     Returns:
@@ -101,6 +102,7 @@ def compare_regimes(cfg: RunConfig, seeds: Sequence[int], out: str | Path, *, bu
         raise EarlyExitError(f"{out} already holds a comparison; pass --resume to continue it")
     runs.check_run(cfg)
     cfg = runs.with_model_defaults(cfg)
+    log = log_hook(cfg.train.log, out, log)  # (a TensorBoard log follows the "run" events into each run's folder)
     with RunLock(out):  # one comparison per folder at a time
         remove_stale_temps(out)
         return _compare(cfg, seeds, out, budget=budget, log=log, regimes=regimes)
@@ -119,8 +121,7 @@ def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
         spent = {}
         for regime in [r for r in regimes if Regime.parse(r).starts_from_phase1]:  # they continue the shared phase 1
             d = run_dir(out, c, regime, seed)
-            emit("run", regime=regime, seed=seed, out=str(d))
-            res = _continue(replace(c, train=replace(c.train, regime=regime)), splits, phase1, d, emit)
+            res = _run(replace(c, train=replace(c.train, regime=regime)), splits, d, emit, tag=regime, phase1=phase1)
             spent[regime] = res.train.phases
             mixed_res = res
         if "joint" not in regimes:
@@ -136,9 +137,7 @@ def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
             phases[1] = replace(phases[1], epochs=epochs, patience=None)
             joint = replace(joint, train=replace(joint.train, phases=tuple(phases)))
         joint_tag = {"paper": "joint", "matched": "joint-matched", "flops": "joint-flops"}[budget]  # one folder for all
-        d = run_dir(out, c, joint_tag, seed)
-        emit("run", regime=joint_tag, seed=seed, out=str(d))
-        _single(joint, splits, d, emit)
+        _run(joint, splits, run_dir(out, c, joint_tag, seed), emit, tag=joint_tag)
         for regime in regimes:
             dirs[regime].append(str(run_dir(out, c, joint_tag if regime == "joint" else regime, seed)))
     all_dirs = [Path(d) for r in regimes for d in dirs[r]]
@@ -172,12 +171,8 @@ def _epochs_run(phase_record: dict) -> int:
     return int(phase_record["best_epoch"])
 
 
-def _done(d: Path) -> bool:
-    return (d / RESULTS).is_file()
-
-
 def _phase1(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None]) -> dict:
-    """Phase 1 of one seed, trained once (or reloaded): the model's state, its record and its history."""
+    """Phase 1 of one seed, trained once (or reloaded): the model's state, its record, its history and its time."""
     state_file = d / "phase1.pt"
     if state_file.is_file():
         return load_checkpoint(state_file)
@@ -187,8 +182,7 @@ def _phase1(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None]) -> 
 
 def _train_phase1(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None]) -> dict:
     state_file = d / "phase1.pt"
-    torch.manual_seed(cfg.train.seed)  # the model is built from the seed exactly as `run` builds it
-    model = runs.make_model(cfg, splits)
+    model = runs.new_model(cfg, splits)  # built from the seed exactly as `run` builds it
     emit("run", regime="phase 1 (shared)", seed=cfg.train.seed, out=str(d))
     p1cfg = replace(cfg.train, regime=Regime.of(1))
     probe = runs.gradient_probe if cfg.train.grad_log_every is not None else None  # (phase 1 is never probed)
@@ -200,62 +194,26 @@ def _train_phase1(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None
     return blob
 
 
-def _continue(cfg: RunConfig, splits: Any, phase1: Callable[[], dict], d: Path,
-              emit: Callable[..., None]) -> Results:
-    """Disjoint or mixed from the shared phase 1 (``phase1()`` trains or loads it): the run folder `run` would
-    write for ``cfg``. A finished run is read back without touching phase 1."""
-    if _done(d):
+def _run(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None], *, tag: str,
+         phase1: Callable[[], dict] | None = None) -> Results:
+    """One run of the comparison by ``run``'s steps, resumable: the folder ``run`` writes for ``cfg``, announced to
+    the log hook as ``tag``. Disjoint and mixed continue the shared phase 1 (``phase1()`` trains or loads it, and
+    announces it first); a finished run is read back without touching phase 1."""
+    finished = (d / RESULTS).is_file()
+    p1 = phase1() if phase1 is not None and not finished else None
+    emit("run", regime=tag, seed=cfg.train.seed, out=str(d))  # the epochs that follow are this run's
+    if finished:
         return Results.from_json(d)
     with RunLock(d):  # a `run --out` into this folder meanwhile gets the one-line busy error
-        return _train_continued(cfg, splits, phase1(), d, emit)
-
-
-def _train_continued(cfg: RunConfig, splits: Any, p1: dict, d: Path, emit: Callable[..., None]) -> Results:
-    rest = cfg.train.parsed_regime.after_phase1()
-    resume = (d / CHECKPOINT).is_file()
-    torch.manual_seed(cfg.train.seed)
-    model = runs.make_model(cfg, splits)
-    load_state_strict(model, p1["state"], source="the shared phase 1")
-    if not resume:
-        d.mkdir(parents=True, exist_ok=True)
-        runs.clear_out_dir(d)
-        runs.write_config(cfg, splits, d)
-    probe = runs.gradient_probe if cfg.train.grad_log_every is not None else None  # the gradient log, as `run`
-    rec = train(model, splits, config=replace(cfg.train, regime=rest), out_dir=d, resume=resume,
-                augment=cfg.data.augment, log=emit, eval_batch_size=cfg.eval.batch_size, probe=probe)
-    history = list(p1["history"]) + list(rec.history)  # the run's history, phase 1 included, as `run` writes it
-    write_history(d, history)
-    info = TrainInfo(seconds=p1["seconds"] + rec.seconds, phases=list(p1["phases"]) + [vars(r) for r in rec.phases])
-    model, info = runs.method_stage(cfg, model, splits, info, log=emit)
-    return _finish(cfg, model, splits, d, info)
-
-
-def _single(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None]) -> Results:
-    """A regime trained on its own (joint): as `run` does it, resumable."""
-    if _done(d):
-        return Results.from_json(d)
-    with RunLock(d):
-        return _train_single(cfg, splits, d, emit)
-
-
-def _train_single(cfg: RunConfig, splits: Any, d: Path, emit: Callable[..., None]) -> Results:
-    resume = (d / CHECKPOINT).is_file()
-    torch.manual_seed(cfg.train.seed)
-    model = runs.make_model(cfg, splits)
-    if not resume:
-        d.mkdir(parents=True, exist_ok=True)
-        runs.clear_out_dir(d)
-        runs.write_config(cfg, splits, d)
-    model, info = runs.train_run(cfg, model, splits, d, resume=resume, log=emit)
-    return _finish(cfg, model, splits, d, info)
-
-
-def _finish(cfg: RunConfig, model: Any, splits: Any, d: Path, info: TrainInfo) -> Results:
-    runs.save_weights(model, d)
-    res = runs.results_of(cfg, runs.evaluate_model(model, splits, cfg), info)
-    res.save(d)
-    maybe_plot([d], d / "curve.png")
-    return res
+        resume = (d / CHECKPOINT).is_file()
+        model = runs.new_model(cfg, splits)
+        if p1 is not None:
+            load_state_strict(model, p1["state"], source="the shared phase 1")
+        runs.open_run(cfg, splits, d, resume=resume)
+        model, info, timing = runs.train_run(cfg, model, splits, d, resume=resume, log=emit, phase1=p1)
+        res = runs.finish_run(cfg, model, splits, d, info, timing)
+        runs.plot_run(d)
+        return res
 
 
 class Progress:

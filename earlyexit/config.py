@@ -18,7 +18,8 @@ Policy resolved here, once:
   exactly as ``run --method pbee`` does.
 
 ``RunConfig`` is written to ``config.json`` (``to_dict``) and read back by
-``run_config_from_dict``.
+``run_config_from_dict``, which reads files of earlier versions too
+(``upgrade_config_dict``: e.g. the IC placement under its old key ``model.exits``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .regime import Regime
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")  # TrainConfig.memory_format (earlyexit.device)
+LOG_SINKS = ("tensorboard",)  # TrainConfig.log: sinks beside history.jsonl and history.csv (earlyexit.training.logs)
 VAL_METRICS = ("mean", "final")
 EARLY_STOPS = ("metric", "per_exit")
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
@@ -144,6 +146,8 @@ class TrainConfig:
                                        # exit's gradient cosine, gradients.jsonl); None = off
     memory_format: str = "auto"     # auto (channels_last for the conv nets that train faster in it) | channels_last | contiguous
     compile: bool = False           # train through torch.compile (faster steps after a one-off compile)
+    log: tuple[str, ...] = ()       # where each epoch is also logged (LOG_SINKS): "tensorboard" writes RUN/tensorboard
+                                    # (the tensorboard extra); history.jsonl and history.csv always. Changes no number
 
     def __post_init__(self) -> None:
         regime = Regime.parse(self.regime)
@@ -174,6 +178,12 @@ class TrainConfig:
         _choice(self.memory_format, MEMORY_FORMATS, "memory format")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be true or false, got {self.compile!r}")
+        sinks = (self.log,) if isinstance(self.log, str) else self.log
+        if not isinstance(sinks, (list, tuple)) or not all(isinstance(s, str) for s in sinks):
+            raise ConfigError(f"log must be a list of sink names ({', '.join(LOG_SINKS)}), got {self.log!r}")
+        for sink in sinks:
+            _choice(sink, LOG_SINKS, "log sink")
+        _set(self, "log", tuple(dict.fromkeys(sinks)))
 
     @property
     def parsed_regime(self) -> Regime:
@@ -186,16 +196,76 @@ class TrainConfig:
         return self.weighting if self.weighting is not None else DEFAULT_WEIGHTING
 
 
+def parse_ic_after(spec: Any) -> Any:
+    """An IC placement in its one parsed form: None (the model's default), a tuple of block indices, or a rule string.
+
+    Args:
+        spec: None, ``"default"``, ``"none"``, ``"sdn"``, ``"every:N[:OFFSET]"``, block indices (a list or a
+            comma-separated string such as ``"4,6,8"``), or, for graph models, ``"cost:..."`` or node names
+            (``earlyexit.models.common`` says what each means).
+    Returns:
+        None, a tuple of ints, or a string (the rule words lower-cased; node names as given).
+    Raises:
+        ConfigError: a malformed rule or a non-integer index (a ValueError too; the range is checked against the
+            model by ``resolve_ic_after``).
+    """
+    if isinstance(spec, str):
+        rule = spec.strip().lower()
+        if rule == "default":
+            return None
+        if rule in ("none", "sdn") or rule.startswith("cost:"):
+            return rule
+        if rule.startswith("every:"):
+            every_rule(rule)
+            return rule
+        if not rule.replace(",", "").replace(" ", "").isdigit():
+            return spec.strip()  # node names of a graph model; other models refuse them when they are built
+        spec = [t for t in rule.split(",") if t.strip()]
+    if spec is None:
+        return None
+    bad = ConfigError(f"bad ic_after spec {spec!r}: expected block indices, every:N, sdn, default or none")
+    if not isinstance(spec, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, (int, str)) for i in spec):
+        raise bad
+    if spec and all(isinstance(t, str) and not t.strip().isdigit() for t in spec):
+        return tuple(spec)  # node names
+    try:
+        return tuple(int(i) for i in spec)
+    except ValueError:
+        raise bad from None
+
+
+def every_rule(spec: str) -> tuple[int, int]:
+    """``(N, OFFSET)`` of an ``"every:N[:OFFSET]"`` placement (OFFSET defaults to N - 1).
+
+    Raises:
+        ConfigError: not two integers, N < 1 or OFFSET < 0.
+    """
+    parts = spec.strip().lower().split(":")[1:]
+    try:
+        if len(parts) not in (1, 2):
+            raise ValueError
+        step = int(parts[0])
+        offset = int(parts[1]) if len(parts) == 2 else step - 1
+    except ValueError:
+        raise ConfigError(f"bad ic_after spec {spec!r}: expected every:N or every:N:OFFSET with integers") from None
+    if step < 1:
+        raise ConfigError(f"bad ic_after spec {spec!r}: N must be >= 1")
+    if offset < 0:
+        raise ConfigError(f"bad ic_after spec {spec!r}: OFFSET must be >= 0")
+    return step, offset
+
+
 # Builder arguments the run itself sets; a model option of the same name would clash with them.
 RUN_MODEL_ARGS = {"num_classes": "the dataset's classes", "in_chans": "the dataset's channels",
-                  "exits": "ModelConfig.exits, --exits"}
+                  "ic_after": "ModelConfig.ic_after, --ic-after"}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnet20"          # registry name (earlyexit.list_models())
-    exits: Any = None               # IC placement: None (model default), list of block indices, "every:N", "sdn"
-    kwargs: dict = field(default_factory=dict)  # extra builder arguments
+    ic_after: Any = None            # IC placement, the stages ICs follow: None (model default), block indices,
+                                    # "every:N[:OFFSET]", "sdn", "none" (earlyexit.models.common), parsed once here
+    kwargs: dict = field(default_factory=dict)  # the model's options: fields of its config (e.g. ResNetConfig), weights
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -208,8 +278,7 @@ class ModelConfig:
             if key in RUN_MODEL_ARGS:
                 raise ConfigError(f"model option {key!r} is set by the run, not by a model option "
                                   f"({RUN_MODEL_ARGS[key]})")
-        if isinstance(self.exits, list):
-            _set(self, "exits", tuple(self.exits))
+        _set(self, "ic_after", parse_ic_after(self.ic_after))
 
 
 @dataclass(frozen=True)
@@ -290,13 +359,29 @@ def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if norm(a) == norm(b) else [prefix or "(the whole config)"]
 
 
+def upgrade_config_dict(d: dict) -> dict:
+    """A run config dict (``config.json``, a checkpoint's options) of an earlier version in today's keys.
+
+    ``model.exits`` (the IC placement, named so before ``ic_after``; "exits" now always means exit indices)
+    becomes ``model.ic_after``. Anything else is returned as it is (a copy where something changed).
+    """
+    m = d.get("model") if isinstance(d, dict) else None
+    if not isinstance(m, dict) or "exits" not in m:
+        return d
+    m = dict(m)
+    old = m.pop("exits")
+    if m.get("ic_after") is not None and old is not None and m["ic_after"] != old:
+        raise ConfigError("model.exits is the old name of model.ic_after: give only model.ic_after")
+    m.setdefault("ic_after", old)
+    return {**d, "model": m}
+
+
 def run_config_from_dict(d: dict) -> RunConfig:
-    """Inverse of ``to_dict`` for ``RunConfig`` (validated like any other config)."""
+    """Inverse of ``to_dict`` for ``RunConfig`` (validated like any other config); files of earlier versions are
+    read through ``upgrade_config_dict`` (their ``model.exits`` is today's ``model.ic_after``)."""
+    d = upgrade_config_dict(d)
     t = dict(d["train"])
     # files written before warmup existed trained without it
     t["phases"] = tuple(PhaseConfig(**{"warmup": 0, **p, "lr": tuple(p["lr"])}) for p in t["phases"])
-    m = dict(d["model"])
-    if isinstance(m.get("exits"), list):
-        m["exits"] = tuple(m["exits"])
-    return RunConfig(model=ModelConfig(**m), data=DataConfig(**d["data"]), train=TrainConfig(**t),
+    return RunConfig(model=ModelConfig(**d["model"]), data=DataConfig(**d["data"]), train=TrainConfig(**t),
                      eval=EvalConfig(**d["eval"]), init=d.get("init"), method=d.get("method"))

@@ -21,7 +21,7 @@ runs          analyze, plot, summary, eval: the run folders, under the root (she
 options       analyze, plot: the command's options by their long names; a list is a comma list, ``true`` a
               bare flag: ``{ what = ["rank", "plane"], max-samples = 512 }``
 steps         several steps (``[[experiment.steps]]``): each a table of the keys above (the ones it leaves
-              out are the experiment's) and of settings laid over the file's (``model.exits = "every:2"``)
+              out are the experiment's) and of settings laid over the file's (``model.ic_after = "every:2"``)
 presets       the presets that run it (default: cpu, gpu and those of its ``[preset.NAME]`` tables)
 after         the experiments (file names without ``.toml``) that run before it
 needs         files under the root without which it is skipped (e.g. the summary of the runs it analyses)

@@ -113,6 +113,17 @@ def load_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: {msg[:200]}") from None
 
 
+WEIGHTS_FILES = ("model.safetensors", "model.pt")  # a run folder's final weights (model.pt: runs of earlier versions)
+
+
+def find_weights(run_dir: Path) -> Path:
+    """The weights file of a run folder (``WEIGHTS_FILES``, the first that exists)."""
+    for name in WEIGHTS_FILES:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise CheckpointError(f"{run_dir} holds no model weights ({' or '.join(WEIGHTS_FILES)})")
+
+
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state_dict from ``.safetensors`` or a ``torch.save``d dict (optionally under a ``"model"`` key)."""
     path = Path(path)

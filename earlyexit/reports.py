@@ -136,7 +136,7 @@ def _stats(vals: list[float]) -> dict:
 
 # config.json fields that may differ between the seeds of one configuration: where, not what, was run (the
 # gradient log leaves training bit-identical)
-POOL_FREE_FIELDS = ("train.seed", "data.data_dir", "train.device", "train.grad_log_every")
+POOL_FREE_FIELDS = ("train.seed", "data.data_dir", "train.device", "train.grad_log_every", "train.log")
 
 
 def check_pool(run_dirs: Sequence[Path], *, same_config: bool = True) -> None:
@@ -334,6 +334,7 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve",
 def _config_of(run_dir: Path) -> dict | None:
     """A run's config.json without the fields seeds may differ in (``POOL_FREE_FIELDS``); None if absent.
     ``run_dir`` may also name a file in the run folder (its results.json)."""
+    from .config import upgrade_config_dict
     from .schema import read_json
 
     d = Path(run_dir)
@@ -344,6 +345,7 @@ def _config_of(run_dir: Path) -> dict | None:
         raise EarlyExitError(f"{f} is not valid JSON") from None
     if not isinstance(raw, dict):
         return None
+    raw = upgrade_config_dict(raw)  # an earlier version's model.exits is model.ic_after
     raw.pop("shapes", None)
     for dotted in POOL_FREE_FIELDS:
         section, _, field = dotted.partition(".")
@@ -384,7 +386,7 @@ def _figure_groups(run_dirs: Sequence[Path], results: Sequence[Results], split_c
 
 
 _FIELD_WORDS = {"lr": "lr", "epochs": "epochs", "weight_decay": "weight decay", "optimizer": "optimizer",
-                "schedule": "schedule", "patience": "patience", "warmup": "warmup steps", "exits": "ICs",
+                "schedule": "schedule", "patience": "patience", "warmup": "warmup steps", "ic_after": "ICs",
                 "weighting": "weighting", "grad_clip": "clipping", "train_size": "training images",
                 "batch_size": "batch", "criterion": "criterion", "name": "model"}
 
@@ -428,7 +430,7 @@ def describe_run(run_dir: Path) -> str | None:
     regime = t.parsed_regime
     phases = [f"phase {p} {t.phases[p - 1].epochs} epochs at lr {'/'.join(f'{v:g}' for v in t.phases[p - 1].lr)}"
               for p in regime.run_phases]
-    extra = [f"ICs {c.model.exits}" if c.model.exits is not None else None,
+    extra = [f"ICs {c.model.ic_after}" if c.model.ic_after is not None else None,
              *(f"{k.replace('_', ' ')} {v}" for k, v in sorted(c.model.kwargs.items()) if k != "weights"),
              f"weighting {t.weighting}" if t.weighting not in (None, "mean") else None,
              f"method {c.method}" if c.method else None]

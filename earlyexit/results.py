@@ -14,8 +14,9 @@ Accuracies are fractions in [0, 1]; FLOPs are per sample, 2 x multiply-adds
 
 Everything but ``timing`` describes the result and is deterministic: two runs
 of one config on the CPU write it identically (``Results.comparable``).
-Wall-clock time lives under ``timing`` alone (earlier files kept it in
-``train.seconds``; ``from_json`` reads both).
+Wall-clock time lives under ``timing`` alone, in the file and in the type
+(``Results.timing``; earlier files kept it in ``train.seconds``, which
+``from_json`` reads into ``timing``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ class CalibratedCurve:
 
 @dataclass
 class TrainInfo:
-    seconds: float | None           # wall-clock training time, summed over resumes (written as timing.train_seconds)
     phases: list                    # per phase: {phase, lr, best_epoch, best_val, grid}
     method_stage: list | None = None  # a method's own stage after the phases (ZTW's ensembles)
 
@@ -95,12 +95,13 @@ class Results:
 
     @classmethod
     def build(cls, *, regime: str, regime_name: str, model: str, dataset: str, seed: int, evaluation: dict,
-              method: str | None, weighting: str | None, train: TrainInfo | dict | None = None) -> "Results":
-        """Assemble the results of a run from its identity and the evaluation's dict
-        (``base_flops``, ``exits``, ``curve``, ``budgets`` and, where computed, the calibrated parts)."""
-        train_d = dataclasses.asdict(train) if isinstance(train, TrainInfo) else train
+              method: str | None, weighting: str | None, train: TrainInfo | None = None,
+              timing: Timing | None = None) -> "Results":
+        """Assemble the results of a run from its identity, the evaluation's dict (``base_flops``, ``exits``,
+        ``curve``, ``budgets`` and, where computed, the calibrated parts), its training record and its time."""
+        parts = {k: dataclasses.asdict(v) if v is not None else None for k, v in (("train", train), ("timing", timing))}
         return cls.from_dict({"regime": regime, "regime_name": regime_name, "model": model, "dataset": dataset,
-                              "seed": seed, **evaluation, "method": method, "weighting": weighting, "train": train_d})
+                              "seed": seed, **evaluation, "method": method, "weighting": weighting, **parts})
 
     @classmethod
     def from_dict(cls, d: dict) -> "Results":
@@ -116,7 +117,7 @@ class Results:
                 old = train.pop("seconds", None)  # the earlier layout kept the time here
                 if timing is None and old is not None:
                     timing = Timing(train_seconds=old)
-                train = TrainInfo(seconds=timing.train_seconds if timing is not None else None, **train)
+                train = TrainInfo(**train)
             res = cls(regime=d["regime"], regime_name=d.get("regime_name", d["regime"]), model=d["model"],
                       dataset=d["dataset"], seed=d["seed"], base_flops=d["base_flops"],
                       exits=[ExitResult(**e) for e in d["exits"]], curve=Curve(**d["curve"]), budgets=dict(d["budgets"]),
@@ -172,9 +173,6 @@ class Results:
     def to_dict(self) -> dict:
         """The results.json object: strict JSON, optional parts that were never computed left out."""
         d = dataclasses.asdict(self)
-        seconds = d["train"].pop("seconds") if d.get("train") is not None else None
-        if seconds is not None:
-            d["timing"] = {**(d.get("timing") or {}), "train_seconds": seconds}
         for k in ("calibrated_geometric", "calibrated_global", "calibrated_budgets", "train", "timing"):
             if d[k] is None:
                 del d[k]
@@ -211,8 +209,6 @@ def _schema(cls: type, indent: str = "") -> list[str]:
     src = inspect.getsource(cls)
     lines = []
     for f in dataclasses.fields(cls):
-        if cls is TrainInfo and f.name == "seconds":
-            continue  # written under timing (train_seconds)
         comment = next((ln.split("#", 1)[1].strip() for ln in src.splitlines()
                         if ln.strip().startswith(f"{f.name}:") and "#" in ln), "")
         lines.append(f"{indent}{f.name:<22}{comment}")

@@ -1,9 +1,13 @@
 """One experiment end to end, as a few named steps: check, data, model, train, evaluate, write.
 
-``run_experiment`` runs one ``RunConfig`` into a run folder; ``load_run``
-rebuilds a finished run's model; ``evaluate_run`` re-evaluates it. Nothing
-here asks which model or dataset it runs: the model registry and the dataset
-registry answer for them.
+``run_experiment`` runs one ``RunConfig`` into a run folder and returns its
+``Results``: ``check_run``, ``load_data``, ``new_model``, ``open_run`` (the
+folder's config.json), ``train_run`` (the regime's phases, the method's own
+stage), ``finish_run`` (weights, evaluation, results.json) and ``plot_run``.
+``earlyexit.compare`` runs every regime of a comparison through the same
+steps. ``load_run`` rebuilds a finished run's model; ``evaluate_run``
+re-evaluates it. Nothing here asks which model or dataset it runs: the model
+registry and the dataset registry answer for them.
 
 A run folder holds (all written atomically):
 
@@ -33,7 +37,8 @@ from . import metrics
 from .config import GRAD_CLIP_MODEL, RunConfig, config_diff, run_config_from_dict, to_dict
 from .device import local_device
 from .errors import CheckpointError, ConfigError, EarlyExitError, RunInterrupted, TrainingError
-from .io import atomic_write_json, atomic_write_text, load_checkpoint, load_weights, remove_stale_temps
+from .io import (WEIGHTS_FILES, atomic_write_json, atomic_write_text, find_weights, load_checkpoint, load_weights,
+                 remove_stale_temps)
 from .models import MultiExitModel, build_model
 from .preflight import build_checked, check_forward
 from .progress import ProgressFn, tracked
@@ -41,21 +46,27 @@ from .regime import NAMES as REGIME_NAMES
 from .rundir import (STASH, RunLock, check_entries, check_unlocked, describe_os_error, drop_stash, restore_run, settle,
                      stash_run)
 from .reports import maybe_plot
-from .results import RESULTS, Results, TrainInfo
+from .results import RESULTS, Results, Timing, TrainInfo
 from .score import calibrates, evaluate_logits
-from .training import CHECKPOINT, train
+from .training import CHECKPOINT, log_hook, train, write_history
 from .training.state import HISTORY, HISTORY_CSV, PROBE_LOG
 
-WEIGHTS_FILES = ("model.safetensors", "model.pt")
 # every file a run writes: what --force replaces (the checkpoint first) and a failed replacement puts back
 RUN_FILES = (CHECKPOINT, "results.json", HISTORY, HISTORY_CSV, PROBE_LOG, "curve.png", *WEIGHTS_FILES, "config.json")
 
 
-def default_out_dir(cfg: RunConfig) -> Path:
+def run_name(cfg: RunConfig, *, tag: str | None = None, seed: int | None = None) -> str:
+    """A run folder's name, ``MODEL-DATASET-TAG-sSEED``: ``tag`` the regime's name as given, else its phase
+    string's slug (``compare`` passes e.g. ``joint-matched``); ``seed`` the config's unless given."""
     reg = cfg.train.regime
-    tag = reg if reg in REGIME_NAMES else cfg.train.parsed_regime.slug  # a name as given, else the phase string
+    tag = tag or (reg if reg in REGIME_NAMES else cfg.train.parsed_regime.slug)
     data = cfg.data.name.replace(":", "_").replace("/", "_")
-    return Path("runs") / f"{cfg.model.name}-{data}-{tag}-s{cfg.train.seed}"
+    return f"{cfg.model.name}-{data}-{tag}-s{cfg.train.seed if seed is None else seed}"
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    """``runs/`` and the run's name (``run_name``)."""
+    return Path("runs") / run_name(cfg)
 
 
 def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
@@ -76,12 +87,29 @@ def clear_out_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def open_run(cfg: RunConfig, splits: Any, out: Path, *, resume: bool) -> None:
+    """Step "folder": a new run starts in an emptied ``out`` with its ``config.json``; a resumed one keeps its
+    files (and writes back a lost ``config.json``)."""
+    if not resume:
+        clear_out_dir(out)
+        write_config(cfg, splits, out)
+    elif not (out / "config.json").is_file():
+        write_config(cfg, splits, out)
+
+
 def make_model(cfg: RunConfig, splits: Any, *, staged: bool = False) -> MultiExitModel:
     """The run's model: the backbone with ICs, rewired by its method; ``staged``: as after the method's own stage.
 
-    The builder options are checked first (``earlyexit.preflight``): a bad ``--model-opt`` is a one-line
-    ``ConfigError``, never a traceback or a model with an empty layer.
+    ``cfg.model.kwargs`` are the fields of the model's config (``--model-opt``) and ``weights``; the build is
+    checked (``earlyexit.preflight``): a bad ``--model-opt`` is a one-line ``ConfigError``, never a traceback or a
+    model with an empty layer.
     """
+    from .models import get_spec
+
+    in_chans = getattr(splits, "in_chans", None)
+    if (in_chans is None) != (get_spec(cfg.model.name).input == "text"):
+        kind = "text" if in_chans is None else "image"
+        raise EarlyExitError(f"model {cfg.model.name!r} does not take the {kind} inputs of dataset {cfg.data.name!r}")
     kw = dict(cfg.model.kwargs)
     size = getattr(splits, "image_size", None)
     if size is not None:
@@ -90,14 +118,8 @@ def make_model(cfg: RunConfig, splits: Any, *, staged: bool = False) -> MultiExi
             raise ConfigError(f"model option image_size={kw['image_size']!r} contradicts the data's {size}-pixel "
                               "images; resize the data instead (--image-size, DataConfig.image_size)")
         kw.setdefault("image_size", size)
-    in_chans = getattr(splits, "in_chans", None)
-    exits = list(cfg.model.exits) if isinstance(cfg.model.exits, tuple) else cfg.model.exits
-    model = build_checked(cfg.model.name, num_classes=splits.num_classes,
-                          in_chans=in_chans if in_chans is not None else 3, exits=exits, options=kw, build=build_model)
-    text_data, text_model = in_chans is None, model.input_shape is None
-    if text_data != text_model:
-        kind = "text" if text_data else "image"
-        raise EarlyExitError(f"model {cfg.model.name!r} does not take the {kind} inputs of dataset {cfg.data.name!r}")
+    model = build_checked(cfg.model.name, num_classes=splits.num_classes, in_chans=in_chans if in_chans is not None else 3,
+                          ic_after=cfg.model.ic_after, options=kw, build=build_model)
     if cfg.method is not None:
         from .methods import get_method
 
@@ -138,49 +160,12 @@ def save_weights(model: torch.nn.Module, out: Path) -> Path:
     return out / "model.safetensors"
 
 
-def find_weights(run_dir: Path) -> Path:
-    for name in WEIGHTS_FILES:
-        if (run_dir / name).is_file():
-            return run_dir / name
-    raise CheckpointError(f"{run_dir} holds no model weights ({' or '.join(WEIGHTS_FILES)})")
-
-
 def load_init(model: MultiExitModel, path: str | Path) -> None:
-    """Initialise ``model`` from a run folder or a weights file (ours, or a foreign format its spec's adapter converts).
+    """``--init``: start ``model`` from a run folder or a weights file (``models.load_pretrained``: ours, or a
+    foreign format its spec's adapter converts; the backbone covered, IC heads may be missing)."""
+    from .models import load_pretrained
 
-    The backbone must be covered entirely; IC heads missing from the file keep their initialisation,
-    and so does the final classifier when the file's is for another number of classes (e.g.
-    ImageNet weights for a 10-class task). Nothing is loaded when the file does not fit.
-    """
-    from .io import load_state_strict
-    from .models import adapt_foreign_weights
-
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"--init: {path} does not exist")
-    sd = load_weights(find_weights(path) if path.is_dir() else path)
-    ours = model.state_dict()
-    final = f"heads.{model.num_exits - 1}."
-    replaced: set[str] = set()  # final-classifier keys left at their initialisation (another number of classes)
-    try:
-        conv = adapt_foreign_weights(model, sd)  # e.g. a torchvision state_dict, in our names
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"--init: {path} does not fit the model: {e.args[0] if e.args else e}") from None
-    if conv is not None:
-        replaced = {k for k in ours if k.startswith(final) and k not in conv}
-        sd = conv
-    mismatched = {k for k in sd if k.startswith(final) and k in ours and sd[k].shape != ours[k].shape}
-    if mismatched and all(sd[k].shape[0] != ours[k].shape[0] for k in mismatched):
-        replaced |= mismatched
-        sd = {k: v for k, v in sd.items() if k not in mismatched}
-    head_prefixes = tuple(f"heads.{k}." for k in range(model.num_exits - 1)) + tuple(replaced)
-    missing = [k for k in ours if k not in sd and not k.startswith(head_prefixes)]
-    if missing:
-        raise CheckpointError(f"--init: {path} does not fit the model: missing backbone weights such as {missing[0]}")
-    unexpected = [k for k in sd if k not in ours]
-    if unexpected:
-        raise CheckpointError(f"--init: {path} does not fit the model: unexpected weights such as {unexpected[0]}")
-    load_state_strict(model, sd, source=f"--init {path}", strict=False)
+    load_pretrained(model, path, what="--init")
 
 
 def evaluate_model(model: MultiExitModel, splits: Any, cfg: RunConfig, device: torch.device | None = None, *,
@@ -238,7 +223,8 @@ def check_run(cfg: RunConfig) -> None:
 
 
 def check_resume(cfg: RunConfig, out: Path) -> None:
-    """``--resume`` only with the options the run in ``out`` was started with.
+    """``--resume`` only with the options the run in ``out`` was started with (``train.log``, where epochs are logged
+    besides the history, may change).
 
     They are read from ``config.json`` or, when it is missing, from the checkpoint (which records them).
     """
@@ -263,9 +249,10 @@ def check_resume(cfg: RunConfig, out: Path) -> None:
             raise CheckpointError(f"{out / CHECKPOINT}: the options it records are not a run config: "
                                   f"{' '.join(str(e).split())[:160]}") from None
         where = "its checkpoint"
-    if to_dict(saved) != to_dict(cfg):
-        diff = ", ".join(config_diff(to_dict(saved), to_dict(cfg))[:4])
-        raise EarlyExitError(f"--resume: the options differ from those of the run in {out} ({diff}; see {where})")
+    diff = [d for d in config_diff(to_dict(saved), to_dict(cfg)) if d != "train.log"]  # the sinks may change
+    if diff:
+        raise EarlyExitError(f"--resume: the options differ from those of the run in {out} ({', '.join(diff[:4])}; "
+                             f"see {where})")
 
 
 def read_run_config(f: Path) -> RunConfig:
@@ -325,19 +312,44 @@ def gradient_probe(model: MultiExitModel, x: Any, y: torch.Tensor, *, phase: int
                                   train_mode=train_mode)
 
 
+def new_model(cfg: RunConfig, splits: Any, *, resume: bool = False) -> MultiExitModel:
+    """Step "model": the run's model built from its seed (every regime of a comparison builds it so), the weights
+    of ``cfg.init`` loaded (not on ``resume``: the checkpoint holds them), then checked by one forward pass and the
+    optimizers' settings, as far as it can be without training (nothing on disk changes)."""
+    from .training.checks import check_training
+
+    torch.manual_seed(cfg.train.seed)
+    model = make_model(cfg, splits)
+    if cfg.init is not None and not resume:
+        load_init(model, cfg.init)
+    check_forward(model, splits.train, what=f"model {cfg.model.name!r} and dataset {cfg.data.name!r}")
+    check_training(model, splits, cfg.train)
+    return model
+
+
 def train_run(cfg: RunConfig, model: MultiExitModel, splits: Any, out: Path, *, resume: bool,
-              log: Callable[..., None] | None) -> tuple[MultiExitModel, TrainInfo]:
-    """The regime's phases, then the method's own stage (e.g. ZTW's ensembles on the frozen ICs) if it has one."""
+              log: Callable[..., None] | None, phase1: dict | None = None) -> tuple[MultiExitModel, TrainInfo, Timing]:
+    """Step "train": the regime's phases, then the method's own stage (e.g. ZTW's ensembles on the frozen ICs) if
+    it has one.
+
+    Args:
+        phase1: a phase 1 trained before, whose weights ``model`` holds (``compare``'s shared one:
+            ``{"phases", "history", "seconds"}``): only the regime's later phases train here, and the run's
+            record, ``history.jsonl`` and time count phase 1 as their own, as ``run`` writes them.
+    Returns:
+        The trained model, the record of its training (``Results.train``) and the time it took (``Results.timing``).
+    """
+    config, options = cfg.train, to_dict(cfg)
+    if phase1 is not None:  # the checkpoint holds the later phases alone, which no `run --resume` continues: no options
+        config, options = dataclasses.replace(config, regime=config.parsed_regime.after_phase1()), None
     probe = gradient_probe if cfg.train.grad_log_every is not None else None
-    record = train(model, splits, config=cfg.train, out_dir=out, resume=resume, augment=cfg.data.augment, log=log,
-                   eval_batch_size=cfg.eval.batch_size, probe=probe, options=to_dict(cfg))
-    info = TrainInfo(seconds=record.seconds, phases=[vars(r) for r in record.phases])
-    return method_stage(cfg, model, splits, info, log=log)
-
-
-def method_stage(cfg: RunConfig, model: MultiExitModel, splits: Any, info: TrainInfo, *,
-                 log: Callable[..., None] | None = None) -> tuple[MultiExitModel, TrainInfo]:
-    """The method's own training stage after the regime's phases, if it has one (ZTW's ensembles)."""
+    record = train(model, splits, config=config, out_dir=out, resume=resume, augment=cfg.data.augment, log=log,
+                   eval_batch_size=cfg.eval.batch_size, probe=probe, options=options)
+    phases, seconds = [vars(r) for r in record.phases], record.seconds
+    if phase1 is not None:
+        write_history(out, [*phase1["history"], *record.history])
+        phases, seconds = [*phase1["phases"], *phases], phase1["seconds"] + seconds
+    info = TrainInfo(phases=phases)
     method = _method(cfg)
     if method is not None and method.stage is not None:
         t = time.time()
@@ -345,21 +357,42 @@ def method_stage(cfg: RunConfig, model: MultiExitModel, splits: Any, info: Train
         model, stage_rec = method.stage(model, splits, stage_cfg, log=log, augment=cfg.data.augment,
                                         eval_batch_size=cfg.eval.batch_size)
         info.method_stage = [vars(r) for r in stage_rec.phases]
-        info.seconds += time.time() - t
-    return model, info
+        seconds += time.time() - t
+    return model, info, Timing(train_seconds=seconds)
 
 
-def results_of(cfg: RunConfig, evaluation: dict, train_info: TrainInfo | dict | None) -> Results:
-    """The run's ``Results``: its identity from the config, the rest from the evaluation."""
+def results_of(cfg: RunConfig, evaluation: dict, train_info: TrainInfo | None, timing: Timing | None = None) -> Results:
+    """The run's ``Results``: its identity from the config, the rest from the evaluation, training and timing."""
     return Results.build(regime=cfg.train.parsed_regime.phases, regime_name=cfg.train.regime, model=cfg.model.name,
                          dataset=cfg.data.name, seed=cfg.train.seed, evaluation=evaluation, method=cfg.method,
-                         weighting=cfg.train.weighting, train=train_info)
+                         weighting=cfg.train.weighting, train=train_info, timing=timing)
+
+
+def finish_run(cfg: RunConfig, model: MultiExitModel, splits: Any, out: Path, train_info: TrainInfo,
+               timing: Timing) -> Results:
+    """Steps "evaluate" and "write": the final weights, the test-set evaluation, then ``results.json`` (the file
+    that makes the folder a finished run)."""
+    save_weights(model, out)
+    res = results_of(cfg, evaluate_model(model, splits, cfg), train_info, timing)
+    res.save(out)
+    return res
+
+
+def plot_run(out: Path) -> None:
+    """Step "figure": ``curve.png`` of a finished run, when matplotlib is installed."""
+    try:
+        maybe_plot([out], out / "curve.png")
+    except OSError as e:
+        raise EarlyExitError(f"{describe_os_error(e, 'cannot write')}; the run's results are written") from None
 
 
 def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bool = False,
-                   log: Callable[..., None] | None = None) -> dict:
-    """Train and evaluate one configuration; write the run folder; return results.json's content.
+                   log: Callable[..., None] | None = None) -> Results | None:
+    """Train and evaluate one configuration; write the run folder; return its ``Results`` (None on the other
+    processes of a torchrun run).
 
+    The steps are the functions of this module's docstring. ``log`` is ``train``'s progress hook; the sinks of
+    ``cfg.train.log`` are added to it (``earlyexit.training.log_hook``: TensorBoard writes into ``out/tensorboard``).
     The folder is locked for the whole run (``earlyexit.rundir.RunLock``). Everything that can be
     checked (configs, data, the model build and a forward pass, the optimizers, batch against data and
     processes) is checked before a previous run's files are touched; with ``force``, the previous run
@@ -369,6 +402,7 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
     out = Path(out)
     check_run(cfg)
     cfg = with_model_defaults(cfg)
+    log = log_hook(cfg.train.log, out, log)
     main = dist.world()[0] == 0
     lock = None
     if main:
@@ -382,49 +416,28 @@ def run_experiment(cfg: RunConfig, out: Path, *, resume: bool = False, force: bo
             prepare_out_dir(out, resume=resume, force=force)
         if resume:
             check_resume(cfg, out)
-        splits, model = _prepare(cfg, resume=resume)
+        splits = load_data(cfg)
+        model = new_model(cfg, splits, resume=resume)
         stashed = False
         try:
-            if main and not resume:
-                if (out / CHECKPOINT).exists() or (out / RESULTS).exists():
-                    stashed = True  # from the first file moved: a failure from here on puts the run back
-                    stash_run(out, RUN_FILES, CHECKPOINT)
-                clear_out_dir(out)
-                write_config(cfg, splits, out)
-            elif main and not (out / "config.json").is_file():
-                write_config(cfg, splits, out)  # a resumed run writes back a lost config.json
-            model, train_info = train_run(cfg, model, splits, out, resume=resume, log=log)
+            if main and not resume and ((out / CHECKPOINT).exists() or (out / RESULTS).exists()):
+                stashed = True  # from the first file moved: a failure from here on puts the run back
+                stash_run(out, RUN_FILES, CHECKPOINT)
+            if main:
+                open_run(cfg, splits, out, resume=resume)
+            model, train_info, timing = train_run(cfg, model, splits, out, resume=resume, log=log)
             if not main:
-                return {}
-            save_weights(model, out)
-            res = results_of(cfg, evaluate_model(model, splits, cfg), train_info)
-            res.save(out)  # the new run is complete: from here on it replaces the previous one
+                return None
+            res = finish_run(cfg, model, splits, out, train_info, timing)  # from here on it replaces the previous run
         except BaseException as e:
             raise _failed(e, out, main=main, stashed=stashed) from None
         if stashed:
             drop_stash(out, RUN_FILES)
-        try:
-            maybe_plot([out], out / "curve.png")
-        except OSError as e:
-            raise EarlyExitError(f"{describe_os_error(e, 'cannot write')}; the run's results are written") from None
-        return res.to_dict()
+        plot_run(out)
+        return res
     finally:
         if lock is not None:
             lock.release(remove_empty_out=True)
-
-
-def _prepare(cfg: RunConfig, *, resume: bool) -> tuple[Any, MultiExitModel]:
-    """The data and the model, checked as far as they can be without training (nothing on disk changes)."""
-    from .training.checks import check_training
-
-    splits = load_data(cfg)
-    torch.manual_seed(cfg.train.seed)
-    model = make_model(cfg, splits)
-    if cfg.init is not None and not resume:
-        load_init(model, cfg.init)
-    check_forward(model, splits.train, what=f"model {cfg.model.name!r} and dataset {cfg.data.name!r}")
-    check_training(model, splits, cfg.train)
-    return splits, model
 
 
 _WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
@@ -508,8 +521,8 @@ def _data_meta(cfg: RunConfig) -> Any:
 
 
 def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str | None = None,
-                 out: str | Path | None = None, progress: ProgressFn | None = None) -> dict:
-    """Re-evaluate a run folder on its test split (keeping its training record).
+                 out: str | Path | None = None, progress: ProgressFn | None = None) -> Results:
+    """Re-evaluate a run folder on its test split (keeping its training record and time); return the ``Results``.
 
     Without ``out`` the run's results.json is rewritten. With ``out`` the run folder is left as it is and the
     evaluation becomes a run folder of its own (config.json with the criterion it used, results.json, the
@@ -527,13 +540,14 @@ def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str 
     if criterion is not None:
         cfg = replace(cfg, eval=replace(cfg.eval, criterion=criterion))
     splits = load_data(cfg)
-    train_info = None
+    train_info = timing = None
     if (path / RESULTS).is_file():
         try:
-            train_info = Results.from_json(path).train
+            before = Results.from_json(path)
+            train_info, timing = before.train, before.timing
         except EarlyExitError:
-            train_info = None
-    res = results_of(cfg, evaluate_model(model, splits, cfg, dev, progress=progress), train_info)
+            pass
+    res = results_of(cfg, evaluate_model(model, splits, cfg, dev, progress=progress), train_info, timing)
     if out is not None:
         target.mkdir(parents=True, exist_ok=True)
         write_config(cfg, splits, target)
@@ -541,4 +555,4 @@ def evaluate_run(path: str | Path, *, criterion: str | None = None, device: str 
             if (path / name).is_file():
                 atomic_write_text(target / name, (path / name).read_text())
     res.save(target)
-    return res.to_dict()
+    return res

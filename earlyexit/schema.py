@@ -300,8 +300,9 @@ def _spec_of_type(tp: Any) -> Spec:
 
 
 _CONFIG_OVERRIDES: dict[tuple[str, str], Spec] = {
-    # ModelConfig.exits is typed Any: None (the model's default), block indices, or a rule such as "every:2"
-    ("ModelConfig", "exits"): one_of(NONE, STR, list_of(INT)),
+    # ModelConfig.ic_after is typed Any: None (the model's default), block indices, a rule such as "every:2", or the
+    # node names of a graph model (torchvision:NAME)
+    ("ModelConfig", "ic_after"): one_of(NONE, STR, list_of(one_of(INT, STR))),
 }
 
 
@@ -321,6 +322,9 @@ _RUN_CONFIG_SPEC: Spec | None = None
 def check_run_config(raw: Any, source: str | os.PathLike) -> None:
     """The types of the fields of a run config dict (a ``config.json``, a checkpoint's options) that are present.
 
+    A file of an earlier version is checked in today's keys (``config.upgrade_config_dict``: its ``model.exits``,
+    the IC placement, as ``model.ic_after``).
+
     Raises:
         FileSchemaError: ``"{source} is not a valid run config: data.data_dir must be a string or null, got 5"``.
     """
@@ -329,10 +333,14 @@ def check_run_config(raw: Any, source: str | os.PathLike) -> None:
         raise FileSchemaError(f"{source} is not a valid run config: it holds {_describe(raw)}, not an object")
     if _depth_exceeds(raw, MAX_DEPTH):
         raise FileSchemaError(f"{source} is not a valid run config: it nests deeper than {MAX_DEPTH} levels")
-    if _RUN_CONFIG_SPEC is None:
-        from .config import RunConfig
+    from .config import RunConfig, upgrade_config_dict
 
+    if _RUN_CONFIG_SPEC is None:
         _RUN_CONFIG_SPEC = _config_spec(RunConfig)
+    try:
+        raw = upgrade_config_dict(raw)  # an earlier version's keys (model.exits) read as today's (model.ic_after)
+    except ValueError as e:
+        raise FileSchemaError(f"{source} is not a valid run config: {e}") from None
     _run(_RUN_CONFIG_SPEC, {k: v for k, v in raw.items() if k != "shapes"},
          lambda m: f"{source} is not a valid run config: {m}")
 

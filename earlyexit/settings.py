@@ -28,7 +28,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import EARLY_STOPS, OPTIMIZERS, SCHEDULES, RunConfig
+from .config import EARLY_STOPS, OPTIMIZERS, SCHEDULES, RunConfig, upgrade_config_dict
 from .errors import ConfigError, EarlyExitError
 
 SECTIONS = ("model", "data", "train", "eval")  # the tables of a RunConfig (its other keys: init, method)
@@ -158,6 +158,7 @@ def run_config(settings: dict, source: str | None = None) -> RunConfig:
     """
     if not isinstance(settings, dict):
         raise ConfigError(f"{source}: expected a table of settings, got {type(settings).__name__}")
+    settings = upgrade_config_dict(settings)  # a config.json of an earlier version: model.exits is model.ic_after
     settings = _checked(RunConfig, settings, "", source)
     if source is not None:
         from .schema import check_run_config
@@ -367,15 +368,17 @@ def flag_settings(flags: dict) -> dict:
             parse_number(text, "--grad-clip", low=0, strict=True)
     if "grad_log_every" in f:
         train["grad_log_every"] = parse_number(f["grad_log_every"], "--grad-log-every", kind=int, low=1)
+    if "log" in f:  # a comma list of sinks, or none (TrainConfig checks the names)
+        sinks = [t.strip() for t in f["log"].split(",") if t.strip()]
+        train["log"] = [] if [t.lower() for t in sinks] in ([], ["none"]) else sinks
     if "image_size" in f:
         data["image_size"] = parse_number(f["image_size"], "--image-size", kind=int, low=1)
     kwargs = {"weights": f["weights"]} if f.get("weights") else {}
     kwargs.update(model_options(f.get("model_opts", ())))
     if kwargs:
         model["kwargs"] = kwargs
-    if "exits" in f:
-        exits = f["exits"]
-        model["exits"] = [int(t) for t in exits.split(",")] if exits.replace(",", "").strip().isdigit() else exits
+    if "ic_after" in f:
+        model["ic_after"] = f["ic_after"]  # parsed once, by ModelConfig ("4,6,8" -> block indices)
     for flag, (table, key) in _PLAIN_FLAGS.items():
         if flag in f:
             {"model": model, "data": data, "train": train}[table][key] = f[flag]

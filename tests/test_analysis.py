@@ -48,7 +48,7 @@ def _mlp(seed=0, **kw):
 
 def _resnet(seed=0):
     torch.manual_seed(seed)
-    model = cifar_resnet(8, num_classes=NUM_CLASSES, in_chans=1, image_size=8, exits=[0, 1])  # ICs after blocks 1, 2
+    model = cifar_resnet(8, num_classes=NUM_CLASSES, in_chans=1, image_size=8, ic_after=[0, 1])  # ICs after blocks 1, 2
     _randomise_norms(model, seed)
     return model
 
@@ -279,7 +279,7 @@ def test_reset_bn_recomputes_the_batch_statistics(data):
 def _bottleneck_resnet(seed):
     torch.manual_seed(seed)
     model = resnet(block=Bottleneck, depths=(1, 2), widths=(4, 8), stem_width=8, imagenet_stem=True,
-                   num_classes=NUM_CLASSES, in_chans=1, image_size=16, exits=[0, 1])
+                   num_classes=NUM_CLASSES, in_chans=1, image_size=16, ic_after=[0, 1])
     _randomise_norms(model, seed)
     return model
 
@@ -312,12 +312,12 @@ def test_weight_matching_recovers_a_permuted_copy(make):
 def test_weight_matching_rejects_other_architectures():
     pytest.importorskip("scipy")
     with pytest.raises(ValueError, match="same architecture"):
-        weight_matching(_mlp(0), _mlp(1, exits=[0]))
+        weight_matching(_mlp(0), _mlp(1, ic_after=[0]))
     from earlyexit.models.multiexit import MultiExitModel
     from earlyexit.models.heads import LinearHead
 
     odd = MultiExitModel(stem=nn.Identity(), stages=[nn.Linear(4, 4), nn.Linear(4, 4)], head=LinearHead(4, 2),
-                         exits=[], make_head=lambda fi, c: LinearHead(4, c), feature_info=[{"num_chs": 4}] * 2,
+                         ic_after=[], make_head=lambda fi, c: LinearHead(4, c), feature_info=[{"num_chs": 4}] * 2,
                          num_classes=2)
     with pytest.raises(ValueError, match="supports the MLP and ResNet"):
         weight_matching(odd, odd)

@@ -75,7 +75,7 @@ def test_run_bench_bad_input():
         run_bench(model="mlp", dataset="no-such-set", echo=lambda s: None)
     with pytest.raises(ValueError, match="smaller than one batch"):
         run_bench(model="mlp", dataset="synthetic", batch_size=10_000, steps=1, device="cpu", echo=lambda s: None)
-    no_heads = build_model("mlp", num_classes=10, in_chans=1, image_size=8, width=8, depth=2, exits="none")
+    no_heads = build_model("mlp", num_classes=10, in_chans=1, image_size=8, width=8, depth=2, ic_after="none")
     with pytest.raises(ValueError, match="no IC heads"):
         _PhaseStep(no_heads, 3, torch.device("cpu"), total_steps=1)
 
@@ -104,7 +104,7 @@ def test_time_layouts_steps_each_layout_and_the_compiled_model(monkeypatch):
     from earlyexit.models import build_model
 
     torch.manual_seed(0)
-    net = build_model("resnet20", num_classes=10, in_chans=1, image_size=16, exits="every:3")
+    net = build_model("resnet20", num_classes=10, in_chans=1, image_size=16, ic_after="every:3")
     before = {k: v.clone() for k, v in net.state_dict().items()}
     seen, compiled = [], []
     real = bt._PhaseStep.__call__

@@ -60,7 +60,7 @@ def test_default_exits_after_every_layer_and_state_dict():
     assert state["mask"].dtype == torch.bool
     sub = slice_state(state, torch.tensor([True, False, True, False]))
     assert sub["hidden"].shape[0] == sub["mask"].shape[0] == 2
-    assert build_model("bert_tiny", num_classes=3, exits="none").num_exits == 1
+    assert build_model("bert_tiny", num_classes=3, ic_after="none").num_exits == 1
 
 
 def test_padding_does_not_change_logits():

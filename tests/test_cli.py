@@ -158,7 +158,7 @@ def test_force_keeps_the_old_run_when_the_new_one_cannot_start(finished_run, tmp
     shutil.copytree(finished_run[0], out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     _expect_error(["run", *QUICK, "--out", str(out), "--force", "--init", str(tmp_path / "missing.pt")], "does not exist")
-    _expect_error(["run", "--model", "mlp", "--dataset", "synthetic", "--out", str(out), "--force", "--exits", "9"],
+    _expect_error(["run", "--model", "mlp", "--dataset", "synthetic", "--out", str(out), "--force", "--ic-after", "9"],
                   "IC block indices")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     r = _run(["run", *QUICK, "--epochs", "1", "--out", str(out), "--force"])

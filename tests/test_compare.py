@@ -15,7 +15,7 @@ PC = PhaseConfig(epochs=2, lr=(0.05,))
 CFG = RunConfig(model=ModelConfig(name="mlp", kwargs={"width": 16, "depth": 3}), data=DataConfig(name="synthetic"),
                 train=TrainConfig(phases=(PC, PC, PC), batch_size=50, device="cpu"))
 # A conv net that trains channels-last: phase 1's weights leave train() contiguous and come back in.
-CONV = RunConfig(model=ModelConfig(name="resnet20", exits="every:3"), data=DataConfig(name="synthetic", train_size=200),
+CONV = RunConfig(model=ModelConfig(name="resnet20", ic_after="every:3"), data=DataConfig(name="synthetic", train_size=200),
                  train=TrainConfig(phases=(PhaseConfig(epochs=1, lr=(0.05,)),) * 3, batch_size=50, device="cpu"))
 
 

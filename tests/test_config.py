@@ -97,7 +97,7 @@ def test_library_and_cli_give_the_same_pbee_run(tmp_path):
     pc = PhaseConfig(epochs=1)
     cfg = RunConfig(model=ModelConfig(name="mlp"), data=DataConfig(name="synthetic"),
                     train=TrainConfig(phases=(pc, pc, pc), batch_size=32, device="cpu"), method="pbee")
-    lib = run_experiment(cfg, tmp_path / "lib")
+    lib = run_experiment(cfg, tmp_path / "lib").to_dict()
     r = CliRunner().invoke(main, ["run", "--model", "mlp", "--dataset", "synthetic", "--batch-size", "32", "--device", "cpu",
                                   "--epochs", "1", "--method", "pbee", "--out", str(tmp_path / "cli")])
     assert r.exit_code == 0, r.output

@@ -89,8 +89,8 @@ def test_stages_and_default_exits():
     assert [fi["size"][0] for fi in m.feature_info] == [112, 56, 56, 28, 28, 14, 14, 14, 14, 14, 14, 7, 7, 7, 7, 7]
     assert [fi["module"] for fi in m.feature_info][:4] == ["features.1.0", "features.2.0", "features.2.1", "features.3.0"]
     assert all(isinstance(h, SDNHead) for h in m.heads[:-1])
-    assert build_model("efficientnet_b0", num_classes=10, image_size=32, exits="every:5").exit_after == [4, 9, 14, 15]
-    exact = build_model("efficientnet_b0", num_classes=10, image_size=64, head="sdn_exact", exits=[3, 10])
+    assert build_model("efficientnet_b0", num_classes=10, image_size=32, ic_after="every:5").exit_after == [4, 9, 14, 15]
+    exact = build_model("efficientnet_b0", num_classes=10, image_size=64, head="sdn_exact", ic_after=[3, 10])
     assert all(isinstance(h, SDNExactHead) for h in exact.heads[:-1])
     assert len(exact(exact.example_input(2))) == 3
 

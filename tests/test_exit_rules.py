@@ -65,7 +65,7 @@ class _Slice(nn.Module):
 def replay_model(E: int, C: int) -> MultiExitModel:
     """A MultiExitModel of E identity stages whose exit k returns input[:, k]: its logits are the input's."""
     return MultiExitModel(stem=nn.Identity(), stages=[nn.Identity() for _ in range(E)], head=_Slice(E - 1),
-                          exits=list(range(E - 1)), make_head=lambda fi, c: _Slice(fi["k"]),
+                          ic_after=list(range(E - 1)), make_head=lambda fi, c: _Slice(fi["k"]),
                           feature_info=[{"num_chs": C, "k": k} for k in range(E)], num_classes=C, input_shape=(E, C))
 
 

@@ -104,10 +104,10 @@ def test_set_overrides_one_key_and_flags_override_the_file(captured, tmp_path):
     assert [p.epochs for p in cfg.train.phases] == [2, 3, 4] and cfg.train.batch_size == 64
     assert cfg.train.weighting == "han" and cfg.model.name == "mlp"
     cfg = captured("run", "--config", f, "--set", "train.phases.1.lr=0.05", "--set", "train.phases.epochs=5",
-                   "--set", "model.exits=[1]", "--set", "data.train_size=100", "--out", tmp_path / "o")
+                   "--set", "model.ic_after=[1]", "--set", "data.train_size=100", "--out", tmp_path / "o")
     assert [p.lr for p in cfg.train.phases] == [(0.1,), (0.05,), (0.1,)]
     assert [p.epochs for p in cfg.train.phases] == [5, 5, 5]
-    assert cfg.model.exits == (1,) and cfg.data.train_size == 100 and cfg.train.batch_size == 64
+    assert cfg.model.ic_after == (1,) and cfg.data.train_size == 100 and cfg.train.batch_size == 64
     # flags given on the command line override the file and --set; flags left at their defaults do not
     cfg = captured("run", "--config", f, "--set", "train.batch_size=32", "--batch-size", "16", "--lr", "0.2",
                    "--out", tmp_path / "o")
@@ -129,7 +129,7 @@ def test_toml_null_and_one_table_for_every_phase(tmp_path):
                for p in cfg.train.phases)
     assert load_config(f, ["data.train_size=100", "train.grad_clip=1"]).data.train_size == 100
     assert parse_set("train.phases.2.lr=[0.1, 0.05]") == {"train": {"phases": [{}, {}, {"lr": [0.1, 0.05]}]}}
-    assert parse_set("model.exits=every:2") == {"model": {"exits": "every:2"}}
+    assert parse_set("model.ic_after=every:2") == {"model": {"ic_after": "every:2"}}
 
 
 @pytest.mark.parametrize("text,sets,parts", [
@@ -143,7 +143,7 @@ def test_toml_null_and_one_table_for_every_phase(tmp_path):
     ("[train.phases]\nlr = -1.0\n", [], ["train.phases[0]: learning rate must be > 0"]),
     ("[train]\nseed = 1.5\n", [], ["train.seed must be an integer"]),
     ("[train]\nregime = \"sideways\"\n", [], ["train: unknown regime 'sideways'"]),
-    ("[model]\nexits = {a = 1}\n", [], ["model.exits must be"]),
+    ("[model]\nic_after = {a = 1}\n", [], ["model.ic_after must be"]),
     ("[train\n", [], ["is not valid TOML"]),
 ])
 def test_a_bad_file_key_or_value_is_one_line_naming_it(text, sets, parts, tmp_path):

@@ -21,13 +21,13 @@ def _with_config(d, cfg: RunConfig):
 
 def _cfg(regime: str, lr1: float = 0.1, seed: int = 0) -> RunConfig:
     phases = (PhaseConfig(lr=(lr1,), epochs=8), PhaseConfig(lr=(0.1,), epochs=8), PhaseConfig(lr=(0.1,), epochs=8))
-    return RunConfig(model=ModelConfig(name="resnet20", exits="every:1"),
+    return RunConfig(model=ModelConfig(name="resnet20", ic_after="every:1"),
                      train=TrainConfig(regime=regime, phases=phases, seed=seed))
 
 
 @pytest.mark.parametrize("field,value,words", [
     ("train.phases[0].lr", [0.001], "phase 1 at lr 0.001"), ("train.phases[1].epochs", 16, "phase 2: 16 epochs"),
-    ("model.exits", "every:2", "ICs every:2"), ("model.kwargs.head", "mlp1024", "head mlp1024"),
+    ("model.ic_after", "every:2", "ICs every:2"), ("model.kwargs.head", "mlp1024", "head mlp1024"),
     ("train.weighting", "han", "weighting han")])
 def test_fields_in_words(field, value, words):
     assert describe_field(field, value) == words

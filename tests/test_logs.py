@@ -27,7 +27,7 @@ def data():
 def _model():
     torch.manual_seed(0)
     stage = lambda d: nn.Sequential(nn.Linear(d, 12), nn.ReLU())  # noqa: E731
-    return MultiExitModel(stem=nn.Flatten(), stages=[stage(64), stage(12)], head=LinearHead(12, 4), exits=[0],
+    return MultiExitModel(stem=nn.Flatten(), stages=[stage(64), stage(12)], head=LinearHead(12, 4), ic_after=[0],
                           make_head=lambda fi, c: nn.Linear(fi["num_chs"], c), feature_info=[{"num_chs": 12}] * 2,
                           num_classes=4, input_shape=(1, 8, 8))
 
@@ -101,3 +101,60 @@ def test_a_missing_tensorboard_or_an_unknown_sink_is_one_line(tmp_path, monkeypa
     with pytest.raises(ConfigError, match="unknown log sink 'wandb'; valid: tensorboard"):
         log_hook(("wandb",), tmp_path)
     assert log_hook((), tmp_path) is None and list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- --log on the command line
+
+RUN = ["--model", "mlp", "--dataset", "synthetic", "--device", "cpu", "--epochs", "1", "--batch-size", "50"]
+
+
+def test_log_tensorboard_writes_event_files_into_the_run_folder(tmp_path):
+    pytest.importorskip("tensorboard")
+    from click.testing import CliRunner
+
+    from earlyexit.cli import main
+
+    r = CliRunner().invoke(main, ["run", *RUN, "--log", "tensorboard", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["log"] == ["tensorboard"]
+
+
+@pytest.mark.slow
+def test_log_tensorboard_in_a_comparison_writes_each_run_into_its_own_folder(tmp_path):
+    """Phase 1's epochs into the shared phase 1's folder, each regime's own epochs into its run folder."""
+    pytest.importorskip("tensorboard")
+    from click.testing import CliRunner
+
+    from earlyexit.cli import main
+
+    args = ["compare", *RUN, "--seeds", "0", "--regimes", "disjoint,joint", "--log", "tensorboard"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cmp")])
+    assert r.exit_code == 0, r.output
+    events = list((tmp_path / "cmp").rglob("events.out.tfevents.*"))
+    assert sorted(e.parent.parent.name for e in events) == ["mlp-synthetic-disjoint-s0", "mlp-synthetic-joint-s0",
+                                                             "s0-phase1"]
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+@pytest.mark.parametrize("how", [["--log", "wandb"], ["--set", "train.log=wandb"]])
+def test_an_unknown_log_sink_is_one_line_and_exit_code_2(tmp_path, command, how):
+    from click.testing import CliRunner
+
+    from earlyexit.cli import main
+
+    r = CliRunner().invoke(main, [command, *RUN, *how, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.output.endswith("unknown log sink 'wandb'; valid: tensorboard\n"), r.output
+    assert r.output.count("\n") == 1 and r.output.startswith("error: ") and not (tmp_path / "o").exists()
+
+
+def test_a_settings_file_names_the_sinks_and_committed_configs_load_without_any(tmp_path):
+    from earlyexit.config import RunConfig, run_config_from_dict, to_dict
+    from earlyexit.settings import load_config
+
+    f = tmp_path / "run.toml"
+    f.write_text('[train]\nlog = ["tensorboard"]\n')
+    assert load_config(f).train.log == ("tensorboard",)
+    old = to_dict(RunConfig())
+    del old["train"]["log"]  # a config.json written before the field existed
+    assert run_config_from_dict(old) == RunConfig()

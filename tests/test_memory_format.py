@@ -27,7 +27,7 @@ def data():
 
 def _resnet(seed=0):
     torch.manual_seed(seed)
-    return build_model("resnet20", num_classes=10, in_chans=1, image_size=16, exits="every:3")
+    return build_model("resnet20", num_classes=10, in_chans=1, image_size=16, ic_after="every:3")
 
 
 def _cfg(fmt="auto", epochs=1, **kw):

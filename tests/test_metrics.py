@@ -206,7 +206,7 @@ def _conv_model(*, dict_input: bool = False, dropout: float = 0.0) -> MultiExitM
               nn.Conv2d(8, 6, 1, stride=2)]
     info = [{"num_chs": 8, "size": (6, 6)}, {"num_chs": 6, "size": (3, 3)}]
     return MultiExitModel(stem=_Scale() if dict_input else nn.Identity(), stages=stages, head=PoolLinearHead(6, 5),
-                          exits=[0], make_head=lambda fi, c: nn.Sequential(nn.Flatten(), nn.Linear(8 * 36, c)),
+                          ic_after=[0], make_head=lambda fi, c: nn.Sequential(nn.Flatten(), nn.Linear(8 * 36, c)),
                           feature_info=info, num_classes=5, input_shape=(4, 6, 6))
 
 

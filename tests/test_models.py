@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from earlyexit import build_model, list_models
-from earlyexit.models import get_spec, resolve_exits, slice_state
+from earlyexit.models import get_spec, resolve_ic_after, slice_state
 from earlyexit.models.resnet import cifar_resnet, convert_torchvision_state_dict, load_torchvision
 
 SLOW = {"resnet110", "vit_b16", "msdnet_imagenet", "bert"}
@@ -66,15 +66,15 @@ def test_backbone_runs_without_grad_when_frozen():
 def test_exit_specs():
     m = build_model("resnet56", num_classes=10, image_size=8)
     assert m.exit_after == list(range(4, 26, 2)) + [26]  # the paper's default: every other block from the fifth
-    assert build_model("resnet20", num_classes=10, image_size=8, exits="every:2").exit_after == [1, 3, 5, 7, 8]
-    assert build_model("resnet20", num_classes=10, image_size=8, exits=[0, 3]).exit_after == [0, 3, 8]
-    assert build_model("resnet20", num_classes=10, image_size=8, exits="none").exit_after == [8]
-    sdn = build_model("resnet56", num_classes=10, image_size=32, exits="sdn").exit_after
+    assert build_model("resnet20", num_classes=10, image_size=8, ic_after="every:2").exit_after == [1, 3, 5, 7, 8]
+    assert build_model("resnet20", num_classes=10, image_size=8, ic_after=[0, 3]).exit_after == [0, 3, 8]
+    assert build_model("resnet20", num_classes=10, image_size=8, ic_after="none").exit_after == [8]
+    sdn = build_model("resnet56", num_classes=10, image_size=32, ic_after="sdn").exit_after
     assert len(sdn) == 7 and sdn[-1] == 26
     with pytest.raises(ValueError, match="IC block indices"):
-        build_model("resnet20", num_classes=10, image_size=8, exits=[8])
+        build_model("resnet20", num_classes=10, image_size=8, ic_after=[8])
     with pytest.raises(ValueError, match="every:N"):
-        build_model("resnet20", num_classes=10, image_size=8, exits="every:x")
+        build_model("resnet20", num_classes=10, image_size=8, ic_after="every:x")
     with pytest.raises(ValueError, match="unknown model"):
         build_model("nope", num_classes=10)
 
@@ -86,7 +86,7 @@ def test_sdn_placement_fractions():
     m = cifar_resnet(56, num_classes=10, image_size=32)
     costs = stage_costs(m.stem, list(m.stages), (1, 3, 32, 32))
     cum = torch.tensor(costs, dtype=torch.float64).cumsum(0) / sum(costs)
-    got = resolve_exits("sdn", m.stem, list(m.stages), m.heads[-1], (1, 3, 32, 32), default=[])
+    got = resolve_ic_after("sdn", m.stem, list(m.stages), m.heads[-1], (1, 3, 32, 32), default=[])
     want = sorted({int((cum - f).abs().argmin()) for f in (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)})
     assert got == want
 

@@ -62,7 +62,7 @@ def test_imagenet_forward_shapes():
 
 
 def test_other_input_sizes_and_channels():
-    model = build_model("msdnet_imagenet", num_classes=7, in_chans=1, image_size=64, exits=[1, 3])
+    model = build_model("msdnet_imagenet", num_classes=7, in_chans=1, image_size=64, ic_after=[1, 3])
     outs = model(torch.randn(2, 1, 64, 64))
     assert [o.shape for o in outs] == [(2, 7)] * 3 and model.exit_after == [1, 3, 4]
 
@@ -204,11 +204,11 @@ def test_parity_with_published_imagenet_costs_and_parameters():
 
 
 def test_default_and_custom_exits():
-    assert build_model("msdnet_cifar", num_classes=10, exits="none").num_exits == 1
-    assert build_model("msdnet_cifar", num_classes=10, exits="every:2").exit_after == [1, 3, 5, 6]
-    assert build_model("msdnet_cifar", num_classes=10, exits="sdn").num_exits >= 2
+    assert build_model("msdnet_cifar", num_classes=10, ic_after="none").num_exits == 1
+    assert build_model("msdnet_cifar", num_classes=10, ic_after="every:2").exit_after == [1, 3, 5, 6]
+    assert build_model("msdnet_cifar", num_classes=10, ic_after="sdn").num_exits >= 2
     with pytest.raises(ValueError, match="IC block indices"):
-        build_model("msdnet_cifar", num_classes=10, exits=[6])
+        build_model("msdnet_cifar", num_classes=10, ic_after=[6])
 
 
 @pytest.mark.parametrize("kw, msg", [

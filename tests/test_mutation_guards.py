@@ -64,7 +64,7 @@ def _identity_model(width: int, *, tokens: bool = False) -> MultiExitModel:
     """Two identity stages (an IC after the first): the features of both exits are the input itself."""
     head = lambda fi, c: nn.Sequential(_Pool(), nn.Linear(width, c))  # noqa: E731
     return MultiExitModel(stem=_Tokens() if tokens else nn.Identity(), stages=[nn.Identity(), nn.Identity()],
-                          head=head(None, NUM_CLASSES), exits=[0], make_head=head, feature_info=[{}, {}],
+                          head=head(None, NUM_CLASSES), ic_after=[0], make_head=head, feature_info=[{}, {}],
                           num_classes=NUM_CLASSES)
 
 
@@ -79,7 +79,7 @@ def _conv_model(in_chans: int = 1, seed: int = 0) -> MultiExitModel:
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, c))
 
     model = MultiExitModel(stem=nn.Conv2d(in_chans, 4, 3, padding=1), stages=[block(), block()],
-                           head=head(None, NUM_CLASSES), exits=[0], make_head=head, feature_info=[{}, {}],
+                           head=head(None, NUM_CLASSES), ic_after=[0], make_head=head, feature_info=[{}, {}],
                            num_classes=NUM_CLASSES)
     g = torch.Generator().manual_seed(seed + 100)
     for m in model.modules():  # non-trivial running statistics: eval and train mode then differ

@@ -85,7 +85,7 @@ def _model():
     torch.manual_seed(0)
     stage = lambda d: nn.Sequential(nn.Linear(d, 16), nn.ReLU())  # noqa: E731
     return MultiExitModel(stem=nn.Flatten(), stages=[stage(64), stage(16), stage(16)], head=LinearHead(16, 10),
-                          exits=[0, 1], make_head=lambda fi, c: nn.Linear(fi["num_chs"], c),
+                          ic_after=[0, 1], make_head=lambda fi, c: nn.Linear(fi["num_chs"], c),
                           feature_info=[{"num_chs": 16}] * 3, num_classes=10, input_shape=(1, 8, 8))
 
 

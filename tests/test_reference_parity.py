@@ -34,7 +34,7 @@ def _mlp_model(E_ics: int = 3) -> MultiExitModel:
     torch.manual_seed(0)
     stage = lambda d: nn.Sequential(nn.Linear(d, 12), nn.ReLU())  # noqa: E731
     stages = [stage(36)] + [stage(12) for _ in range(E_ics)]
-    return MultiExitModel(stem=nn.Flatten(), stages=stages, head=LinearHead(12, 5), exits=list(range(E_ics)),
+    return MultiExitModel(stem=nn.Flatten(), stages=stages, head=LinearHead(12, 5), ic_after=list(range(E_ics)),
                           make_head=lambda fi, c: nn.Linear(fi["num_chs"], c),
                           feature_info=[{"num_chs": 12}] * len(stages), num_classes=5, input_shape=(1, 6, 6))
 

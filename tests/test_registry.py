@@ -20,7 +20,7 @@ import earlyexit as ee
 from earlyexit.config import DataConfig, EvalConfig, ModelConfig, PhaseConfig, RunConfig, TrainConfig
 from earlyexit.errors import CheckpointError
 from earlyexit.models import (MultiExitModel, build_model, feature_info_for, get_spec, init_conv_bn, list_models,
-                              register_model, resolve_exits, unregister_model)
+                              register_model, resolve_ic_after, unregister_model)
 from earlyexit.models.heads import PoolLinearHead
 
 NAME = "tiny_conv_test"
@@ -71,7 +71,7 @@ def _upstream_names(model: MultiExitModel) -> dict[str, str]:
     return names
 
 
-def tiny_conv(*, num_classes: int, in_chans: int = 1, exits=None, image_size: int = 8, width: int = 8,
+def tiny_conv(*, num_classes: int, in_chans: int = 1, ic_after=None, image_size: int = 8, width: int = 8,
               depth: int = 3) -> MultiExitModel:
     """A conv stem and ``depth`` conv stages (the second and later ones strided); ICs after every stage."""
     stem = ConvBN(in_chans, width)
@@ -79,8 +79,8 @@ def tiny_conv(*, num_classes: int, in_chans: int = 1, exits=None, image_size: in
     shape = (1, in_chans, image_size, image_size)
     info = feature_info_for(stem, stages, shape)
     final = PoolLinearHead(width, num_classes)
-    chosen = resolve_exits(exits, stem, stages, final, shape, default=list(range(depth - 1)))
-    model = MultiExitModel(stem=stem, stages=stages, head=final, exits=chosen,
+    chosen = resolve_ic_after(ic_after, stem, stages, final, shape, default=list(range(depth - 1)))
+    model = MultiExitModel(stem=stem, stages=stages, head=final, ic_after=chosen,
                            make_head=lambda fi, c: PoolLinearHead(fi["num_chs"], c), feature_info=info,
                            num_classes=num_classes, input_shape=shape[1:])
     init_conv_bn(model)
@@ -249,7 +249,7 @@ def test_init_from_upstream_weights_and_from_a_run(name, tmp_path):
                     train=TrainConfig(regime="--+", phases=(pc, pc, pc), batch_size=50, device="cpu"),
                     eval=EvalConfig(thresholds=5), init=str(tmp_path / "upstream.pt"))
     res = run_experiment(cfg, tmp_path / "run")
-    assert res["model"] == name and len(res["exits"]) == 3
+    assert res.model == name and len(res.exits) == 3
     trained, _ = load_run(tmp_path / "run")
     assert all(torch.equal(trained.state_dict()[k], source.state_dict()[k]) for k in _backbone_keys(trained))
 

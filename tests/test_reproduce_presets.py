@@ -22,7 +22,7 @@ ROOTS = {"cpu": "results", "gpu": "results-gpu"}
 
 
 def _build(cfg, seen: set) -> None:
-    """The model of ``cfg`` with its exits and options, as the run builds it (shapes only, no weights)."""
+    """The model of ``cfg`` with its IC placement and options, as the run builds it (shapes only, no weights)."""
     from earlyexit.preflight import build_checked
 
     m = cfg.model
@@ -30,11 +30,10 @@ def _build(cfg, seen: set) -> None:
         return
     mnist = "mnist" in cfg.data.name  # the shapes only: 28-pixel grey images or 32-pixel colour ones
     kw = {**m.kwargs, "image_size": 28 if mnist else 32} if m.name != "bert" else dict(m.kwargs)
-    exits = list(m.exits) if isinstance(m.exits, tuple) else m.exits
-    key = repr((m.name, mnist, exits, sorted(kw.items())))
+    key = repr((m.name, mnist, m.ic_after, sorted(kw.items())))
     if key not in seen:
         seen.add(key)
-        build_checked(m.name, num_classes=10, in_chans=1 if mnist else 3, exits=exits, options=kw)
+        build_checked(m.name, num_classes=10, in_chans=1 if mnist else 3, ic_after=m.ic_after, options=kw)
 
 
 def _dry(preset: str) -> list:

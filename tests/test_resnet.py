@@ -9,7 +9,7 @@ from torch import nn
 
 from earlyexit import build_model
 from earlyexit.errors import CheckpointError
-from earlyexit.models import adapt_foreign_weights, resolve_exits
+from earlyexit.models import adapt_foreign_weights, resolve_ic_after
 from earlyexit.models.common import sdn_placement
 from earlyexit.models.heads import SDNExactHead, SDNHead
 from earlyexit.models.resnet import load_torchvision, torchvision_weights
@@ -44,8 +44,8 @@ def test_stem_options_set_the_first_resolution(name):
 
 
 def test_nopool_stem_is_the_imagenet_stem_without_its_max_pooling():
-    a = build_model("resnet18", num_classes=10, image_size=64, stem="imagenet", exits="none").eval()
-    b = build_model("resnet18", num_classes=10, image_size=64, stem="imagenet_nopool", exits="none").eval()
+    a = build_model("resnet18", num_classes=10, image_size=64, stem="imagenet", ic_after="none").eval()
+    b = build_model("resnet18", num_classes=10, image_size=64, stem="imagenet_nopool", ic_after="none").eval()
     assert list(a.state_dict()) == list(b.state_dict())
     _randomise_norms(a)
     b.load_state_dict(a.state_dict())
@@ -137,7 +137,7 @@ def test_weight_matching_at_width_two(head):
 # --- exit placement ----------------------------------------------------------------------------------
 
 def test_every_with_offset():
-    spec = lambda s: build_model("resnet20", num_classes=10, image_size=8, exits=s).exit_after[:-1]  # noqa: E731
+    spec = lambda s: build_model("resnet20", num_classes=10, image_size=8, ic_after=s).exit_after[:-1]  # noqa: E731
     assert spec("every:2:0") == [0, 2, 4, 6]
     assert spec("every:3:1") == [1, 4, 7]
     assert spec("every:2") == spec("every:2:1") == [1, 3, 5, 7]  # every:N keeps its meaning: N-1, 2N-1, ...
@@ -155,9 +155,9 @@ def test_every_offset_property(n, step, offset):
     stages = [nn.Identity()] * n
     if offset > n - 2:
         with pytest.raises(ValueError, match="OFFSET"):
-            resolve_exits(f"every:{step}:{offset}", nn.Identity(), stages, nn.Identity(), None, default=[])
+            resolve_ic_after(f"every:{step}:{offset}", nn.Identity(), stages, nn.Identity(), None, default=[])
         return
-    got = resolve_exits(f"every:{step}:{offset}", nn.Identity(), stages, nn.Identity(), None, default=[])
+    got = resolve_ic_after(f"every:{step}:{offset}", nn.Identity(), stages, nn.Identity(), None, default=[])
     assert got == [i for i in range(n - 1) if i >= offset and (i - offset) % step == 0]
     assert got[0] == offset and all(b - a == step for a, b in zip(got, got[1:])) and got[-1] + step >= n - 1
 
@@ -171,7 +171,7 @@ def test_sdn_placement_matches_sdn_resnet56():
     # SDN's network_architectures.py, create_resnet56: add_ic per group of 9 blocks ("15, 30, 45, 60, 75, 90 percent of GFLOPs")
     sdn = _flat_ic_indices([[0, 0, 0, 1, 0, 0, 0, 1, 0], [0, 0, 1, 0, 0, 0, 1, 0, 0], [0, 1, 0, 0, 0, 1, 0, 0, 0]])
     assert sdn == [3, 7, 11, 15, 19, 23]
-    assert build_model("resnet56", num_classes=10, image_size=32, exits="sdn").exit_after == sdn + [26]
+    assert build_model("resnet56", num_classes=10, image_size=32, ic_after="sdn").exit_after == sdn + [26]
 
 
 def test_sdn_placement_matches_sdn_vgg16():
@@ -208,7 +208,7 @@ def _sdn_ic(input_size: int, channels: int, num_classes: int) -> nn.ModuleDict:
 
 def test_sdn_exact_head_matches_sdn_resnet56_layer_for_layer():
     torch.manual_seed(0)
-    m = build_model("resnet56", num_classes=10, image_size=32, exits="sdn", head="sdn_exact").eval()
+    m = build_model("resnet56", num_classes=10, image_size=32, ic_after="sdn", head="sdn_exact").eval()
     _randomise_norms(m)
     # SDN's ResNet-56 on CIFAR tracks input sizes 32, 16, 8 for its three groups of 9 blocks, channels 16, 32, 64
     ics = [3, 7, 11, 15, 19, 23]
@@ -289,7 +289,7 @@ def test_sdn_exact_heads_read_the_output_before_the_last_relu():
 def test_sdn_exact_consecutive_ics_train_and_predict():
     from earlyexit.inference import predict
 
-    m = build_model("resnet20", num_classes=4, in_chans=1, image_size=8, exits="every:1", head="sdn_exact")
+    m = build_model("resnet20", num_classes=4, in_chans=1, image_size=8, ic_after="every:1", head="sdn_exact")
     assert all(not b.relu_output for b in m.stages[:-1]) and all(b.relu_input for b in m.stages[1:])
     x = m.example_input(5)
     sum(o.sum() for o in m(x)).backward()

@@ -155,7 +155,7 @@ def test_no_unsafe_loader_in_the_package():
     (["--model-opt", "num_classes=3"], "is set by the run"),
     (["--model-opt", "image_size=5"], "contradicts the data's 28-pixel images"),
     (["--model-opt", "colour=blue"], "does not take the option 'colour'"),
-    (["--exits", "9"], "IC block indices"),
+    (["--ic-after", "9"], "IC block indices"),
     (["--init", "missing.pt"], "does not exist"),
     (["--data-dir", "no/such/folder"], "does not exist"),
     # fails only in training, before the first checkpoint (the error follows the progress lines)

@@ -48,7 +48,7 @@ def tiny_run(tmp_path_factory):
     cfg = RunConfig(model=ModelConfig(name="mlp"), data=DataConfig(name="synthetic"),
                     train=TrainConfig(regime="mixed", phases=(PhaseConfig(epochs=1, lr=0.02),) * 3, batch_size=32,
                                       device="cpu"))
-    results = run_experiment(cfg, root / "run")
+    results = run_experiment(cfg, root / "run").to_dict()
     model, cfg = load_run(root / "run")
     splits = load_data(cfg)
     logits, labels = ee.evaluate(model, splits.test.batches(cfg.eval.batch_size))

@@ -289,7 +289,7 @@ def test_a_crafted_gradient_log_is_one_line(line, copy_of, tmp_path):
     ("data.data_dir", ["a"], "data.data_dir must be a string or null, got a list"),
     ("init", 5, "init must be a string or null, got 5"),
     ("init", {"a": 1}, "init must be a string or null, got an object"),
-    ("model.exits", {"a": 1}, "model.exits must be"),
+    ("model.ic_after", {"a": 1}, "model.ic_after must be"),
     ("train.phases", [{"lr": "x"}] * 3, "train.phases[0].lr must be a list"),
     ("train.seed", 10 ** 30, "train.seed must be an integer"),
 ])

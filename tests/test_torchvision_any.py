@@ -93,7 +93,7 @@ def test_other_families_parity(name):
     mixed stacks (DenseNet, SqueezeNet, MNASNet), a conv classifier (SqueezeNet: the head is the identity)."""
     size = OTHERS[name]
     torch.manual_seed(0)
-    ours = build_model(f"torchvision:{name}", num_classes=10, image_size=size, exits="every:2")
+    ours = build_model(f"torchvision:{name}", num_classes=10, image_size=size, ic_after="every:2")
     extra = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
     tv = torchvision.models.get_model(name, num_classes=10, **extra)
     sd, mine = tv.state_dict(), ours.state_dict()
@@ -108,45 +108,45 @@ def test_other_families_parity(name):
 
 
 def test_ic_heads_follow_the_node_shapes():
-    vit = build_model("torchvision:vit_b_16", num_classes=4, image_size=SIZE, exits=[0])
+    vit = build_model("torchvision:vit_b_16", num_classes=4, image_size=SIZE, ic_after=[0])
     assert type(vit.heads[0]).__name__ == "TokenHead" and vit.heads[0].pool == "token"  # ViT reads x[:, 0]
-    swin = build_model("torchvision:swin_t", num_classes=4, image_size=SIZE, exits=[1])
+    swin = build_model("torchvision:swin_t", num_classes=4, image_size=SIZE, ic_after=[1])
     assert type(swin.heads[0]).__name__ == "ChannelsLastHead" and swin.feature_info[1]["layout"] == "NHWC"
     assert swin.heads[0].linear.in_features == swin.feature_info[1]["shape"][-1] == 96
-    r18 = build_model("torchvision:resnet18", num_classes=4, image_size=SIZE, exits=[0], head="sdn_exact")
+    r18 = build_model("torchvision:resnet18", num_classes=4, image_size=SIZE, ic_after=[0], head="sdn_exact")
     assert type(r18.heads[0]).__name__ == "SDNExactHead" and r18.feature_info[0]["num_chs"] == 64
 
 
 def test_exit_placement():
     name = "torchvision:resnet18"
-    m = build_model(name, num_classes=5, image_size=SIZE, exits="every:1")
+    m = build_model(name, num_classes=5, image_size=SIZE, ic_after="every:1")
     assert m.nodes[:8] == [f"layer{i}.{j}.relu_1" for i in range(1, 5) for j in range(2)][:7] + ["flatten"]
     assert m.exit_after == list(range(8))  # one stage per residual block, as the resnet builders
-    assert build_model(name, num_classes=5, image_size=SIZE, exits=[1, 3]).exit_after == [1, 3, 7]
-    assert build_model(name, num_classes=5, image_size=SIZE, exits="every:2").exit_after == [1, 3, 5, 7]
-    assert build_model(name, num_classes=5, image_size=SIZE, exits="none").exit_after == [7]
+    assert build_model(name, num_classes=5, image_size=SIZE, ic_after=[1, 3]).exit_after == [1, 3, 7]
+    assert build_model(name, num_classes=5, image_size=SIZE, ic_after="every:2").exit_after == [1, 3, 5, 7]
+    assert build_model(name, num_classes=5, image_size=SIZE, ic_after="none").exit_after == [7]
     # by name: module paths and node names, a node that is no block adds a cut
-    m = build_model(name, num_classes=5, image_size=SIZE, exits=["layer2.0", "layer3.1.relu_1"])
+    m = build_model(name, num_classes=5, image_size=SIZE, ic_after=["layer2.0", "layer3.1.relu_1"])
     assert m.exit_after == [2, 5, 7]
-    m = build_model(name, num_classes=5, image_size=SIZE, exits="layer1.1,layer2.0.bn1")
+    m = build_model(name, num_classes=5, image_size=SIZE, ic_after="layer1.1,layer2.0.bn1")
     assert len(m.stages) == 9 and m.exit_after == [1, 2, 8] and m.nodes[2] == "layer2.0.bn1"
     # by cost: the block whose cumulative FLOPs lie nearest each share (as SDN's placement)
     from earlyexit.models.torchvision_any import describe_nodes
 
     shares = [r["share"] for r in describe_nodes(name, image_size=SIZE)["blocks"]]
-    m = build_model(name, num_classes=5, image_size=SIZE, exits="cost:0.25,0.5,0.75")
+    m = build_model(name, num_classes=5, image_size=SIZE, ic_after="cost:0.25,0.5,0.75")
     want = sorted({min(range(8), key=lambda i: (abs(shares[i] - f), i)) for f in (0.25, 0.5, 0.75)})
     assert m.exit_after == want + [7]
     for bad, match in [(["nope"], "no node or module 'nope'"), (["fc"], "at or after the input of the final head"),
                        ([7], "IC block indices"), ("cost:0,2", "shares in"), ("every:x", "every:N")]:
         with pytest.raises(ConfigError, match=match):
-            build_model(name, num_classes=5, image_size=SIZE, exits=bad)
+            build_model(name, num_classes=5, image_size=SIZE, ic_after=bad)
 
 
 def test_cut_inside_a_block_carries_the_skip_connection():
     """A cut at a node inside a residual block carries the block's input too: a dict state, the IC's value first."""
     torch.manual_seed(0)
-    m = build_model("torchvision:resnet18", num_classes=5, image_size=SIZE, exits=["layer2.0.bn1"]).eval()
+    m = build_model("torchvision:resnet18", num_classes=5, image_size=SIZE, ic_after=["layer2.0.bn1"]).eval()
     x = torch.randn(4, 3, SIZE, SIZE)
     state = x
     for i in range(m.exit_after[0] + 1):
@@ -168,7 +168,7 @@ def test_methods_apply(method):
 
     torch.manual_seed(0)
     model = get_method(method).apply(build_model("torchvision:vit_b_16", num_classes=5, image_size=SIZE,
-                                                 exits="every:4"))
+                                                 ic_after="every:4"))
     x = torch.randn(3, 3, SIZE, SIZE)
     outs = model(x)
     assert len(outs) == 3 and all(o.shape == (3, 5) for o in outs)
@@ -212,7 +212,7 @@ class _Data:
 @pytest.mark.parametrize("regime", ["joint", "disjoint", "mixed"])
 def test_regimes_train_one_step(name, regime):
     torch.manual_seed(0)
-    model = build_model(f"torchvision:{name}", num_classes=4, image_size=SIZE, exits="every:3")
+    model = build_model(f"torchvision:{name}", num_classes=4, image_size=SIZE, ic_after="every:3")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pc = PhaseConfig(lr=(0.01,), epochs=1)
     train(model, _Data(), regime=regime, config=TrainConfig(phases=(pc, pc, pc), batch_size=8, device="cpu"))
@@ -227,7 +227,7 @@ def test_regimes_train_one_step(name, regime):
 def test_resume_is_bit_identical(tmp_path):
     def fresh():
         torch.manual_seed(3)
-        return build_model("torchvision:mobilenet_v3_small", num_classes=4, image_size=SIZE, exits="every:4")
+        return build_model("torchvision:mobilenet_v3_small", num_classes=4, image_size=SIZE, ic_after="every:4")
 
     pc = PhaseConfig(lr=(0.01,), epochs=1)
     cfg = TrainConfig(phases=(pc, pc, pc), batch_size=4, device="cpu")
@@ -374,7 +374,7 @@ def test_untraceable_model_is_a_one_line_error():
 def test_any_traceable_module():
     net = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU()),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    m = graph_model(net, num_classes=2, input_shape=(3, 8, 8), exits="every:1").eval()
+    m = graph_model(net, num_classes=2, input_shape=(3, 8, 8), ic_after="every:1").eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(m(x)[-1], net.eval()(x)) and m.num_exits >= 2
@@ -393,7 +393,7 @@ def test_cli_lists_nodes_and_runs(tmp_path):
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["run", "--model", "torchvision:mobilenet_v3_small", "--dataset", "synthetic",
                                   "--train-size", "32", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
-                                  "--exits", "every:4", "--out", str(out)])
+                                  "--ic-after", "every:4", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert (out / "results.json").is_file()
 
@@ -431,7 +431,7 @@ def test_permuting_what_the_graph_declares_keeps_every_exit(name, exits):
     """Soundness of the rules read from the graph: the permuted copy computes the same logits at every exit
     (in float64: a deep net with random statistics amplifies float32 rounding)."""
     torch.manual_seed(0)
-    model = _with_statistics(build_model(f"torchvision:{name}", num_classes=5, image_size=SIZE, exits=exits))
+    model = _with_statistics(build_model(f"torchvision:{name}", num_classes=5, image_size=SIZE, ic_after=exits))
     shuffled, spec = _shuffled(model)
     assert len(spec.sizes) > 0
     a, b = model.state_dict(), shuffled.state_dict()
@@ -448,8 +448,8 @@ def test_traced_resnet18_has_the_hand_written_resnets_permutations():
     the classifier reading the stream they follow."""
     from earlyexit.analysis import permutation_spec
 
-    hand = build_model("resnet18", num_classes=10, image_size=SIZE, stem="imagenet", exits="every:1")
-    traced = build_model("torchvision:resnet18", num_classes=10, image_size=SIZE, exits="every:1")
+    hand = build_model("resnet18", num_classes=10, image_size=SIZE, stem="imagenet", ic_after="every:1")
+    traced = build_model("torchvision:resnet18", num_classes=10, image_size=SIZE, ic_after="every:1")
     assert hand.exit_after == traced.exit_after
     tv = torchvision.models.resnet18(num_classes=10).state_dict()
     upstream = {id(v): k for k, v in tv.items()}
@@ -474,7 +474,7 @@ def test_weight_matching_recovers_a_permuted_traced_model():
     from earlyexit.analysis import interpolation_path, weight_matching
 
     torch.manual_seed(0)
-    model = _with_statistics(build_model("torchvision:resnet18", num_classes=4, image_size=SIZE, exits="every:2"))
+    model = _with_statistics(build_model("torchvision:resnet18", num_classes=4, image_size=SIZE, ic_after="every:2"))
     shuffled, _ = _shuffled(model)
     matched = weight_matching(model, shuffled)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), matched.state_dict().values()))
@@ -490,10 +490,10 @@ def test_weight_matching_keeps_the_function_where_it_cannot_recover_everything()
 
     torch.manual_seed(0)
     a = _with_statistics(build_model("torchvision:mobilenet_v3_small", num_classes=4, image_size=SIZE,
-                                     exits="every:3"))
+                                     ic_after="every:3"))
     torch.manual_seed(1)
     b = _with_statistics(build_model("torchvision:mobilenet_v3_small", num_classes=4, image_size=SIZE,
-                                     exits="every:3"))
+                                     ic_after="every:3"))
     matched = weight_matching(a, b)
     x = torch.randn(4, 3, SIZE, SIZE)
     with torch.no_grad():
@@ -508,7 +508,7 @@ def test_weight_matching_keeps_the_function_where_it_cannot_recover_everything()
 def test_a_graph_without_free_permutations_says_why():
     from earlyexit.analysis import permutation_spec
 
-    vit = build_model("torchvision:vit_b_16", num_classes=4, image_size=SIZE, exits="every:4")
+    vit = build_model("torchvision:vit_b_16", num_classes=4, image_size=SIZE, ic_after="every:4")
     assert vit.graph_symmetry.sizes == {} and vit.graph_symmetry.reason
     with pytest.raises(ValueError, match="cannot permute this traced model: its traced graph leaves no channel"):
         permutation_spec(vit)
@@ -538,7 +538,7 @@ def test_from_module_puts_exits_on_your_own_classifier():
     from earlyexit.models import from_module
 
     net = _own_net()
-    model = from_module(net, input_shape=(3, 16, 16), exits="every:1")
+    model = from_module(net, input_shape=(3, 16, 16), ic_after="every:1")
     assert model.exit_after == [0, 1, 2] and model.nodes[:2] == ["3.0.relu", "3.1.relu"]
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
@@ -549,7 +549,7 @@ def test_from_module_puts_exits_on_your_own_classifier():
     assert same.input_shape == (3, 16, 16) and same.num_exits >= 2  # the default placement, "sdn"
     for kw, match in [(dict(input_shape=(3, 16, 16), num_classes=3), "gives 4 logits, not num_classes=3"),
                       ({}, "exactly one of input_shape and example_input"),
-                      (dict(input_shape=(3, 16, 16), exits=[5]), "IC block indices")]:
+                      (dict(input_shape=(3, 16, 16), ic_after=[5]), "IC block indices")]:
         with pytest.raises(ConfigError, match=match):
             from_module(net, **kw)
     with pytest.raises(ConfigError, match="cannot trace the module _Branchy at node 'gate'"):
@@ -560,7 +560,7 @@ def test_from_module_trains_with_the_regimes():
     from earlyexit.models import from_module
 
     net = _own_net()
-    model = from_module(net, input_shape=(3, SIZE, SIZE), exits="every:1")
+    model = from_module(net, input_shape=(3, SIZE, SIZE), ic_after="every:1")
     before = {k: v.clone() for k, v in net.state_dict().items()}
     pc = PhaseConfig(lr=(0.01,), epochs=1)
     rec = train(model, _Data(), regime="mixed", config=TrainConfig(phases=(pc, pc, pc), batch_size=8, device="cpu"))

@@ -28,9 +28,9 @@ NAME = "torchvision:mobilenet_v3_small"
 SIZE = 32
 
 
-def _cfg(regime="mixed", *, method=None, seed=0, exits="every:4", **train):
+def _cfg(regime="mixed", *, method=None, seed=0, ic_after="every:4", **train):
     pc = PhaseConfig(epochs=1, lr=(0.05,))
-    return RunConfig(model=ModelConfig(name=NAME, exits=exits),
+    return RunConfig(model=ModelConfig(name=NAME, ic_after=ic_after),
                      data=DataConfig(name="synthetic", train_size=64, image_size=SIZE),
                      train=TrainConfig(regime=regime, phases=(pc, pc, pc), batch_size=32, device="cpu", seed=seed,
                                        **train),
@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("traced")
     out = {}
     for regime, seed in (("mixed", 0), ("joint", 1)):
-        out[regime] = (root / regime, run_experiment(_cfg(regime, seed=seed), root / regime))
+        out[regime] = (root / regime, run_experiment(_cfg(regime, seed=seed), root / regime).to_dict())
     return out
 
 
@@ -55,7 +55,7 @@ def data():
 @pytest.mark.parametrize("regime", ["+++", "-++", "+--"])
 def test_any_phase_string_trains(data, regime):
     torch.manual_seed(0)
-    model = ee.build_model(NAME, num_classes=10, in_chans=1, image_size=SIZE, exits="every:4")
+    model = ee.build_model(NAME, num_classes=10, in_chans=1, image_size=SIZE, ic_after="every:4")
     pc = PhaseConfig(lr=(0.05,), epochs=1)
     rec = ee.train(model, data, regime=regime, config=TrainConfig(phases=(pc, pc, pc), batch_size=32, device="cpu"))
     assert [p for p in (1, 2, 3) if regime[p - 1] == "+"] == sorted({h["phase"] for h in rec.history})
@@ -114,7 +114,7 @@ def test_predict_exits_early_and_skips_the_later_stages(runs):
 @pytest.mark.parametrize("method", ["sdn", "pbee", "ztw", "gpf"])
 def test_methods_train_on_a_traced_conv_net(method, tmp_path):
     results = run_experiment(_cfg("mixed", method=method), tmp_path / method)
-    assert results["method"] == method and len(results["exits"]) == 4
+    assert results.method == method and len(results.exits) == 4
     history = [json.loads(line) for line in (tmp_path / method / "history.jsonl").read_text().splitlines()]
     assert history and all(np.isfinite(h["train_loss"]) for h in history if "train_loss" in h)
 
@@ -126,7 +126,7 @@ def test_channels_last_training():
     layouts, recs, models = [], [], []
     for fmt in ("channels_last", "contiguous"):
         torch.manual_seed(0)
-        model = ee.build_model(NAME, num_classes=10, in_chans=3, image_size=SIZE, exits="every:4")
+        model = ee.build_model(NAME, num_classes=10, in_chans=3, image_size=SIZE, ic_after="every:4")
         conv = model.stages[0].get_submodule("features.0.0").weight  # (16, 3, 3, 3): the layouts differ
 
         def log(event, _conv=conv, _fmt=fmt, **k):
@@ -161,7 +161,7 @@ class Block(nn.Module):
 torch.manual_seed(0)
 net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Sequential(Block(8), Block(8), Block(8)),
                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-model = from_module(net, input_shape=(1, 16, 16), exits="every:1")
+model = from_module(net, input_shape=(1, 16, 16), ic_after="every:1")
 data = load_dataset("synthetic", image_size=16, num_classes=10, train_samples=64, test_samples=16)
 pc = ee.PhaseConfig(lr=(0.05,), epochs=1)
 rec = ee.train(model, data, regime="+++", config=ee.TrainConfig(phases=(pc, pc, pc), batch_size=16, device="cpu"))

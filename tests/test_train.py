@@ -62,8 +62,8 @@ def _same(a, b):
 
 def _tiny(kind, depth, exits):
     if kind == "mlp":
-        return build_model("mlp", num_classes=10, in_chans=1, image_size=8, width=8, depth=depth, exits=exits)
-    return cifar_resnet(8 if depth < 4 else 14, num_classes=10, in_chans=1, image_size=8, exits=exits)
+        return build_model("mlp", num_classes=10, in_chans=1, image_size=8, width=8, depth=depth, ic_after=exits)
+    return cifar_resnet(8 if depth < 4 else 14, num_classes=10, in_chans=1, image_size=8, ic_after=exits)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -129,9 +129,9 @@ def test_freezing_across_phases_in_one_call(data, kind, regime):
     """Phase transitions inside one ``train`` call: what each phase starts from, freezes and optimises."""
     torch.manual_seed(0)
     if kind == "mlp":
-        model = build_model("mlp", num_classes=10, in_chans=1, image_size=8, width=8, depth=3, exits="every:1")
+        model = build_model("mlp", num_classes=10, in_chans=1, image_size=8, width=8, depth=3, ic_after="every:1")
     else:
-        model = cifar_resnet(8, num_classes=10, in_chans=1, image_size=8, exits="every:1")
+        model = cifar_resnet(8, num_classes=10, in_chans=1, image_size=8, ic_after="every:1")
     assert model.num_exits > 1
     ic_params = list(model.head_parameters())
     ic_start = _snapshot(ic_params)

@@ -38,7 +38,7 @@ def _model(seed=0):
         return nn.Sequential(nn.Dropout(0.2), nn.Linear(fi["num_chs"], c))
 
     return MultiExitModel(stem=nn.Flatten(), stages=[stage(64), stage(24), stage(24)], head=LinearHead(24, 10),
-                          exits=[0, 1], make_head=ic, feature_info=[{"num_chs": 24}] * 3, num_classes=10,
+                          ic_after=[0, 1], make_head=ic, feature_info=[{"num_chs": 24}] * 3, num_classes=10,
                           input_shape=(1, 8, 8))
 
 

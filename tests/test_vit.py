@@ -88,14 +88,14 @@ def test_backward_reaches_every_parameter():
 
 
 def test_exit_specs():
-    model = build_model("vit", num_classes=3, exits="every:2")
+    model = build_model("vit", num_classes=3, ic_after="every:2")
     assert model.exit_after == [1, 3, 5, 6]
     assert len(model(_x((1, 3, 32, 32)))) == 4
-    assert build_model("vit", num_classes=3, exits="none").exit_after == [6]
-    sdn = build_model("vit", num_classes=3, exits="sdn").exit_after
+    assert build_model("vit", num_classes=3, ic_after="none").exit_after == [6]
+    sdn = build_model("vit", num_classes=3, ic_after="sdn").exit_after
     assert sdn == sorted(sdn) and all(0 <= i < 6 for i in sdn[:-1]) and len(sdn) > 2
     with pytest.raises(ValueError):
-        build_model("vit", num_classes=3, exits=[6])
+        build_model("vit", num_classes=3, ic_after=[6])
 
 
 def test_stagewise_execution_with_sliced_state():
@@ -313,7 +313,7 @@ def _vit_flops(*, image: int, patch: int, width: int, depth: int, mlp: int, clas
 
 @pytest.fixture(scope="module")
 def b16_for_flops():
-    return build_model("vit_b16", num_classes=1000, exits="none").eval()
+    return build_model("vit_b16", num_classes=1000, ic_after="none").eval()
 
 
 def test_vit_b16_backbone_flops(b16_for_flops):
@@ -344,7 +344,7 @@ def test_vit_b16_backbone_flops_default_sdpa_backend(b16_for_flops):
 def test_small_vit_flops_closed_form():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    model = build_model("vit", num_classes=100, exits="none").eval()
+    model = build_model("vit", num_classes=100, ic_after="none").eval()
     with sdpa_kernel(SDPBackend.MATH):
         flops, _ = count_flops(model, model.example_input())
     assert flops == _vit_flops(image=32, patch=4, width=256, depth=7, mlp=512, classes=100)

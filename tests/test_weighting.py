@@ -73,7 +73,7 @@ def _step_loss(model, phase, weighting, x, y):
 
 
 def test_train_step_averages_the_exits_in_every_phase():
-    model = build_model("mlp", num_classes=3, in_chans=1, image_size=4, width=8, depth=4, exits=[0, 2]).eval()
+    model = build_model("mlp", num_classes=3, in_chans=1, image_size=4, width=8, depth=4, ic_after=[0, 2]).eval()
     x, y = torch.randn(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     with torch.no_grad():
         ce = [float(F.cross_entropy(o, y)) for o in model(x)]
@@ -155,7 +155,7 @@ def test_the_loop_asks_with_phase_and_epoch(data):
     register_weighting("recorder", Recorder())
     pc = PhaseConfig(epochs=2, lr=(0.05,))
     cfg = TrainConfig(phases=(pc, pc, pc), batch_size=32, device="cpu", weighting="recorder")
-    model = build_model("mlp", num_classes=10, in_chans=1, image_size=28, width=8, depth=3, exits=[0])
+    model = build_model("mlp", num_classes=10, in_chans=1, image_size=28, width=8, depth=3, ic_after=[0])
     train(model, data, regime="-++", config=cfg)
     assert sorted(set(seen)) == [(2, 0, 2), (2, 1, 2), (3, 0, 2), (3, 1, 2)]
 
@@ -211,7 +211,7 @@ def _linear_model(D=3, C=2, seed=0):
     Ws = [torch.randn(D, D, generator=g, dtype=torch.float64) for _ in range(3)]
     As = [torch.randn(C, D, generator=g, dtype=torch.float64) for _ in range(3)]
     heads = iter([_Lin(A) for A in As[:2]])
-    model = MultiExitModel(stem=nn.Identity(), stages=[_Lin(W) for W in Ws], head=_Lin(As[2]), exits=[0, 1],
+    model = MultiExitModel(stem=nn.Identity(), stages=[_Lin(W) for W in Ws], head=_Lin(As[2]), ic_after=[0, 1],
                            make_head=lambda fi, c: next(heads), feature_info=[{"num_chs": D}] * 3, num_classes=C)
     return model, Ws, As
 
@@ -281,7 +281,7 @@ def _per_exit_stage_grads(model, x):
 
 def test_gradient_equilibrium_mean_rule_on_mlp():
     """On a real backbone: each stage's gradient is the mean over the exits that depend on it."""
-    model = build_model("mlp", num_classes=3, in_chans=1, image_size=4, width=8, depth=4, exits=[0, 2]).double()
+    model = build_model("mlp", num_classes=3, in_chans=1, image_size=4, width=8, depth=4, ic_after=[0, 2]).double()
     x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
     params, per = _per_exit_stage_grads(model, x)
     model.zero_grad()

@@ -23,7 +23,7 @@ def benchmark_finetune(weights: str | Path = "minilm-l6", *, batch_size: int = 3
 
     Both encoders start from the same weights and carry the same final head
     (pooler, dropout, linear) on the same batch (with padding); ours runs with
-    no ICs (``exits="none"``) so the work is identical. The two alternate in
+    no ICs (``ic_after="none"``) so the work is identical. The two alternate in
     ``rounds`` timed rounds of ``steps`` steps, so a busy machine slows both
     alike; each model's median round counts. Needs ``transformers``.
 
@@ -41,7 +41,7 @@ def benchmark_finetune(weights: str | Path = "minilm-l6", *, batch_size: int = 3
     from transformers import BertModel  # optional dependency
 
     path = resolve_weights(weights)
-    ours = bert(num_classes=num_classes, exits="none", weights=path).train()
+    ours = bert(num_classes=num_classes, ic_after="none", weights=path).train()
     ref = BertModel.from_pretrained(str(path), attn_implementation="sdpa").train()
     ref_head = BertHead(ref.config.hidden_size, num_classes, dropout=ref.config.hidden_dropout_prob).train()
     ref_head.load_state_dict(ours.heads[-1].state_dict())

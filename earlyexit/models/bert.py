@@ -51,7 +51,7 @@ from ..errors import CheckpointError
 from ..io import one_line, read_json_object
 from .bert_weights import (load_hf_weights, read_checkpoint, resolve_weights, text_data_options,
                            weights_folder)
-from .common import resolve_exits
+from .common import check_fields, resolve_ic_after
 from .multiexit import MultiExitModel
 from .registry import register_model
 
@@ -330,7 +330,7 @@ class BertMultiExit(MultiExitModel):
     Args:
         cfg: encoder configuration.
         num_classes: classes of every exit.
-        exits: IC placement (see ``earlyexit.models``); default: after every layer but the last.
+        ic_after: IC placement (see ``earlyexit.models``); default: after every layer but the last.
         head_dropout: dropout before each classifier (default ``cfg.hidden_dropout_prob``).
         tokenizer_path: the ``vocab.txt`` that matches the embeddings (None: the default vocabulary).
         cost_seq_len: tokens per sequence of ``example_input`` by default, hence of the reported
@@ -339,7 +339,7 @@ class BertMultiExit(MultiExitModel):
             ``"mean"`` (the mean of the real tokens).
     """
 
-    def __init__(self, cfg: BertConfig, *, num_classes: int, exits: Any = None, head_dropout: float | None = None,
+    def __init__(self, cfg: BertConfig, *, num_classes: int, ic_after: Any = None, head_dropout: float | None = None,
                  tokenizer_path: Path | None = None, cost_seq_len: int = 64, head_pool: str = "cls") -> None:
         if isinstance(cost_seq_len, bool) or not isinstance(cost_seq_len, int) or cost_seq_len < 1:
             raise ValueError(f"cost_seq_len must be a positive integer, got {cost_seq_len!r}")
@@ -348,8 +348,8 @@ class BertMultiExit(MultiExitModel):
         p = cfg.hidden_dropout_prob if head_dropout is None else head_dropout
         final = BertHead(cfg.hidden_size, num_classes, dropout=p)  # the backbone's own head: [CLS], as pretrained
         info = [{"num_chs": cfg.hidden_size, "size": None, "module": f"encoder.layer.{i}"} for i in range(len(stages))]
-        chosen = _resolve_bert_exits(exits, stem, stages, final, cfg, cost_seq_len)
-        super().__init__(stem=stem, stages=stages, head=final, exits=chosen,
+        chosen = _resolve_bert_ic_after(ic_after, stem, stages, final, cfg, cost_seq_len)
+        super().__init__(stem=stem, stages=stages, head=final, ic_after=chosen,
                          make_head=lambda fi, c: BertHead(fi["num_chs"], c, dropout=p, pool=head_pool),
                          feature_info=info, num_classes=num_classes, input_shape=None)
         self.config = cfg
@@ -401,18 +401,17 @@ def _init_bert_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def _resolve_bert_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head: nn.Module,
+def _resolve_bert_ic_after(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head: nn.Module,
                         cfg: BertConfig, seq_len: int) -> list[int]:
     """Exit placement (``"sdn"`` measures stage costs on a batch of one ``seq_len``-token sequence)."""
     sdn = isinstance(spec, str) and spec.strip().lower() == "sdn"
     example = _example_batch(cfg, 1, seq_len, None) if sdn else None
-    return resolve_exits(spec, stem, stages, head, example, default=list(range(len(stages) - 1)))
+    return resolve_ic_after(spec, stem, stages, head, example, default=list(range(len(stages) - 1)))
 
 
 # --- builders ----------------------------------------------------------------
 
-@register_model("bert", input="text", tiny={}, data_options=text_data_options)
-def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, weights: str | Path | None = None,
+def bert(*, num_classes: int, in_chans: int | None = None, ic_after: Any = None, weights: str | Path | None = None,
          config: BertConfig | Mapping[str, Any] | str | Path | None = None, head_dropout: float | None = None,
          image_size: Any = None, cost_seq_len: int = 64, head_pool: str = "cls", **overrides: Any) -> BertMultiExit:
     """Build a multi-exit BERT, optionally with pretrained encoder weights.
@@ -420,7 +419,7 @@ def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, we
     Args:
         num_classes: classes of every exit.
         in_chans: ignored (text input); accepted for the registry's uniform signature.
-        exits: IC placement (default: after every encoder layer but the last).
+        ic_after: IC placement (default: after every encoder layer but the last).
         weights: a checkpoint folder (``config.json`` + ``model.safetensors`` or
             ``pytorch_model.bin``), a checkpoint file, or an alias (``"minilm-l6"``).
         config: a ``BertConfig``, a parsed ``config.json`` dict, or its path;
@@ -457,20 +456,51 @@ def bert(*, num_classes: int, in_chans: int | None = None, exits: Any = None, we
     if path is not None:
         folder = weights_folder(path)
         vocab = folder / "vocab.txt" if (folder / "vocab.txt").is_file() else None
-    model = BertMultiExit(cfg, num_classes=num_classes, exits=exits, head_dropout=head_dropout, tokenizer_path=vocab,
+    model = BertMultiExit(cfg, num_classes=num_classes, ic_after=ic_after, head_dropout=head_dropout, tokenizer_path=vocab,
                           cost_seq_len=cost_seq_len, head_pool=head_pool)
     if path is not None:
         load_hf_weights(model, read_checkpoint(path))
     return model
 
 
-@register_model("bert_tiny", input="text", tiny={}, data_options=text_data_options, options=(bert,))
-def bert_tiny(**kw: Any) -> BertMultiExit:
-    """``bert`` with ``tiny_config()`` and random weights (2 layers, width 64)."""
-    if kw.get("weights") is not None:
-        raise ValueError("bert_tiny takes no weights; use 'bert' with weights=...")
-    kw.pop("weights", None)
-    return bert(config=tiny_config(), **kw)
+# --- config and registered sizes ---------------------------------------------------
+
+@dataclass(frozen=True)
+class BertModelConfig:
+    """A multi-exit BERT's build options (a registered size is an instance; ``--model-opt`` sets fields by name).
+
+    The encoder's own architecture is a ``BertConfig`` (Hugging Face's ``config.json`` fields): ``config`` names
+    it, ``encoder`` changes some of its fields.
+    """
+
+    weights: str | Path | None = None  # pretrained weights: a checkpoint folder or file, or an alias ("minilm-l6")
+    config: BertConfig | dict | str | Path | None = None  # the encoder: "tiny" (tiny_config()), a BertConfig, a config.json
+                                    # dict or its path; None: the weights' config.json, else tiny_config()
+    encoder: dict = dataclasses.field(default_factory=dict)  # BertConfig fields to change, e.g. {"hidden_dropout_prob": 0}
+    head_dropout: float | None = None  # dropout before every classifier (None: hidden_dropout_prob)
+    cost_seq_len: int = 64          # tokens per sequence of example_input(): exit costs are FLOPs per sequence of this length
+    head_pool: str = "cls"          # IC poolers on "cls" or on the "mean" of the real tokens
+
+    def __post_init__(self) -> None:
+        check_fields(self, sizes=("cost_seq_len",), nonnegative=("head_dropout",))
+        if self.config == "tiny" and self.weights is not None:
+            raise ValueError("bert_tiny takes no weights; use 'bert' with weights=...")
+        if self.head_pool not in ("cls", "mean"):
+            raise ValueError(f"unknown pooling {self.head_pool!r}; valid: cls, mean")
 
 
-MODELS = {"bert": bert, "bert_tiny": bert_tiny}
+def build_bert(cfg: BertModelConfig, *, num_classes: int, in_chans: int | None = None,
+               ic_after: Any = None) -> BertMultiExit:
+    """The multi-exit BERT of ``cfg`` (``bert``)."""
+    return bert(num_classes=num_classes, ic_after=ic_after, weights=cfg.weights,
+                config=tiny_config() if cfg.config == "tiny" else cfg.config, head_dropout=cfg.head_dropout,
+                cost_seq_len=cfg.cost_seq_len, head_pool=cfg.head_pool, **cfg.encoder)
+
+
+MODELS = {
+    "bert": BertModelConfig(),                 # random or pretrained (weights=), its size read from the weights
+    "bert_tiny": BertModelConfig(config="tiny"),  # tiny_config() with random weights (2 layers, width 64)
+}
+for _name, _cfg in MODELS.items():
+    register_model(_name, config=_cfg, input="text", tiny={}, weights_at_build=True,
+                   data_options=text_data_options)(build_bert)

@@ -1,7 +1,14 @@
-"""Helpers shared by the backbone files: exit placement, stage shapes and costs, conv/BN initialisation.
+"""Helpers shared by the backbone files: model configs, IC placement, stage shapes and costs, conv/BN initialisation.
 
-Exit placement (``exits=``) is given as block (stage) indices, never as
-hand-written masks:
+Model configs: every architecture has a frozen config dataclass (``ResNetConfig``, ``ViTConfig``, ...) whose
+registered sizes are instances; ``check_fields`` is the check its ``__post_init__`` starts with (each field of
+the type its annotation names, sizes >= 1, non-negative values >= 0), so a bad ``--model-opt`` fails in one
+line when the config is built.
+
+IC placement (``ic_after=``: the stages an IC follows; "exits" always means exit
+indices, ``0 .. E-1``) is given as block (stage) indices, never as hand-written
+masks. ``earlyexit.config.parse_ic_after`` reads it once (``ModelConfig`` calls
+it when it is built); ``resolve_ic_after`` turns it into the stage indices of one model:
 
 - ``None`` / ``"default"``: the model's own default (ResNet: every other block
   from the fifth, the paper's placement; MLP: after every layer);
@@ -19,21 +26,75 @@ hand-written masks:
   ``[3, 7, 11, 15, 19, 23]`` and its VGG-16 list ``[1, 3, 5, 6, 8, 9]``, where
   the first stage reaching each share gives ``[3, 7, 12, 16, 20, 24]`` on
   ResNet-56 and the last stage below it ``[2, 6, 11, 15, 19, 23]``;
-- ``"none"``: no ICs (the backbone alone).
+- ``"none"``: no ICs (the backbone alone);
+- models cut from a graph (``torchvision:NAME``, ``from_module``) also take
+  ``"cost:F1,F2,..."`` and node names (``tvgraph.resolve_graph_ic_after``).
 
 The last stage always ends with the backbone's own classifier.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
+import types
+import typing
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..config import every_rule, parse_ic_after
 from ..errors import ConfigError
 from ..flops import count_flops
+
+
+_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a dict", type(None): "null"}
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """``value`` is of the type ``tp`` (``int``, ``float``, ``str``, ``bool``, None, ``tuple[X, ...]``, unions)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return isinstance(value, (tuple, list)) and all(_fits(v, typing.get_args(tp)[0]) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return tp is Any or isinstance(value, tp)
+
+
+def _words(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_words(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_words(typing.get_args(tp)[0]).split(' ', 1)[-1]}s"
+    return _WORDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_fields(config: Any, *, sizes: Sequence[str] = (), nonnegative: Sequence[str] = ()) -> None:
+    """Check a frozen config dataclass's fields against their annotations; lists become tuples.
+
+    Args:
+        config: the config (called from its ``__post_init__``).
+        sizes: fields that must be >= 1 (counts, widths, pixels).
+        nonnegative: fields that must be >= 0 (rates, multipliers).
+    Raises:
+        ConfigError: ``"option width=0 expects a size >= 1"`` (a ValueError).
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if not _fits(v, hints[f.name]):
+            raise ConfigError(f"option {f.name}={v!r} expects {_words(hints[f.name])}")
+        if isinstance(v, list):
+            object.__setattr__(config, f.name, tuple(v))
+        if f.name in sizes and isinstance(v, (int, float)) and v < 1:
+            raise ConfigError(f"option {f.name}={v!r} expects a size >= 1")
+        if f.name in nonnegative and isinstance(v, (int, float)) and v < 0:
+            raise ConfigError(f"option {f.name}={v!r} expects a value >= 0")
 
 
 @torch.no_grad()
@@ -79,13 +140,12 @@ def stage_costs(stem: nn.Module, stages: Sequence[nn.Module], example: Any) -> l
     return costs
 
 
-def resolve_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head: nn.Module,
-                  example: Any, *, default: Sequence[int]) -> list[int]:
-    """Turn an exit specification into sorted IC stage indices (see the module docstring).
+def resolve_ic_after(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head: nn.Module,
+                     example: Any, *, default: Sequence[int]) -> list[int]:
+    """Turn an IC placement into sorted IC stage indices (see the module docstring).
 
     Args:
-        spec: ``None``/``"default"``, ``"none"``, ``"every:N[:OFFSET]"``, ``"sdn"``, a comma-separated string
-            or a list of stage indices.
+        spec: an IC placement (``parse_ic_after`` reads it; a parsed one is taken as it is).
         stem, stages, head: the backbone's parts (``"sdn"`` runs the stem and stages to cost them).
         example: an input, or the shape of a zero image batch; only run for ``"sdn"``.
         default: the model's own placement.
@@ -95,41 +155,30 @@ def resolve_exits(spec: Any, stem: nn.Module, stages: Sequence[nn.Module], head:
         ConfigError: for a malformed spec or an index out of range (a ValueError too).
     """
     n = len(stages)
-    if spec is None or spec == "default":
+    spec = parse_ic_after(spec)
+    if spec is None:
         return list(default)
     if isinstance(spec, str):
-        s = spec.strip().lower()
-        if s == "none":
+        if spec == "none":
             return []
-        if s.startswith("every:"):
-            return _every(spec, s, n)
-        if s == "sdn":
+        if spec.startswith("every:"):
+            return _every(spec, n)
+        if spec == "sdn":
             return sdn_placement(stage_costs(stem, stages, example))
-        try:
-            spec = [int(t) for t in s.split(",") if t.strip()]
-        except ValueError:
-            raise ConfigError(f"bad exits spec {spec!r}: expected a list of block indices, every:N, sdn, default or none") from None
-    idx = [int(i) for i in spec]
-    bad = [i for i in idx if not 0 <= i < n - 1]
+        raise ConfigError(f"bad ic_after spec {spec!r}: expected a list of block indices, every:N, sdn, default or none")
+    if any(isinstance(i, str) for i in spec):
+        raise ConfigError(f"bad ic_after spec {list(spec)!r}: node names name ICs of graph models only")
+    bad = [i for i in spec if not 0 <= i < n - 1]
     if bad:
         raise ConfigError(f"IC block indices must lie in [0, {n - 2}]; got {bad}")
-    return sorted(set(idx))
+    return sorted(set(spec))
 
 
-def _every(spec: str, s: str, n: int) -> list[int]:
+def _every(spec: str, n: int) -> list[int]:
     """``every:N[:OFFSET]`` over ``n`` stages: stages OFFSET, OFFSET+N, ... before the last (OFFSET defaults to N-1)."""
-    parts = s.split(":")[1:]
-    try:
-        if len(parts) not in (1, 2):
-            raise ValueError
-        step = int(parts[0])
-        offset = int(parts[1]) if len(parts) == 2 else step - 1
-    except ValueError:
-        raise ConfigError(f"bad exits spec {spec!r}: expected every:N or every:N:OFFSET with integers") from None
-    if step < 1:
-        raise ConfigError(f"bad exits spec {spec!r}: N must be >= 1")
-    if len(parts) == 2 and not 0 <= offset < n - 1:
-        raise ConfigError(f"bad exits spec {spec!r}: OFFSET must lie in [0, {n - 2}]")
+    step, offset = every_rule(spec)
+    if spec.count(":") == 2 and offset >= n - 1:
+        raise ConfigError(f"bad ic_after spec {spec!r}: OFFSET must lie in [0, {n - 2}]")
     return list(range(offset, n - 1, step))
 
 

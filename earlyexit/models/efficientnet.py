@@ -3,7 +3,7 @@
 The backbone is torchvision's ``efficientnet_b0`` (Tan & Le, ICML 2019),
 module for module and with its parameter names below each part, so that its
 ``state_dict`` loads exactly (``load_torchvision_efficientnet``, and the
-``foreign_weights`` adapter behind ``--init``):
+``foreign_weights`` adapter behind ``build_model(..., weights=FILE)`` and ``--weights``):
 
 - ``stem``: torchvision's ``features.0``, a 3x3 stride-2 convolution, BN and SiLU;
 - ``stages``: the 16 MBConv blocks of ``features.1`` to ``features.7``, one stage
@@ -19,7 +19,7 @@ Default IC placement: after blocks 4, 6, 8, 10, 12 and 14 of 16 (0-based),
 every other block from the fifth, the rule the ResNets of this package
 follow. The paper's code takes the positions from each run's script
 (``place_at``) and publishes none for EfficientNet-B0, so this default is this
-package's choice; ``exits=`` chooses others (``"sdn"``, ``"every:N[:OFFSET]"``,
+package's choice; ``ic_after=`` chooses others (``"sdn"``, ``"every:N[:OFFSET]"``,
 indices). IC heads come from ``models.heads``: ``head="sdn"`` (``SDNHead``, the
 default) or ``head="sdn_exact"`` (SDN's own ``SDNExactHead``); an MBConv block
 ends without an activation, so both read the block's output.
@@ -31,14 +31,16 @@ and dropout 0.2 before the classifier; both are identities in eval mode.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import feature_info_for, load_backbone_strict, rename_keys, resolve_exits
+from .common import check_fields, feature_info_for, load_backbone_strict, rename_keys, resolve_ic_after
 from .heads import conv_head
 from .multiexit import MultiExitModel
 from .registry import register_model
@@ -182,14 +184,14 @@ def _init_like_torchvision(modules: list[nn.Module]) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def efficientnet_b0_model(*, num_classes: int, in_chans: int = 3, exits: Any = None, image_size: int = 224,
+def efficientnet_b0_model(*, num_classes: int, in_chans: int = 3, ic_after: Any = None, image_size: int = 224,
                           head: str = "sdn", dropout: float = 0.2, stochastic_depth_prob: float = 0.2) -> MultiExitModel:
     """Build EfficientNet-B0 with IC heads (see the module docstring).
 
     Args:
         num_classes: classes of every exit.
         in_chans: input channels (torchvision's weights need 3).
-        exits: IC placement (default: after blocks 4, 6, ..., 14).
+        ic_after: IC placement (default: after blocks 4, 6, ..., 14).
         image_size: side of the square input images.
         head: IC head, ``"sdn"`` or ``"sdn_exact"``.
         dropout: dropout before the final linear layer.
@@ -212,8 +214,8 @@ def efficientnet_b0_model(*, num_classes: int, in_chans: int = 3, exits: Any = N
     for fi, name in zip(info, where):
         fi["module"] = name
     final = EfficientNetHead(B0_STAGES[-1][4], num_classes, dropout)
-    chosen = resolve_exits(exits, stem, blocks, final, shape, default=list(range(4, len(blocks) - 1, 2)))
-    model = MultiExitModel(stem=stem, stages=blocks, head=final, exits=chosen, make_head=make_head, feature_info=info,
+    chosen = resolve_ic_after(ic_after, stem, blocks, final, shape, default=list(range(4, len(blocks) - 1, 2)))
+    model = MultiExitModel(stem=stem, stages=blocks, head=final, ic_after=chosen, make_head=make_head, feature_info=info,
                            num_classes=num_classes, input_shape=(in_chans, image_size, image_size))
     _init_like_torchvision(model.backbone_modules())
     model.prefers_channels_last = True  # `bench`: about 1.45x faster training steps channels-last on 2 CPU cores
@@ -263,7 +265,30 @@ def torchvision_efficientnet_weights(model: MultiExitModel, sd: Mapping[str, Ten
     return convert_torchvision_efficientnet(model, sd)
 
 
-@register_model("efficientnet_b0", tiny=dict(image_size=32), foreign_weights=torchvision_efficientnet_weights, grad_clip=1.0,
-                options=(efficientnet_b0_model,))
-def efficientnet_b0(**kw: Any) -> MultiExitModel:
-    return efficientnet_b0_model(**kw)
+# --- config and registered size ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class EfficientNetConfig:
+    """EfficientNet-B0's options (the registered size is an instance; ``--model-opt`` sets fields by name)."""
+
+    image_size: int = 224           # side of the square input images (pixels)
+    head: str = "sdn"               # IC head: "sdn" or "sdn_exact"
+    dropout: float = 0.2            # dropout before the final linear layer
+    stochastic_depth_prob: float = 0.2  # stochastic-depth probability of the last block (block i of 16: p * i / 16)
+
+    def __post_init__(self) -> None:
+        check_fields(self, sizes=("image_size",), nonnegative=("dropout", "stochastic_depth_prob"))
+        conv_head(self.head)  # an unknown head fails here, before anything is built
+
+
+def build_efficientnet(cfg: EfficientNetConfig, *, num_classes: int, in_chans: int = 3,
+                       ic_after: Any = None) -> MultiExitModel:
+    """EfficientNet-B0 of ``cfg`` with IC heads (``efficientnet_b0_model``)."""
+    return efficientnet_b0_model(num_classes=num_classes, in_chans=in_chans, ic_after=ic_after,
+                                 **dataclasses.asdict(cfg))
+
+
+MODELS = {"efficientnet_b0": EfficientNetConfig()}
+for _name, _cfg in MODELS.items():
+    register_model(_name, config=_cfg, tiny=dict(image_size=32), foreign_weights=torchvision_efficientnet_weights,
+                   grad_clip=1.0)(build_efficientnet)

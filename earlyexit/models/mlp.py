@@ -8,11 +8,12 @@ matching permutes every hidden layer's units (``stageI``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
-from .common import resolve_exits
+from .common import check_fields, resolve_ic_after
 from .heads import LinearHead
 from .multiexit import MultiExitModel
 from .registry import register_model
@@ -40,15 +41,33 @@ class MLPLayer(nn.Sequential):
         return p
 
 
-@register_model("mlp", tiny=dict(in_chans=1, image_size=8))
-def mlp(*, num_classes: int, in_chans: int = 1, image_size: int = 28, width: int = 64, depth: int = 4, exits=None) -> MultiExitModel:
-    """Build an MLP of ``depth`` hidden layers of ``width`` units; ICs after every layer by default."""
+@dataclass(frozen=True)
+class MLPConfig:
+    """The MLP's architecture (a registered size is an instance; ``--model-opt`` sets fields by name)."""
+
+    image_size: int = 28            # side of the square input images (pixels)
+    width: int = 64                 # units of every hidden layer
+    depth: int = 4                  # hidden layers (= stages)
+
+    def __post_init__(self) -> None:
+        check_fields(self, sizes=("image_size", "width", "depth"))
+
+
+def build_mlp(cfg: MLPConfig, *, num_classes: int, in_chans: int = 1, ic_after: Any = None) -> MultiExitModel:
+    """An MLP of ``cfg.depth`` hidden layers of ``cfg.width`` units; ICs after every layer by default."""
+    image_size, width, depth = cfg.image_size, cfg.width, cfg.depth
     d_in = in_chans * image_size * image_size
     stages = [MLPLayer(d_in if i == 0 else width, width) for i in range(depth)]
     info = [{"num_chs": width, "size": None, "module": f"stages.{i}"} for i in range(depth)]
     head = LinearHead(width, num_classes)
     stem = Flatten()
-    chosen = resolve_exits(exits, stem, stages, head, (1, in_chans, image_size, image_size), default=list(range(depth - 1)))
-    return MultiExitModel(stem=stem, stages=stages, head=head, exits=chosen,
+    chosen = resolve_ic_after(ic_after, stem, stages, head, (1, in_chans, image_size, image_size),
+                              default=list(range(depth - 1)))
+    return MultiExitModel(stem=stem, stages=stages, head=head, ic_after=chosen,
                           make_head=lambda fi, c: LinearHead(fi["num_chs"], c), feature_info=info, num_classes=num_classes,
                           input_shape=(in_chans, image_size, image_size))
+
+
+MODELS = {"mlp": MLPConfig()}
+for _name, _cfg in MODELS.items():
+    register_model(_name, config=_cfg, tiny=dict(in_chans=1, image_size=8))(build_mlp)

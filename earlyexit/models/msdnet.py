@@ -36,14 +36,16 @@ declare these pairs (``conv_bn_pairs``) for folding.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .common import init_conv_bn, resolve_exits
+from .common import check_fields, init_conv_bn, resolve_ic_after
 from .multiexit import MultiExitModel
 from .registry import register_model
 
@@ -301,7 +303,7 @@ def msdnet(
     *,
     num_classes: int,
     in_chans: int = 3,
-    exits: Any = None,
+    ic_after: Any = None,
     image_size: int = 32,
     num_blocks: int,
     base: int,
@@ -321,7 +323,7 @@ def msdnet(
     Args:
         num_classes: classes of every exit.
         in_chans: input image channels.
-        exits: IC placement (block indices or a spec, see ``earlyexit.models``); default: every block.
+        ic_after: IC placement (block indices or a spec, see ``earlyexit.models``); default: every block.
         image_size: side of the square input.
         num_blocks: number of blocks (stages), each followed by a classifier.
         base: layers of the first block.
@@ -372,29 +374,48 @@ def msdnet(
     info = _feature_info(stem, stages, input_shape)
     make_head = functools.partial(msdnet_head, width=head_width)
     final = make_head(info[-1], num_classes)
-    chosen = resolve_exits(exits, stem, stages, final, (1, *input_shape), default=list(range(num_blocks - 1)))
-    model = MSDNet(stem=stem, stages=stages, head=final, exits=chosen, make_head=make_head,
+    chosen = resolve_ic_after(ic_after, stem, stages, final, (1, *input_shape), default=list(range(num_blocks - 1)))
+    model = MSDNet(stem=stem, stages=stages, head=final, ic_after=chosen, make_head=make_head,
                    feature_info=info, num_classes=num_classes, input_shape=input_shape)
     init_conv_bn(model, zero_linear_bias=True)  # the authors' init
     return model
 
 
-_CIFAR = dict(num_blocks=7, base=4, step=2, step_mode="even", nchannels=16, growth=6, gr_factor=(1, 2, 4),
-              bn_factor=(1, 2, 4), reduction=0.5, imagenet_stem=False, head_width=128)
-_IMAGENET = dict(num_blocks=5, base=4, step=4, step_mode="even", nchannels=32, growth=16, gr_factor=(1, 2, 4, 4),
-                 bn_factor=(1, 2, 4, 4), reduction=0.5, imagenet_stem=True, head_width=None)
+# --- config and registered sizes ---------------------------------------------------
+
+@dataclass(frozen=True)
+class MSDNetConfig:
+    """An MSDNet's architecture (a registered size is an instance; ``--model-opt`` sets fields by name)."""
+
+    image_size: int = 32            # side of the square input images (pixels)
+    num_blocks: int = 7             # blocks (stages), each followed by a classifier
+    base: int = 4                   # layers of the first block
+    step: int = 2                   # layers of later blocks ("even") or their growth ("lin_grow")
+    step_mode: str = "even"         # "even" or "lin_grow"
+    nchannels: int = 16             # base channels of the first layer
+    growth: int = 6                 # base growth rate (channels a layer adds)
+    gr_factor: tuple[int, ...] = (1, 2, 4)  # channel factor per scale; its length is the number of scales
+    bn_factor: tuple[int, ...] = (1, 2, 4)  # bottleneck factor per scale
+    reduction: float = 0.5          # channel compression of the transition layers (0 disables them)
+    bottleneck: bool = True         # the dense convs have a 1x1 bottleneck
+    imagenet_stem: bool = False     # 7x7/2 conv + max pool first layer instead of a 3x3 conv
+    head_width: int | None = 128    # conv channels of the classifiers (None: the coarsest scale's channels)
+
+    def __post_init__(self) -> None:
+        check_fields(self, sizes=("image_size", "nchannels", "growth", "head_width"),
+                     nonnegative=("reduction",))
 
 
-@register_model("msdnet_cifar", tiny=dict(image_size=32), options=(msdnet,))
-def msdnet_cifar(*, num_classes: int, in_chans: int = 3, exits: Any = None, image_size: int = 32,
-                 **kw: Any) -> MultiExitModel:
-    """MSDNet for CIFAR (anytime setting: 7 blocks, step 2, 3 scales); ``kw`` overrides any ``msdnet`` option."""
-    return msdnet(num_classes=num_classes, in_chans=in_chans, exits=exits, image_size=image_size, **{**_CIFAR, **kw})
+def build_msdnet(cfg: MSDNetConfig, *, num_classes: int, in_chans: int = 3, ic_after: Any = None) -> MultiExitModel:
+    """The MSDNet of ``cfg`` (``msdnet``)."""
+    return msdnet(num_classes=num_classes, in_chans=in_chans, ic_after=ic_after, **dataclasses.asdict(cfg))
 
 
-@register_model("msdnet_imagenet", tiny=dict(image_size=64), options=(msdnet,))
-def msdnet_imagenet(*, num_classes: int, in_chans: int = 3, exits: Any = None, image_size: int = 224,
-                    **kw: Any) -> MultiExitModel:
-    """MSDNet for ImageNet (5 blocks, step 4, 4 scales); ``kw`` overrides any ``msdnet`` option."""
-    return msdnet(num_classes=num_classes, in_chans=in_chans, exits=exits, image_size=image_size, **{**_IMAGENET, **kw})
-
+MODELS = {
+    "msdnet_cifar": MSDNetConfig(),  # the anytime setting on CIFAR: 7 blocks, step 2, 3 scales
+    "msdnet_imagenet": MSDNetConfig(image_size=224, num_blocks=5, step=4, nchannels=32, growth=16,
+                                    gr_factor=(1, 2, 4, 4), bn_factor=(1, 2, 4, 4), imagenet_stem=True,
+                                    head_width=None),  # 5 blocks, step 4, 4 scales
+}
+for _name, _cfg in MODELS.items():
+    register_model(_name, config=_cfg, tiny=dict(image_size=64 if _cfg.imagenet_stem else 32))(build_msdnet)

@@ -48,7 +48,7 @@ class MultiExitModel(nn.Module):
         stem: module applied to the input before stage 0 (``nn.Identity`` if none).
         stages: the backbone's blocks, in order.
         head: the backbone's own classifier (the last exit).
-        exits: stage indices after which an IC head is placed (sorted, unique,
+        ic_after: stage indices after which an IC head is placed (sorted, unique,
             excluding the last stage, whose exit is ``head``).
         make_head: ``make_head(feature_info[i], num_classes) -> nn.Module``.
         feature_info: one dict per stage describing its output (``num_chs``, ...).
@@ -65,7 +65,7 @@ class MultiExitModel(nn.Module):
         stem: nn.Module,
         stages: Sequence[nn.Module],
         head: nn.Module,
-        exits: Sequence[int],
+        ic_after: Sequence[int],
         make_head: Callable[[dict, int], nn.Module],
         feature_info: Sequence[dict],
         num_classes: int,
@@ -73,13 +73,13 @@ class MultiExitModel(nn.Module):
     ) -> None:
         super().__init__()
         n = len(stages)
-        exits = sorted(set(int(e) for e in exits))
-        if any(e < 0 or e >= n - 1 for e in exits):
-            raise ValueError(f"IC positions must lie in [0, {n - 2}] (the last stage has the backbone's head), got {exits}")
+        ic_after = sorted(set(int(e) for e in ic_after))
+        if any(e < 0 or e >= n - 1 for e in ic_after):
+            raise ValueError(f"IC positions must lie in [0, {n - 2}] (the last stage has the backbone's head), got {ic_after}")
         self.stem = stem
         self.stages = nn.ModuleList(stages)
-        self.heads = nn.ModuleList([make_head(feature_info[e], num_classes) for e in exits] + [head])
-        self.exit_after: list[int] = exits + [n - 1]
+        self.heads = nn.ModuleList([make_head(feature_info[e], num_classes) for e in ic_after] + [head])
+        self.exit_after: list[int] = ic_after + [n - 1]
         self.feature_info = [dict(fi) for fi in feature_info]
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape) if input_shape is not None else None

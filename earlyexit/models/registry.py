@@ -1,22 +1,26 @@
 """The model registry: one ``ModelSpec`` per name, ``register_model``, ``build_model`` and the spec lookups.
 
-Each backbone file registers its builders with ``@register_model(name, ...)``;
-the spec carries everything the rest of the package would otherwise have to
-ask "which model is this?" about:
+Each backbone file registers its sizes with ``register_model(name, config=...)`` (timm's
+``create_model``, torchtitan's ``ModelSpec``); the spec carries everything the rest of the package would
+otherwise have to ask "which model is this?" about:
 
-- ``builder``: ``builder(num_classes=, in_chans=, exits=, **options) -> MultiExitModel``;
+- ``config``: the size's config, an instance of the architecture's frozen config dataclass
+  (``ResNetConfig``, ``ViTConfig``, ...; nanoGPT's ``GPTConfig``), validated when it is built;
+  ``build_model(name, **options)`` (and ``--model-opt KEY=VALUE``) sets its fields by name;
+- ``builder``: ``builder(config, num_classes=, in_chans=, ic_after=) -> MultiExitModel``; a spec without a
+  ``config`` (a model registered the older way, e.g. in a test) has ``builder(num_classes=, in_chans=,
+  ic_after=, **options)``;
 - ``input``: what the model reads, ``"image"`` (``(B, C, H, W)`` tensors) or
   ``"text"`` (token-id dicts);
 - ``tiny``: build options for a small but faithful model (the registry-wide
   contract tests build every model with them);
 - ``foreign_weights``: ``adapter(model, state_dict) -> state_dict or None``:
   recognises an upstream checkpoint (torchvision's ResNet or ViT) and returns it
-  in this model's names (``--init``); None when the file is not of that kind;
+  in this model's names (``build_model(..., weights=FILE)``); None when the file is not of that kind;
+- ``weights_at_build``: the builder reads ``weights`` itself (its config's ``weights`` field: a registered
+  name such as torchvision's ``IMAGENET1K_V1`` or ``minilm-l6``, or an upstream folder);
 - ``data_options``: ``hook(build_options) -> dict`` of options for a text
-  dataset the model's weights decide (BERT weights: ``{"vocab": path}``);
-- ``options``: the functions a ``**kw`` builder passes its options on to, whose
-  signatures say what each option must be (``earlyexit.preflight`` checks
-  ``--model-opt`` values against them before anything runs).
+  dataset the model's weights decide (BERT weights: ``{"vocab": path}``).
 
 What a model's parts know about themselves stays on the parts: heads and blocks
 that weight matching can permute declare ``permutation_axes``, blocks with
@@ -33,8 +37,10 @@ accept family names too.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from torch import Tensor
@@ -55,19 +61,21 @@ class ModelSpec:
 
     name: str
     builder: Builder
+    config: Any = None                                    # the size's config dataclass instance (None: a **kw builder)
     input: str = "image"                                  # "image" or "text"
     tiny: Mapping[str, Any] = field(default_factory=dict)  # build options of a small test model
     foreign_weights: WeightsAdapter | None = None          # upstream checkpoint -> our names, or None
+    weights_at_build: bool = False                         # the builder reads config.weights itself
     data_options: DataOptions | None = None                # build options -> text dataset options
-    options: tuple[Callable[..., Any], ...] = ()           # where a **kw builder's options are declared
     grad_clip: float | None = None                         # default max gradient norm of its training (None: off);
                                                            # the paper clips at 1 for the ViT (its code) and EfficientNet (its appendix D.3)
 
     def __post_init__(self) -> None:
         if self.input not in INPUT_KINDS:
             raise ValueError(f"model {self.name!r}: input must be one of {', '.join(INPUT_KINDS)}, got {self.input!r}")
+        if self.config is not None and not dataclasses.is_dataclass(self.config):
+            raise ValueError(f"model {self.name!r}: config must be a dataclass instance, got {self.config!r}")
         object.__setattr__(self, "tiny", types.MappingProxyType(dict(self.tiny)))
-        object.__setattr__(self, "options", tuple(self.options))
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -80,9 +88,10 @@ def register_model(name: str, **spec_fields: Any) -> Callable[[Builder], Builder
 
     Args:
         name: registry name (unique).
-        **spec_fields: ``input``, ``tiny``, ``foreign_weights``, ``data_options``, ``options``, ``grad_clip``.
+        **spec_fields: ``config``, ``input``, ``tiny``, ``foreign_weights``, ``weights_at_build``, ``data_options``,
+            ``grad_clip``.
     Returns:
-        A decorator that registers the builder and returns it unchanged.
+        A decorator that registers the builder and returns it unchanged (so one builder can serve several sizes).
     Raises:
         ValueError: the name is taken, or a field is invalid.
     """
@@ -156,28 +165,113 @@ def effective_grad_clip(grad_clip: float | str | None, model: MultiExitModel) ->
     return default_grad_clip(getattr(model, "arch", None)) if grad_clip == "model" else grad_clip
 
 
-def build_model(name: str, *, num_classes: int, in_chans: int = 3, exits: Any = None, **kwargs: Any) -> MultiExitModel:
-    """Build a registered model.
+def model_config(name: str, **options: Any) -> Any:
+    """The config of model ``name`` with ``options`` set by field name, validated by the config class.
+
+    Raises:
+        ConfigError: an option the config has no field for, or a value it refuses (one line, a ValueError).
+    """
+    spec = get_spec(name)
+    if spec.config is None:
+        raise ConfigError(f"model {name!r} has no config class (it takes its options as keywords)")
+    names = [f.name for f in dataclasses.fields(spec.config)]
+    for key in options:
+        if key not in names:
+            raise ConfigError(f"model {name!r} does not take the option {key!r}; its options: {', '.join(names)}")
+    try:
+        return dataclasses.replace(spec.config, **options)
+    except ValueError as e:
+        raise ConfigError(f"model {name!r}: {' '.join(str(e).split())}") from None
+
+
+def build_model(name: str, *, num_classes: int, in_chans: int = 3, ic_after: Any = None, weights: Any = None,
+                **options: Any) -> MultiExitModel:
+    """Build a registered model (timm's ``create_model``).
 
     Args:
         name: registry name (see ``list_models()``).
         num_classes: classes of every exit.
         in_chans: input channels (image models).
-        exits: IC placement (see ``earlyexit.models.common``).
-        **kwargs: model-specific options (e.g. ``image_size``).
+        ic_after: IC placement, the stages ICs follow (see ``earlyexit.models.common``).
+        weights: pretrained weights, for a model that has upstream weights: a registered name its builder knows
+            (``weights_at_build``: BERT's ``minilm-l6``, torchvision's ``IMAGENET1K_V1``), or a file in the
+            upstream layout its spec's adapter recognises (torchvision's ResNet, ViT, EfficientNet), or ours (a
+            weights file or a run folder); None: random initialisation. (A model without upstream weights
+            starts from a run of your own through ``--init``, ``runs.load_init``.)
+        **options: fields of the model's config (e.g. ``image_size``, ``width``, ``head``).
     Returns:
         A ``MultiExitModel``.
+    Raises:
+        ConfigError: an unknown name or option, a value the config refuses, weights for a model that takes none.
+        CheckpointError: weights that cannot be read or do not fit.
     """
     spec = get_spec(name)
-    try:
-        model = spec.builder(num_classes=num_classes, in_chans=in_chans, exits=exits, **kwargs)
-    except TypeError as e:
-        if "unexpected keyword argument" not in str(e):
-            raise
-        bad = str(e).split("argument")[-1].strip()
-        raise ConfigError(f"model {name!r} does not take the option {bad}") from None
+    load_after = weights is not None and spec.config is not None and not spec.weights_at_build
+    if load_after and spec.foreign_weights is None:
+        raise ConfigError(f"model {name!r} does not take the option 'weights' (it has no upstream weights; "
+                          "start from a run of your own with --init)")
+    if weights is not None and not load_after:
+        options["weights"] = weights  # the builder reads them (a **kw builder: if it takes them)
+    if spec.config is None:
+        try:
+            model = spec.builder(num_classes=num_classes, in_chans=in_chans, ic_after=ic_after, **options)
+        except TypeError as e:
+            if "unexpected keyword argument" not in str(e):
+                raise
+            bad = str(e).split("argument")[-1].strip()
+            raise ConfigError(f"model {name!r} does not take the option {bad}") from None
+    else:
+        model = spec.builder(model_config(name, **options), num_classes=num_classes, in_chans=in_chans,
+                             ic_after=ic_after)
     model.arch = name
+    if load_after:
+        load_pretrained(model, weights)
     return model
+
+
+def load_pretrained(model: MultiExitModel, path: str | Path, *, what: str = "weights") -> None:
+    """Initialise ``model`` from a run folder or a weights file (ours, or a foreign format its spec's adapter converts).
+
+    The backbone must be covered entirely; IC heads missing from the file keep their initialisation,
+    and so does the final classifier when the file's is for another number of classes (e.g.
+    ImageNet weights for a 10-class task). Nothing is loaded when the file does not fit.
+
+    Args:
+        model: a model built by ``build_model``.
+        path: a weights file (``.safetensors``, ``.pt``) or a run folder (its ``model.safetensors``).
+        what: how errors name the source (``"--init"``).
+    Raises:
+        CheckpointError: a missing or unreadable file, or weights that do not fit.
+    """
+    from ..errors import CheckpointError
+    from ..io import find_weights, load_state_strict, load_weights
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what}: {path} does not exist")
+    sd = load_weights(find_weights(path) if path.is_dir() else path)
+    ours = model.state_dict()
+    final = f"heads.{model.num_exits - 1}."
+    replaced: set[str] = set()  # final-classifier keys left at their initialisation (another number of classes)
+    try:
+        conv = adapt_foreign_weights(model, sd)  # e.g. a torchvision state_dict, in our names
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{what}: {path} does not fit the model: {e.args[0] if e.args else e}") from None
+    if conv is not None:
+        replaced = {k for k in ours if k.startswith(final) and k not in conv}
+        sd = conv
+    mismatched = {k for k in sd if k.startswith(final) and k in ours and sd[k].shape != ours[k].shape}
+    if mismatched and all(sd[k].shape[0] != ours[k].shape[0] for k in mismatched):
+        replaced |= mismatched
+        sd = {k: v for k, v in sd.items() if k not in mismatched}
+    head_prefixes = tuple(f"heads.{k}." for k in range(model.num_exits - 1)) + tuple(replaced)
+    missing = [k for k in ours if k not in sd and not k.startswith(head_prefixes)]
+    if missing:
+        raise CheckpointError(f"{what}: {path} does not fit the model: missing backbone weights such as {missing[0]}")
+    unexpected = [k for k in sd if k not in ours]
+    if unexpected:
+        raise CheckpointError(f"{what}: {path} does not fit the model: unexpected weights such as {unexpected[0]}")
+    load_state_strict(model, sd, source=f"{what} {path}", strict=False)
 
 
 def adapt_foreign_weights(model: MultiExitModel, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor] | None:

@@ -17,6 +17,10 @@
   pooling, and its 64-pixel (TinyImageNet) ResNet-50 script picks their 3x3
   stride-1 stem (``standard_first_conv=False``).
 
+The registered sizes (``MODELS``) are ``ResNetConfig`` instances: ``layout``
+``"cifar"`` (resnet20/32/56/110) or ``"imagenet"`` (resnet18/34/50), ``depth``,
+and the options above as fields.
+
 Every residual block is one stage; ICs sit after blocks. The default
 placement follows the paper: an IC after every other block starting from
 the fifth (block indices 4, 6, 8, ...), the last block's exit being the
@@ -41,13 +45,14 @@ permutation(s) of its inner channels (``blockI.convJ``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from .common import feature_info_for, init_conv_bn, load_backbone_strict, rename_keys, resolve_exits
+from .common import check_fields, feature_info_for, init_conv_bn, load_backbone_strict, rename_keys, resolve_ic_after
 from .heads import PoolLinearHead, conv_head
 from .multiexit import MultiExitModel
 from .registry import register_model
@@ -234,7 +239,7 @@ def resnet(
     stem_width: int,
     num_classes: int,
     in_chans: int = 3,
-    exits=None,
+    ic_after=None,
     image_size: int = 32,
     stem: str | None = None,
     imagenet_stem: bool = False,
@@ -249,7 +254,7 @@ def resnet(
         stem_width: channels of the stem.
         num_classes: classes of every exit.
         in_chans: input channels.
-        exits: IC placement (``models.common``; default: every other block from the fifth).
+        ic_after: IC placement (``models.common``; default: every other block from the fifth).
         image_size: side of the square input images.
         stem: ``"imagenet"``, ``"imagenet_nopool"`` or ``"cifar"``; None: ``"imagenet"`` if ``imagenet_stem``
             else ``"cifar"``.
@@ -265,8 +270,8 @@ def resnet(
     for fi, (g, b) in zip(info, where):
         fi["module"] = f"layer{g + 1}.{b}"
     final = PoolLinearHead(widths[-1] * block.expansion, num_classes)
-    chosen = resolve_exits(exits, stem, blocks, final, (1, in_chans, image_size, image_size), default=default_resnet_exits(len(blocks)))
-    model = MultiExitModel(stem=stem, stages=blocks, head=final, exits=chosen, make_head=make_head, feature_info=info, num_classes=num_classes,
+    chosen = resolve_ic_after(ic_after, stem, blocks, final, (1, in_chans, image_size, image_size), default=default_resnet_exits(len(blocks)))
+    model = MultiExitModel(stem=stem, stages=blocks, head=final, ic_after=chosen, make_head=make_head, feature_info=info, num_classes=num_classes,
                            input_shape=(in_chans, image_size, image_size))
     if head == "sdn_exact":
         _expose_pre_relu(model)
@@ -293,7 +298,7 @@ def cifar_resnet(depth: int, *, width: float = 1, **kw: Any) -> MultiExitModel:
     Args:
         depth: 20, 32, 44, 56, 110, ... (``6n + 2``).
         width: the width multiplier ``w`` (``16 w`` must be a whole number).
-        **kw: ``resnet`` options (``num_classes``, ``in_chans``, ``exits``, ``image_size``, ``head``).
+        **kw: ``resnet`` options (``num_classes``, ``in_chans``, ``ic_after``, ``image_size``, ``head``).
     Returns:
         A ``MultiExitModel`` with ``3n`` stages.
     Raises:
@@ -329,7 +334,7 @@ def imagenet_resnet(name: str, *, image_size: int = 224, stem: str | None = None
         name: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
         image_size: side of the square input images.
         stem: ``"imagenet"``, ``"imagenet_nopool"`` or ``"cifar"``.
-        **kw: ``resnet`` options (``num_classes``, ``in_chans``, ``exits``, ``head``).
+        **kw: ``resnet`` options (``num_classes``, ``in_chans``, ``ic_after``, ``head``).
     Returns:
         A ``MultiExitModel`` with one stage per residual block.
     """
@@ -391,45 +396,63 @@ def torchvision_weights(model: MultiExitModel, sd: Mapping[str, Tensor]) -> dict
     return convert_torchvision_state_dict(model, sd)
 
 
-# --- registered sizes ----------------------------------------------------------
+# --- config and registered sizes ---------------------------------------------------
 
-@register_model("resnet20", tiny=dict(in_chans=1, image_size=16), foreign_weights=torchvision_weights,
-                options=(cifar_resnet, resnet))
-def resnet20(**kw: Any) -> MultiExitModel:
-    return cifar_resnet(20, **kw)
+LAYOUTS = ("cifar", "imagenet")
 
 
-@register_model("resnet32", tiny=dict(image_size=8), foreign_weights=torchvision_weights,
-                options=(cifar_resnet, resnet))
-def resnet32(**kw: Any) -> MultiExitModel:
-    return cifar_resnet(32, **kw)
+@dataclass(frozen=True)
+class ResNetConfig:
+    """A ResNet's architecture (a registered size is an instance; ``--model-opt`` sets fields by name)."""
+
+    layout: str = "cifar"           # "cifar": three groups of (depth - 2) / 6 basic blocks, 16w/32w/64w channels and
+                                    # the 3x3 stem (He et al., section 4.2); "imagenet": torchvision's ResNet-18/34/50
+    depth: int = 20                 # layers: 6n + 2 ("cifar"), 18, 34 or 50 ("imagenet")
+    width: float = 1                # width multiplier w of the "cifar" layout (16 w must be a whole number)
+    stem: str | None = None         # "imagenet", "imagenet_nopool" or "cifar" ("imagenet" layout only); None:
+                                    # the "cifar" layout's 3x3 stem, else default_stem(image_size)
+    head: str = "sdn"               # IC head: "sdn" or "sdn_exact" (the module docstring)
+    image_size: int = 32            # side of the square input images (pixels)
+
+    def __post_init__(self) -> None:
+        check_fields(self, sizes=("depth", "image_size"), nonnegative=("width",))
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown ResNet layout {self.layout!r}; valid: {', '.join(LAYOUTS)}")
+        conv_head(self.head)  # an unknown head fails here, before anything is built
+        if self.layout == "cifar":
+            if (self.depth - 2) % 6:
+                raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {self.depth}")
+            if self.stem is not None:
+                raise ValueError("the CIFAR ResNets have the 3x3 stem only; stem= is an option of resnet18/34/50")
+            if not (self.width > 0 and float(16 * self.width).is_integer()):
+                raise ValueError(f"width must be a positive multiplier with 16 * width a whole number, got {self.width!r}")
+        else:
+            if f"resnet{self.depth}" not in _IMAGENET:
+                raise ValueError(f"the imagenet layout has depth 18, 34 or 50, got {self.depth}")
+            if self.width != 1:
+                raise ValueError("width= is an option of the CIFAR ResNets (resnet20/32/56/110)")
+            if self.stem is not None and self.stem not in STEMS:
+                raise ValueError(f"unknown ResNet stem {self.stem!r}; valid: {', '.join(STEMS)}")
 
 
-@register_model("resnet56", tiny=dict(image_size=8), foreign_weights=torchvision_weights,
-                options=(cifar_resnet, resnet))
-def resnet56(**kw: Any) -> MultiExitModel:
-    return cifar_resnet(56, **kw)
+def build_resnet(cfg: ResNetConfig, *, num_classes: int, in_chans: int = 3, ic_after: Any = None) -> MultiExitModel:
+    """The ResNet of ``cfg`` (``cifar_resnet`` or ``imagenet_resnet``) with IC heads."""
+    kw = dict(num_classes=num_classes, in_chans=in_chans, ic_after=ic_after, image_size=cfg.image_size, head=cfg.head)
+    if cfg.layout == "cifar":
+        return cifar_resnet(cfg.depth, width=cfg.width, **kw)
+    return imagenet_resnet(f"resnet{cfg.depth}", stem=cfg.stem, **kw)
 
 
-@register_model("resnet110", tiny=dict(image_size=8), foreign_weights=torchvision_weights,
-                options=(cifar_resnet, resnet))
-def resnet110(**kw: Any) -> MultiExitModel:
-    return cifar_resnet(110, **kw)
-
-
-@register_model("resnet18", tiny=dict(image_size=32), foreign_weights=torchvision_weights,
-                options=(imagenet_resnet, resnet))
-def resnet18(**kw: Any) -> MultiExitModel:
-    return imagenet_resnet("resnet18", **kw)
-
-
-@register_model("resnet34", tiny=dict(image_size=32), foreign_weights=torchvision_weights,
-                options=(imagenet_resnet, resnet))
-def resnet34(**kw: Any) -> MultiExitModel:
-    return imagenet_resnet("resnet34", **kw)
-
-
-@register_model("resnet50", tiny=dict(image_size=32), foreign_weights=torchvision_weights,
-                options=(imagenet_resnet, resnet))
-def resnet50(**kw: Any) -> MultiExitModel:
-    return imagenet_resnet("resnet50", **kw)
+MODELS = {
+    "resnet20": ResNetConfig(depth=20),
+    "resnet32": ResNetConfig(depth=32),
+    "resnet56": ResNetConfig(depth=56),
+    "resnet110": ResNetConfig(depth=110),
+    "resnet18": ResNetConfig(layout="imagenet", depth=18, image_size=224),
+    "resnet34": ResNetConfig(layout="imagenet", depth=34, image_size=224),
+    "resnet50": ResNetConfig(layout="imagenet", depth=50, image_size=224),
+}
+_TINY = {"resnet20": dict(in_chans=1, image_size=16)}
+for _name, _cfg in MODELS.items():
+    _tiny = _TINY.get(_name, dict(image_size=8 if _cfg.layout == "cifar" else 32))
+    register_model(_name, config=_cfg, tiny=_tiny, foreign_weights=torchvision_weights)(build_resnet)

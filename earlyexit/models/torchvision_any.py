@@ -1,10 +1,11 @@
 """``torchvision:NAME``: early exits on any classifier of ``torchvision.models``.
 
-``build_model("torchvision:NAME", num_classes=, exits=, weights=, image_size=)``
+``build_model("torchvision:NAME", num_classes=, ic_after=, weights=, image_size=)``
 builds torchvision's model (``torchvision.models.get_model``, no weights
 downloaded), loads ``weights``, traces it and cuts it into stages at its
 natural blocks and IC nodes (``models.tvgraph``). The final exit is the model
-itself: on the same weights its logits equal torchvision's. Options:
+itself: on the same weights its logits equal torchvision's. Options (the fields of
+``TorchvisionConfig``, and ``ic_after``):
 
 - ``weights``: a torchvision state-dict file (``.pth``, ``.safetensors``), or a
   member of the model's weights enum (``"IMAGENET1K_V1"``, ``"DEFAULT"``) that
@@ -16,13 +17,13 @@ itself: on the same weights its logits equal torchvision's. Options:
 - ``image_size``: the input side (ViT and MaxViT are built for it; the others
   adapt by their pooling); ``in_chans`` other than 3 replaces the first
   convolution (with weights: summed over RGB for one channel, else tiled);
-- ``exits``: block indices, ``"every:N"``, ``"sdn"`` (the default), ``"none"``,
-  ``"cost:0.25,0.5,0.75"`` or node names (``tvgraph.resolve_graph_exits``);
+- ``ic_after``: block indices, ``"every:N"``, ``"sdn"`` (the default), ``"none"``,
+  ``"cost:0.25,0.5,0.75"`` or node names (``tvgraph.resolve_graph_ic_after``);
   ``python -m earlyexit models --nodes torchvision:NAME`` lists the blocks;
 - ``head``: the head of convolutional ICs (``"sdn"``, ``"sdn_exact"``);
   ``token_pool``: what ICs on token sequences read (``"auto"``, ``"token"``, ``"mean"``).
 
-``--init`` also reads a torchvision state dict of the model (``foreign_weights``).
+``load_pretrained`` (``--init``) also reads a torchvision state dict of the model (``foreign_weights``).
 
 ``from_module(module, input_shape=...)`` does the same for a user's own traceable
 classifier (no registry name: it is trained and evaluated from Python).
@@ -30,7 +31,9 @@ classifier (no registry name: it is trained and evaluated from Python).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -38,6 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
+from .common import check_fields
+from .heads import conv_head
 from .multiexit import MultiExitModel
 from .registry import ModelSpec, register_family
 from .tvgraph import cut_model, plan_graph, trace
@@ -146,13 +151,13 @@ def _adapt_input(tv: nn.Module, in_chans: int) -> None:
     raise ConfigError(f"found no 3-channel convolution to read {in_chans}-channel inputs")
 
 
-def build_torchvision(name: str, *, num_classes: int, in_chans: int = 3, exits: Any = None,
+def build_torchvision(name: str, *, num_classes: int, in_chans: int = 3, ic_after: Any = None,
                       weights: str | None = None, image_size: int = 224, head: str = "sdn",
                       token_pool: str = "auto") -> MultiExitModel:
     """torchvision's ``name`` as a ``MultiExitModel`` (see the module docstring).
 
     Raises:
-        ConfigError: an unknown name, a model that cannot be traced or run at ``image_size``, a bad ``exits``.
+        ConfigError: an unknown name, a model that cannot be traced or run at ``image_size``, a bad ``ic_after``.
         CheckpointError: ``weights`` that cannot be read or do not fit.
     """
     from .tvgraph import cut_model
@@ -165,7 +170,7 @@ def build_torchvision(name: str, *, num_classes: int, in_chans: int = 3, exits: 
     if in_chans != 3:
         _adapt_input(tv, in_chans)
     plan = _plan(tv, name, in_chans, image_size)
-    model = cut_model(plan, num_classes=num_classes, input_shape=(in_chans, image_size, image_size), exits=exits,
+    model = cut_model(plan, num_classes=num_classes, input_shape=(in_chans, image_size, image_size), ic_after=ic_after,
                       head=head, token_pool=token_pool)
     mine = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
     model.torchvision_keys = {k: mine[id(t)] for k, t in tv.state_dict(keep_vars=True).items() if id(t) in mine}
@@ -217,10 +222,10 @@ def describe_nodes(name: str, *, image_size: int = 224, in_chans: int = 3) -> di
 
 
 def from_module(module: nn.Module, *, input_shape: Sequence[int] | None = None, example_input: Tensor | None = None,
-                num_classes: int | None = None, exits: Any = None, head: str = "sdn",
+                num_classes: int | None = None, ic_after: Any = None, head: str = "sdn",
                 token_pool: str = "auto") -> MultiExitModel:
     """Early exits on your own classifier: ``module`` traced with torch.fx and cut into stages, as
-    ``torchvision:NAME`` (its natural blocks, ``exits=`` and the IC heads chosen by node shape alike).
+    ``torchvision:NAME`` (its natural blocks, ``ic_after=`` and the IC heads chosen by node shape alike).
 
     The model shares ``module``'s parameters (training one trains the other); its last exit is ``module`` itself.
 
@@ -230,14 +235,14 @@ def from_module(module: nn.Module, *, input_shape: Sequence[int] | None = None, 
         input_shape: one sample's shape, e.g. ``(3, 32, 32)``; or give ``example_input`` instead.
         example_input: a batch of real inputs (its first two samples are traced through).
         num_classes: the module's number of classes (checked; default: read from its output).
-        exits: the IC placement (``tvgraph.resolve_graph_exits``: block indices, ``"every:N"``,
+        ic_after: the IC placement (``tvgraph.resolve_graph_ic_after``: block indices, ``"every:N"``,
             ``"cost:0.25,0.5"``, node names; default ``"sdn"``).
         head, token_pool: the IC heads (see the module docstring).
     Returns:
         A ``MultiExitModel``.
     Raises:
         ConfigError: an untraceable module (naming where tracing failed), a wrong shape or ``num_classes``,
-            a bad ``exits``.
+            a bad ``ic_after``.
     """
     if not isinstance(module, nn.Module):
         raise ConfigError(f"from_module needs an nn.Module, not {type(module).__name__}")
@@ -256,23 +261,40 @@ def from_module(module: nn.Module, *, input_shape: Sequence[int] | None = None, 
     out = plan.shape[plan.eval.name[next(n for n in plan.eval.nodes if n.op == "output").args[0]]]
     if num_classes is not None and out != (num_classes,):
         raise ConfigError(f"{what} gives {out[0]} logits, not num_classes={num_classes}; replace its classifier first")
-    return cut_model(plan, num_classes=out[0], input_shape=tuple(example.shape[1:]), exits=exits, head=head,
+    return cut_model(plan, num_classes=out[0], input_shape=tuple(example.shape[1:]), ic_after=ic_after, head=head,
                      token_pool=token_pool)
+
+
+@dataclass(frozen=True)
+class TorchvisionConfig:
+    """The options of a ``torchvision:NAME`` model (the module docstring); ``--model-opt`` sets fields by name."""
+
+    weights: str | Path | None = None  # a state-dict file or a member of the weights enum ("IMAGENET1K_V1", "DEFAULT")
+    image_size: int = 224           # side of the square input images (pixels)
+    head: str = "sdn"               # the head of convolutional ICs: "sdn" or "sdn_exact"
+    token_pool: str = "auto"        # what ICs on token sequences read: "auto", "token" or "mean"
+
+    def __post_init__(self) -> None:
+        check_fields(self, sizes=("image_size",))
+        conv_head(self.head)  # an unknown head fails here, before anything is built
+        if self.token_pool not in ("auto", "token", "mean"):
+            raise ValueError(f"unknown token_pool {self.token_pool!r}; valid: auto, token, mean")
 
 
 def _spec(name: str) -> ModelSpec:
     _check_name(name)
 
-    def builder(*, num_classes: int, in_chans: int = 3, exits: Any = None, **kw: Any) -> MultiExitModel:
-        return build_torchvision(name, num_classes=num_classes, in_chans=in_chans, exits=exits, **kw)
+    def builder(cfg: TorchvisionConfig, *, num_classes: int, in_chans: int = 3, ic_after: Any = None) -> MultiExitModel:
+        return build_torchvision(name, num_classes=num_classes, in_chans=in_chans, ic_after=ic_after,
+                                 **dataclasses.asdict(cfg))
 
     clip = 1.0 if name.startswith(("vit_", "efficientnet")) else None  # as the paper's ViT and EfficientNet
-    return ModelSpec(name=f"{PREFIX}:{name}", builder=builder, input="image",
+    return ModelSpec(name=f"{PREFIX}:{name}", builder=builder, config=TorchvisionConfig(), input="image",
                      tiny={"image_size": TINY_SIZE.get(name, 32)}, foreign_weights=torchvision_state_dict,
-                     options=(build_torchvision,), grad_clip=clip)
+                     weights_at_build=True, grad_clip=clip)
 
 
 register_family(PREFIX, _spec, "any classifier of torchvision.models")
 
-__all__ = ["build_torchvision", "describe_nodes", "from_module", "load_torchvision_weights", "torchvision_names",
+__all__ = ["TorchvisionConfig", "build_torchvision", "describe_nodes", "from_module", "load_torchvision_weights", "torchvision_names",
            "torchvision_state_dict"]

@@ -31,7 +31,7 @@ outermost stacks (a child that is itself a stack is expanded), e.g. ResNet's
 Only blocks whose output is the one value crossing the cut are kept; a model
 left with fewer than two (VGG, GoogLeNet) falls back to its top-level
 children, containers expanded. Stages are the blocks (the last block with the tail up to the
-classifier), so ``exits=`` block indices mean what they mean for the other
+classifier), so ``ic_after=`` block indices mean what they mean for the other
 backbones; an IC placed at another node adds a cut there.
 
 IC heads are chosen from the shape of the node they read (``make_ic_head``):
@@ -58,7 +58,7 @@ from torch import Tensor, fx, nn
 
 from ..errors import ConfigError
 from ..flops import count_flops
-from .common import resolve_exits, sdn_placement
+from .common import resolve_ic_after, sdn_placement
 from .graphperm import GraphSymmetry, graph_symmetry
 from .heads import LinearHead, conv_head
 from .multiexit import MultiExitModel
@@ -512,8 +512,8 @@ def make_ic_head(info: dict, num_classes: int, *, head: str = "sdn", token_pool:
     return ReadNode(ic) if info.get("dict_state") else ic
 
 
-def resolve_graph_exits(plan: Plan, spec: Any) -> list[str]:
-    """The node names of the ICs for an ``exits=`` spec: block indices (as ``common.resolve_exits``, the
+def resolve_graph_ic_after(plan: Plan, spec: Any) -> list[str]:
+    """The node names of the ICs for an ``ic_after=`` spec: block indices (as ``common.resolve_ic_after``, the
     default ``"sdn"``), ``"cost:F1,F2,..."`` (the block whose cumulative FLOPs lie nearest each share of the
     backbone's, as ``sdn``), or node names / module paths (a list, or a comma-separated string)."""
     blocks = [b for _, b in plan.blocks]
@@ -527,7 +527,7 @@ def resolve_graph_exits(plan: Plan, spec: Any) -> list[str]:
             except ValueError:
                 fr = []
             if not fr or not all(0 < f <= 1 for f in fr):
-                raise ConfigError(f"bad exits spec {spec!r}: expected cost:F1,F2,... with shares in (0, 1]")
+                raise ConfigError(f"bad ic_after spec {spec!r}: expected cost:F1,F2,... with shares in (0, 1]")
             return [blocks[i] for i in sdn_placement(per, fr)]
         if s in ("sdn", "default"):
             spec = None
@@ -541,7 +541,7 @@ def resolve_graph_exits(plan: Plan, spec: Any) -> list[str]:
             plan.check_cut(n)
         return sorted(set(names), key=lambda n: plan.eval.pos[plan.eval.by_name[n]])
     try:
-        idx = resolve_exits(spec, nn.Identity(), [nn.Identity()] * max(len(blocks), 1), nn.Identity(), None,
+        idx = resolve_ic_after(spec, nn.Identity(), [nn.Identity()] * max(len(blocks), 1), nn.Identity(), None,
                             default=[])
     except ValueError as e:
         raise ConfigError(f"{e} (the model has {len(blocks)} blocks; "
@@ -549,15 +549,15 @@ def resolve_graph_exits(plan: Plan, spec: Any) -> list[str]:
     return [blocks[i] for i in idx]
 
 
-def cut_model(plan: Plan, *, num_classes: int, input_shape: Sequence[int], exits: Any = None, head: str = "sdn",
+def cut_model(plan: Plan, *, num_classes: int, input_shape: Sequence[int], ic_after: Any = None, head: str = "sdn",
               token_pool: str = "auto") -> GraphMultiExit:
-    """Cut ``plan``'s model into a ``GraphMultiExit`` with ICs at ``exits`` (``resolve_graph_exits``).
+    """Cut ``plan``'s model into a ``GraphMultiExit`` with ICs at ``ic_after`` (``resolve_graph_ic_after``).
 
     Args:
         plan: the traced model (``plan_graph``).
         num_classes: classes of every exit (the model's own classifier must already have them).
         input_shape: one sample's shape, for ``example_input``.
-        exits: the IC placement.
+        ic_after: the IC placement.
         head: the head of ``(B, C, H, W)`` ICs, ``"sdn"`` or ``"sdn_exact"`` (``heads.conv_head``).
         token_pool: what ``(B, T, D)`` ICs read: ``"token"``, ``"mean"`` or ``"auto"`` (the model's own choice).
     """
@@ -565,7 +565,7 @@ def cut_model(plan: Plan, *, num_classes: int, input_shape: Sequence[int], exits
     if token_pool not in ("auto", "token", "mean"):
         raise ConfigError(f"unknown token_pool {token_pool!r}; valid: auto, token, mean")
     pool = plan.token_pool if token_pool == "auto" else token_pool
-    ics = resolve_graph_exits(plan, exits)
+    ics = resolve_graph_ic_after(plan, ic_after)
     ev = plan.eval
     pos = lambda name: ev.pos[ev.by_name[name]]  # noqa: E731
     cuts = sorted({b for _, b in plan.blocks[:-1]} | set(ics), key=pos) + [plan.end]
@@ -585,7 +585,7 @@ def cut_model(plan: Plan, *, num_classes: int, input_shape: Sequence[int], exits
         info.append({"num_chs": _channels(plan, c), "size": _size(plan, c), "shape": plan.shape[c],
                      "layout": plan.layout.get(c), "node": c, "dict_state": not last and len(_carried(ev, c)) > 1})
     exit_at = sorted(cuts.index(n) for n in ics)
-    model = GraphMultiExit(stem=nn.Identity(), stages=stages, head=plan.head, exits=exit_at,
+    model = GraphMultiExit(stem=nn.Identity(), stages=stages, head=plan.head, ic_after=exit_at,
                            make_head=lambda fi, k: make_ic_head(fi, k, head=head, token_pool=pool),
                            feature_info=info, num_classes=num_classes, input_shape=input_shape)
     model.nodes = list(cuts)
@@ -593,13 +593,13 @@ def cut_model(plan: Plan, *, num_classes: int, input_shape: Sequence[int], exits
     return model
 
 
-def graph_model(module: nn.Module, *, num_classes: int, input_shape: Sequence[int], exits: Any = None,
+def graph_model(module: nn.Module, *, num_classes: int, input_shape: Sequence[int], ic_after: Any = None,
                 what: str = "the model", **options: Any) -> GraphMultiExit:
     """Any traceable classifier ``module`` (input ``(B, *input_shape)``, output ``(B, num_classes)`` logits) as a
     ``GraphMultiExit``: ``trace``, ``plan_graph`` on a seeded example, ``cut_model`` (its options)."""
     example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
     plan = plan_graph(module, trace(module, what), example, what)
-    return cut_model(plan, num_classes=num_classes, input_shape=input_shape, exits=exits, **options)
+    return cut_model(plan, num_classes=num_classes, input_shape=input_shape, ic_after=ic_after, **options)
 
 
 def _channels(plan: Plan, name: str) -> int:
@@ -614,5 +614,5 @@ def _size(plan: Plan, name: str) -> tuple | None:
     return tuple(s[:2]) if plan.layout.get(name) == "NHWC" else tuple(s[1:])
 
 
-__all__ = ["graph_model", "trace", "plan_graph", "natural_blocks", "cut_model", "resolve_graph_exits", "make_ic_head",
+__all__ = ["graph_model", "trace", "plan_graph", "natural_blocks", "cut_model", "resolve_graph_ic_after", "make_ic_head",
            "GraphStage", "GraphMultiExit", "Plan", "Traced"]

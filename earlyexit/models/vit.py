@@ -31,20 +31,22 @@ insert one or more GELU hidden layers of those widths (the IC-size study);
 ``head_hidden=(...)`` gives the hidden widths directly.
 
 Every size reads torchvision ``VisionTransformer`` checkpoints through
-``--init`` (its ``foreign_weights`` adapter, ``torchvision_weights``).
+``build_model(..., weights=FILE)`` / ``--weights`` (its ``foreign_weights`` adapter, ``torchvision_weights``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import resolve_exits
+from .common import check_fields, resolve_ic_after
 from .multiexit import MultiExitModel
 from .registry import register_model
 
@@ -223,7 +225,7 @@ def vision_transformer(
     *,
     num_classes: int,
     in_chans: int = 3,
-    exits: Any = None,
+    ic_after: Any = None,
     image_size: int = 32,
     patch_size: int = 4,
     width: int = 256,
@@ -243,7 +245,7 @@ def vision_transformer(
     Args:
         num_classes: classes of every exit.
         in_chans: input channels.
-        exits: IC placement (``earlyexit.models`` docstring); default: after
+        ic_after: IC placement (``earlyexit.models`` docstring); default: after
             every block from ``first_exit`` to the second-to-last.
         image_size: side of the square input.
         patch_size: side of a patch (divides ``image_size``).
@@ -279,8 +281,8 @@ def vision_transformer(
              "module": f"encoder.layers.encoder_layer_{i}"} for i in range(depth)]
     final = TokenHead(width, num_classes)
     input_shape = (in_chans, image_size, image_size)
-    chosen = resolve_exits(exits, stem, blocks, final, (1, *input_shape), default=list(range(first_exit, depth - 1)))
-    model = MultiExitModel(stem=stem, stages=blocks, head=final, exits=chosen,
+    chosen = resolve_ic_after(ic_after, stem, blocks, final, (1, *input_shape), default=list(range(first_exit, depth - 1)))
+    model = MultiExitModel(stem=stem, stages=blocks, head=final, ic_after=chosen,
                            make_head=lambda fi, c: TokenHead(fi["num_chs"], c, pool=head_pool, hidden=hidden),
                            feature_info=info, num_classes=num_classes, input_shape=input_shape)
     _init_weights(model)
@@ -421,37 +423,52 @@ def torchvision_weights(model: MultiExitModel, sd: Mapping[str, Tensor]) -> dict
     return convert_torchvision_vit_state_dict(model, sd, load_head=same)
 
 
-# --- registered sizes -----------------------------------------------------------
+# --- config and registered sizes ---------------------------------------------------
 
-_VIT = dict(image_size=32, patch_size=4, width=256, depth=7, num_heads=8, mlp_ratio=2.0, first_exit=1)
-_VIT_T16 = dict(image_size=224, patch_size=16, width=192, depth=12, num_heads=3, mlp_ratio=4.0, first_exit=0)
-_VIT_S16 = dict(image_size=224, patch_size=16, width=384, depth=12, num_heads=6, mlp_ratio=4.0, first_exit=0)
-_VIT_B16 = dict(image_size=224, patch_size=16, width=768, depth=12, num_heads=12, mlp_ratio=4.0, first_exit=0)
+@dataclass(frozen=True)
+class ViTConfig:
+    """A ViT's architecture (a registered size is an instance; ``--model-opt`` sets fields by name)."""
+
+    image_size: int = 32            # side of the square input images (pixels), a multiple of patch_size
+    patch_size: int = 4             # side of a patch (pixels)
+    width: int = 256                # hidden size D, a multiple of num_heads
+    depth: int = 7                  # encoder blocks (= stages)
+    num_heads: int = 8              # attention heads
+    mlp_ratio: float = 2.0          # MLP width as a multiple of width (unless mlp_dim)
+    mlp_dim: int | None = None      # MLP width
+    dropout: float = 0.0            # dropout after the position embedding, attention and MLP
+    attention_dropout: float = 0.0  # dropout on the attention weights
+    head: str | tuple[int, ...] = "token"  # IC head design: "token" or "mlpH[xH...]" (parse_head), or hidden widths
+    head_hidden: tuple[int, ...] | None = None  # hidden widths of the IC heads (instead of head)
+    head_pool: str = "token"        # pooling of the IC heads: "token" or "mean" (the final head reads the class token)
+    first_exit: int = 1             # first block with an IC in the default placement
+
+    def __post_init__(self) -> None:
+        check_fields(self, sizes=("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim"),
+                     nonnegative=("mlp_ratio", "dropout", "attention_dropout", "first_exit"))
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a positive multiple of patch_size "
+                             f"({self.patch_size})")
+        if self.width % self.num_heads:
+            raise ValueError(f"width ({self.width}) must be a positive multiple of num_heads ({self.num_heads})")
+        if self.head_hidden is not None and not (isinstance(self.head, str) and parse_head(self.head) == ()):
+            raise ValueError("give either head or head_hidden, not both")
+        parse_head(self.head)
+        if self.head_pool not in ("token", "mean"):
+            raise ValueError(f"unknown token pooling {self.head_pool!r}; valid: token, mean")
 
 
-@register_model("vit", tiny=dict(image_size=16), foreign_weights=torchvision_weights, grad_clip=1.0,
-                options=(vision_transformer,))
-def vit(**kw: Any) -> MultiExitModel:
-    """The small CIFAR ViT; any ``vision_transformer`` option overrides the size's defaults."""
-    return vision_transformer(**{**_VIT, **kw})
+def build_vit(cfg: ViTConfig, *, num_classes: int, in_chans: int = 3, ic_after: Any = None) -> MultiExitModel:
+    """The ViT of ``cfg`` with IC heads (``vision_transformer``)."""
+    return vision_transformer(num_classes=num_classes, in_chans=in_chans, ic_after=ic_after, **dataclasses.asdict(cfg))
 
 
-@register_model("vit_t16", tiny=dict(image_size=32), foreign_weights=torchvision_weights, grad_clip=1.0,
-                options=(vision_transformer,))
-def vit_t16(**kw: Any) -> MultiExitModel:
-    """ViT-Ti/16."""
-    return vision_transformer(**{**_VIT_T16, **kw})
-
-
-@register_model("vit_s16", tiny=dict(image_size=32), foreign_weights=torchvision_weights, grad_clip=1.0,
-                options=(vision_transformer,))
-def vit_s16(**kw: Any) -> MultiExitModel:
-    """ViT-S/16."""
-    return vision_transformer(**{**_VIT_S16, **kw})
-
-
-@register_model("vit_b16", tiny=dict(image_size=32), foreign_weights=torchvision_weights, grad_clip=1.0,
-                options=(vision_transformer,))
-def vit_b16(**kw: Any) -> MultiExitModel:
-    """ViT-B/16."""
-    return vision_transformer(**{**_VIT_B16, **kw})
+MODELS = {
+    "vit": ViTConfig(),  # the small CIFAR ViT of the paper's code
+    "vit_t16": ViTConfig(image_size=224, patch_size=16, width=192, depth=12, num_heads=3, mlp_ratio=4.0, first_exit=0),
+    "vit_s16": ViTConfig(image_size=224, patch_size=16, width=384, depth=12, num_heads=6, mlp_ratio=4.0, first_exit=0),
+    "vit_b16": ViTConfig(image_size=224, patch_size=16, width=768, depth=12, num_heads=12, mlp_ratio=4.0, first_exit=0),
+}
+for _name, _cfg in MODELS.items():
+    register_model(_name, config=_cfg, tiny=dict(image_size=16 if _name == "vit" else 32),
+                   foreign_weights=torchvision_weights, grad_clip=1.0)(build_vit)

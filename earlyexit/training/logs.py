@@ -5,10 +5,11 @@
   in the JSON line), a dict one column per key (``a.b``); the columns are every key in the order it first
   appears, a row without one leaves it empty. It is written with ``history.jsonl``, whole and atomically
   (``write_history``), so the two always hold the same epochs.
-- ``TensorBoardLog`` is a ``train`` log hook (``--log tensorboard``): each epoch's training loss, training
-  and validation accuracy of every exit, validation metric and learning rate as scalars, one curve per
-  phase and grid point (``phase2-lr0.1/val_acc/exit0``), stepped by the epoch. TensorBoard is an optional
-  extra (``pip install 'earlyexit[tensorboard]'``), imported when the first event arrives.
+- ``TensorBoardLog`` is a ``train`` log hook (``--log tensorboard``, ``TrainConfig.log``; ``run_experiment`` and
+  ``compare_regimes`` add it through ``log_hook``): each epoch's training loss, training and validation accuracy
+  of every exit, validation metric and learning rate as scalars, one curve per phase and grid point
+  (``phase2-lr0.1/val_acc/exit0``), stepped by the epoch. TensorBoard is an optional extra
+  (``pip install 'earlyexit[tensorboard]'``), imported when the first event arrives.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..config import LOG_SINKS  # the optional sinks of ``log_hook`` (history.jsonl and history.csv are always written)
 from ..errors import ConfigError
 from ..io import atomic_write_text
 
 HISTORY = "history.jsonl"
 HISTORY_CSV = "history.csv"
-LOG_SINKS = ("tensorboard",)  # the optional sinks of ``log_hook`` (history.jsonl and history.csv are always written)
 TENSORBOARD_DIR = "tensorboard"  # the event files' folder inside the run folder
 
 
