@@ -114,7 +114,8 @@ def _config_options(fn: Callable) -> Callable:
         click.option("--model", "model_name", default=_M.name, show_default=True, help="Backbone (see `python -m earlyexit models`)."),
         click.option("--ic-after", default=None, help="IC placement, the blocks ICs follow: indices '4,6,8', 'every:N', 'sdn', 'none' or 'default'."),
         click.option("--weights", default=None, help="Pretrained weights: a torchvision state_dict file (ResNet, ViT, "
-                  "EfficientNet, torchvision:NAME), a torchvision weights name, a BERT folder or 'minilm-l6'."),
+                  "EfficientNet, torchvision:NAME), a torchvision weights name, a BERT folder or 'minilm-l6', or a run "
+                  "folder of this package's (any model)."),
         click.option("--model-opt", "model_opts", multiple=True, metavar="KEY=VALUE",
                   help="A field of the model's config, repeatable, e.g. head_pool=mean (BERT), head=mlp1024 (ViT), width=2 "
                   "(ResNet-20)."),
@@ -195,8 +196,8 @@ def _config_of(ctx: click.Context, config_file: str | None, sets: Sequence[str],
               help="joint (-+-), disjoint (+-+), mixed (++-), or any 3-character phase string over +/-.")
 @_config_options
 @click.option("--seed", default=_T.seed, show_default=True, type=int, help="Seed of init, data order and augmentation.")
-@click.option("--init", default=None, help="Start from these weights: a run folder or a weights file "
-              "(a pretrained backbone instead of phase 1; required by '--+').")
+@click.option("--init", default=None, help="Start from a run of your own: its folder or a weights file it wrote "
+              "(a trained backbone instead of phase 1; '--+' needs it or --weights).")
 @_file_options
 @click.option("--out", default=None, help="Run folder (default runs/MODEL-DATASET-REGIME-sSEED).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")

@@ -335,9 +335,9 @@ class RunConfig:
         if self.eval.criterion is None:
             _set(self, "eval", dataclasses.replace(self.eval, criterion=defaults.criterion))
         regime = self.train.parsed_regime
-        if not regime.trains_backbone and self.init is None:
+        if not regime.trains_backbone and self.init is None and self.model.kwargs.get("weights") is None:
             raise ConfigError(f"regime {regime.phases!r} trains only the ICs: it needs a trained backbone, "
-                              "pass --init RUN_OR_WEIGHTS")
+                              "pass --init RUN (a run of your own) or --weights NAME_OR_FILE (pretrained)")
 
 
 def to_dict(cfg: Any) -> dict:

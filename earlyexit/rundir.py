@@ -252,11 +252,29 @@ def _check_entries(stash: Path, names: Sequence[str]) -> list[str]:
         if p.name not in known:
             raise UnsafeEntry(f"{p} was not put there by the package; {stash} holds a previous run's files only: "
                               "move it out (nothing was changed)")
-        if p.is_symlink() or not stat.S_ISREG(os.lstat(p).st_mode):
+        if not _plain_entry(p):
             raise UnsafeEntry(f"{p} is a symbolic link or not a regular file; the package moves only the files it "
                               "wrote: remove it (nothing was changed)")
         found.append(p.name)
     return found
+
+
+def _plain_entry(p: Path) -> bool:
+    """A regular file, or a folder (a run's log folder, e.g. ``tensorboard``) of regular files; no link anywhere."""
+    mode = os.lstat(p).st_mode
+    if stat.S_ISREG(mode):
+        return True
+    return stat.S_ISDIR(mode) and all(stat.S_ISREG(os.lstat(c).st_mode) for c in p.iterdir())
+
+
+def remove_entry(p: Path) -> None:
+    """Remove a run's file, or its log folder and the files in it (never following a link; a missing one is fine)."""
+    if os.path.lexists(p) and stat.S_ISDIR(os.lstat(p).st_mode):
+        for c in p.iterdir():
+            c.unlink()  # a link inside is removed, not followed
+        p.rmdir()
+    else:
+        p.unlink(missing_ok=True)
 
 
 def stash_run(out: Path, names: Sequence[str], first: str) -> list[str]:
@@ -294,7 +312,7 @@ def restore_run(out: Path, names: Sequence[str]) -> bool:
     if complete:
         for name in names:
             if name not in kept:
-                (out / name).unlink(missing_ok=True)  # the new run's own file (an unlink never follows a link)
+                remove_entry(out / name)  # the new run's own file (an unlink never follows a link)
     for name in kept:
         os.replace(stash / name, out / name)
     (stash / _COMPLETE).unlink(missing_ok=True)
@@ -312,7 +330,7 @@ def drop_stash(out: Path, names: Sequence[str] = ()) -> None:
         return
     found = _check_entries(stash, names) if names else _check_regular(stash)
     for name in found:
-        (stash / name).unlink()
+        remove_entry(stash / name)
     stash.rmdir()
 
 
@@ -341,5 +359,5 @@ def settle(out: Path, names: Sequence[str], done: str) -> str | None:
     return "restored"
 
 
-__all__ = ["LOCK", "STASH", "UnsafeEntry", "refuse_link", "check_entries", "RunLock", "check_unlocked", "lock_holder", "stash_run", "restore_run", "drop_stash",
+__all__ = ["LOCK", "STASH", "UnsafeEntry", "refuse_link", "check_entries", "RunLock", "check_unlocked", "lock_holder", "stash_run", "restore_run", "drop_stash", "remove_entry",
            "settle", "describe_os_error"]

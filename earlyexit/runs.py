@@ -43,16 +43,19 @@ from .models import MultiExitModel, build_model
 from .preflight import build_checked, check_forward
 from .progress import ProgressFn, tracked
 from .regime import NAMES as REGIME_NAMES
-from .rundir import (STASH, RunLock, check_entries, check_unlocked, describe_os_error, drop_stash, restore_run, settle,
-                     stash_run)
+from .rundir import (STASH, RunLock, check_entries, check_unlocked, describe_os_error, drop_stash, remove_entry,
+                     restore_run, settle, stash_run)
 from .reports import maybe_plot
 from .results import RESULTS, Results, Timing, TrainInfo
 from .score import calibrates, evaluate_logits
 from .training import CHECKPOINT, log_hook, train, write_history
+from .training.logs import TENSORBOARD_DIR
 from .training.state import HISTORY, HISTORY_CSV, PROBE_LOG
 
-# every file a run writes: what --force replaces (the checkpoint first) and a failed replacement puts back
-RUN_FILES = (CHECKPOINT, "results.json", HISTORY, HISTORY_CSV, PROBE_LOG, "curve.png", *WEIGHTS_FILES, "config.json")
+# every file a run writes: what --force replaces (the checkpoint first) and a failed replacement puts back; the
+# TensorBoard folder (--log tensorboard) goes with them, so a new run's events never mix with an old run's
+RUN_FILES = (CHECKPOINT, "results.json", HISTORY, HISTORY_CSV, PROBE_LOG, "curve.png", *WEIGHTS_FILES, "config.json",
+             TENSORBOARD_DIR)
 
 
 def run_name(cfg: RunConfig, *, tag: str | None = None, seed: int | None = None) -> str:
@@ -82,8 +85,9 @@ def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
 
 def clear_out_dir(out: Path) -> None:
     """Remove a previous run's files (``--force``), once the new run is known to start."""
-    for name in ("results.json", CHECKPOINT, HISTORY, HISTORY_CSV, PROBE_LOG, "curve.png", *WEIGHTS_FILES):
-        (out / name).unlink(missing_ok=True)
+    for name in ("results.json", CHECKPOINT, HISTORY, HISTORY_CSV, PROBE_LOG, "curve.png", *WEIGHTS_FILES,
+                 TENSORBOARD_DIR):
+        remove_entry(out / name)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -161,11 +165,12 @@ def save_weights(model: torch.nn.Module, out: Path) -> Path:
 
 
 def load_init(model: MultiExitModel, path: str | Path) -> None:
-    """``--init``: start ``model`` from a run folder or a weights file (``models.load_pretrained``: ours, or a
-    foreign format its spec's adapter converts; the backbone covered, IC heads may be missing)."""
+    """``--init``: start ``model`` from a run of one's own, a run folder or a weights file this package wrote
+    (``models.load_pretrained``; the backbone covered, IC heads may be missing). Upstream weights (torchvision,
+    Hugging Face) are the model's ``weights`` option instead (``--weights``)."""
     from .models import load_pretrained
 
-    load_pretrained(model, path, what="--init")
+    load_pretrained(model, path, what="--init", foreign=False)
 
 
 def evaluate_model(model: MultiExitModel, splits: Any, cfg: RunConfig, device: torch.device | None = None, *,

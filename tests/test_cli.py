@@ -101,7 +101,7 @@ def _expect_error(args, pattern, code=2):
     (["--weighting", "heavy"], "unknown weighting 'heavy'"),
     (["--method", "magic"], "unknown method 'magic'"),
     (["--criterion", "vibes"], "unknown criterion 'vibes'"),
-    (["--weights", "somewhere"], "does not take the option 'weights'"),
+    (["--weights", "somewhere"], "has no upstream weights"),
     (["--device", "tpu:3"], "device 'tpu:3'"),
     (["--device", "cuda:7"], "device 'cuda:7'"),
     (["--model", "bert_tiny"], "does not take the image inputs"),
@@ -187,23 +187,27 @@ def test_plot_refuses_missing_curve(finished_run, tmp_path):
     _expect_error(["plot", str(other), "--curve", "geometric", "-o", str(tmp_path / "x.png")], "has no calibrated_geometric")
 
 
-def test_init_from_torchvision_weights_for_another_number_of_classes(tmp_path):
+def test_weights_from_torchvision_for_another_number_of_classes(tmp_path):
     import torchvision
 
     from earlyexit import build_model
-    from earlyexit.runs import load_init
+    from earlyexit.models import load_pretrained
 
     tv = torchvision.models.resnet18()
     torch.save(tv.state_dict(), tmp_path / "r18.pt")
     m = build_model("resnet18", num_classes=10, image_size=32, stem="imagenet")
-    load_init(m, tmp_path / "r18.pt")
+    load_pretrained(m, tmp_path / "r18.pt")
     assert torch.equal(m.stem.conv1.weight, tv.conv1.weight) and m.heads[-1].fc.weight.shape == (10, 512)
     vt = torchvision.models.vision_transformer.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                                                  hidden_dim=32, mlp_dim=64)
     torch.save(vt.state_dict(), tmp_path / "vit.pt")
     m = build_model("vit", num_classes=10, image_size=32, patch_size=8, depth=2, num_heads=2, width=32, mlp_dim=64)
-    load_init(m, tmp_path / "vit.pt")
+    load_pretrained(m, tmp_path / "vit.pt")
     assert torch.equal(m.stem.conv_proj.weight, vt.conv_proj.weight)
+    # --init starts only from a run of one's own (issue 16): the upstream file is refused in one line
+    r18 = ["--model", "resnet18", "--model-opt", "stem=imagenet", "--dataset", "synthetic", "--device", "cpu"]
+    _expect_error(["run", *r18, "--out", str(tmp_path / "o"), "--init", str(tmp_path / "r18.pt")], "go to --weights")
+    assert not (tmp_path / "o" / "results.json").exists()
 
 
 def test_disjoint_from_init_run(finished_run, tmp_path):

@@ -120,6 +120,32 @@ def test_log_tensorboard_writes_event_files_into_the_run_folder(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["log"] == ["tensorboard"]
 
 
+def test_force_replaces_the_tensorboard_folder_and_a_failed_replacement_puts_it_back(tmp_path):
+    """--force: the new run's events alone (an old run's never mix in); a replacement that fails before its results
+    leaves the previous run's folder, events included, as it was."""
+    pytest.importorskip("tensorboard")
+    from click.testing import CliRunner
+
+    from earlyexit.cli import main
+
+    out = tmp_path / "run"
+    tb = out / "tensorboard"
+    assert CliRunner().invoke(main, ["run", *RUN, "--log", "tensorboard", "--out", str(out)]).exit_code == 0
+    (tb / "marker").write_text("the old run's")  # a file only the old run's folder has
+    r = CliRunner().invoke(main, ["run", *RUN, "--log", "tensorboard", "--out", str(out), "--force"])
+    assert r.exit_code == 0, r.output
+    assert not (tb / "marker").exists() and len(list(tb.glob("events.out.tfevents.*"))) == 1
+    assert not (out / ".previous-run").exists()
+    # a replacement that diverges (lr 1e30) fails after its first events: the previous run comes back whole
+    new = sorted(p.name for p in tb.iterdir())
+    r = CliRunner().invoke(main, ["run", *RUN, "--log", "tensorboard", "--out", str(out), "--force", "--lr", "1e30"])
+    assert r.exit_code != 0 and "previous run in the folder is kept" in r.output, r.output
+    assert sorted(p.name for p in tb.iterdir()) == new
+    # a run without the TensorBoard log after one with it leaves no stale folder
+    assert CliRunner().invoke(main, ["run", *RUN, "--out", str(out), "--force"]).exit_code == 0
+    assert not tb.exists()
+
+
 @pytest.mark.slow
 def test_log_tensorboard_in_a_comparison_writes_each_run_into_its_own_folder(tmp_path):
     """Phase 1's epochs into the shared phase 1's folder, each regime's own epochs into its run folder."""

@@ -50,8 +50,24 @@ def test_weights_are_a_file_in_the_upstream_layout_or_ours(tmp_path):
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in m.state_dict().items())
     with pytest.raises(CheckpointError, match="does not exist"):
         build_model("resnet18", num_classes=10, image_size=32, weights=tmp_path / "missing.pt")
-    with pytest.raises(ConfigError, match="does not take the option 'weights'"):
-        build_model("mlp", num_classes=10, weights=tmp_path / "ours.pt")  # no upstream weights: --init instead
+    with pytest.raises(ConfigError, match="has no upstream weights"):
+        build_model("mlp", num_classes=10, weights="IMAGENET1K_V1")  # a name only an upstream model knows
+
+
+def test_weights_from_a_run_folder_or_own_file_for_a_model_without_upstream_weights(tmp_path):
+    """``weights=`` takes a run of this package's for every model (issue 16: one way to build a model), mlp too."""
+    from safetensors.torch import save_file
+
+    src = build_model("mlp", num_classes=10, in_chans=1, ic_after="every:1")
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(src.state_dict(), run / "model.safetensors")
+    (run / "config.json").write_text('{"model": {"name": "mlp"}, "train": {}}')
+    for weights in (run, run / "model.safetensors"):
+        m = build_model("mlp", num_classes=10, in_chans=1, ic_after="every:1", weights=weights)
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in src.state_dict().items())
+    with pytest.raises(CheckpointError, match="does not fit"):  # another model's run
+        build_model("mlp", num_classes=10, in_chans=1, ic_after="every:1", width=7, weights=run)
 
 
 @pytest.mark.parametrize("given,parsed", [

@@ -5,8 +5,8 @@ a builder registered with ``@register_model`` (its spec: input kind, tiny build
 options, a foreign-weights adapter) and parts that describe themselves (conv/BN
 pairs for folding, permutation rules for weight matching). Nothing else in the
 package is told about it, yet training, evaluation, early-exit prediction,
-BatchNorm folding, weight matching, ``--init`` (from a run folder, and from an
-"upstream" checkpoint format its adapter converts) and whole runs work.
+BatchNorm folding, weight matching, ``weights`` (an "upstream" checkpoint format
+its adapter converts), ``--init`` (from a run folder) and whole runs work.
 """
 
 from __future__ import annotations
@@ -219,7 +219,8 @@ def test_weight_matching_with_the_declared_rule(name):
     assert all(torch.equal(v, recovered.state_dict()[k]) for k, v in a.state_dict().items())
 
 
-def test_init_from_upstream_weights_and_from_a_run(name, tmp_path):
+def test_weights_from_upstream_and_init_from_a_run(name, tmp_path):
+    from earlyexit.models import load_pretrained
     from earlyexit.runs import load_init, load_run, run_experiment
 
     source = _build(0, num_classes=10, image_size=28)
@@ -229,25 +230,26 @@ def test_init_from_upstream_weights_and_from_a_run(name, tmp_path):
     # the adapter converts the upstream names; the ICs keep their initialisation
     model = _build(1, num_classes=10, image_size=28)
     ics = {k: v.clone() for k, v in model.state_dict().items() if k not in _backbone_keys(model)}
-    load_init(model, tmp_path / "upstream.pt")
+    load_pretrained(model, tmp_path / "upstream.pt")
     assert all(torch.equal(model.state_dict()[k], source.state_dict()[k]) for k in _backbone_keys(model))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ics.items())
     # another number of classes: the upstream classifier does not fit, ours keeps its initialisation
     other = _build(1, num_classes=3, image_size=28)
     fc = other.heads[-1].fc.weight.detach().clone()
-    load_init(other, tmp_path / "upstream.pt")
+    load_pretrained(other, tmp_path / "upstream.pt")
     assert torch.equal(other.stem.conv.weight, source.stem.conv.weight) and torch.equal(other.heads[-1].fc.weight, fc)
     bad = _upstream_state(source)
     bad["features.99.weight"] = torch.zeros(1)
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="unexpected key"):
-        load_init(_build(1, num_classes=10, image_size=28), tmp_path / "bad.pt")
+        load_pretrained(_build(1, num_classes=10, image_size=28), tmp_path / "bad.pt")
 
     # a whole run by name: only the ICs train ('--+') on the upstream backbone, which stays as it was
     pc = PhaseConfig(epochs=1, lr=(0.05,))
-    cfg = RunConfig(model=ModelConfig(name=name), data=DataConfig(name="synthetic", train_size=200),
+    cfg = RunConfig(model=ModelConfig(name=name, kwargs={"weights": str(tmp_path / "upstream.pt")}),
+                    data=DataConfig(name="synthetic", train_size=200),
                     train=TrainConfig(regime="--+", phases=(pc, pc, pc), batch_size=50, device="cpu"),
-                    eval=EvalConfig(thresholds=5), init=str(tmp_path / "upstream.pt"))
+                    eval=EvalConfig(thresholds=5))
     res = run_experiment(cfg, tmp_path / "run")
     assert res.model == name and len(res.exits) == 3
     trained, _ = load_run(tmp_path / "run")

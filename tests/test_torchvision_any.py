@@ -256,7 +256,7 @@ def _mobilenet_file():
     return Path(spec.submodule_search_locations[0]) / "weights" / "mobilenet_v2-b0353104.pth"
 
 
-def test_imagenet_weights_file_gives_torchvision_logits():
+def test_imagenet_weights_file_gives_torchvision_logits(tmp_path):
     path = _mobilenet_file()
     assert hashlib.sha256(path.read_bytes()).hexdigest().startswith("b0353104")  # torchvision's official file
     sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -271,12 +271,18 @@ def test_imagenet_weights_file_gives_torchvision_logits():
     assert ft.heads[-1].weight.shape == (7, 1280)
     mine = ft.state_dict()
     assert all(torch.equal(mine[ft.torchvision_keys[k]], v) for k, v in sd.items() if not k.startswith("classifier"))
-    # --init reads the same file through the spec's foreign_weights adapter
+    # --init starts only from a run of one's own: the upstream file is --weights' (issue 16), and nothing is loaded
+    from earlyexit.errors import CheckpointError
     from earlyexit.runs import load_init
 
     fresh = build_model("torchvision:mobilenet_v2", num_classes=7, image_size=64)
-    load_init(fresh, path)
-    assert torch.equal(fresh.state_dict()["stages.0.features.0.0.weight"], sd["features.0.0.weight"])
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match="go to --weights"):
+        load_init(fresh, path)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())
+    torch.save(ft.state_dict(), tmp_path / "ours.pt")
+    load_init(fresh, tmp_path / "ours.pt")  # ours: every weight, the ICs too
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in ft.state_dict().items())
 
 
 def test_grey_input_from_imagenet_weights_is_torchvision_on_the_grey_image_repeated():

@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from .multiexit import MultiExitModel
 
 INPUT_KINDS = ("image", "text")
@@ -193,23 +193,25 @@ def build_model(name: str, *, num_classes: int, in_chans: int = 3, ic_after: Any
         num_classes: classes of every exit.
         in_chans: input channels (image models).
         ic_after: IC placement, the stages ICs follow (see ``earlyexit.models.common``).
-        weights: pretrained weights, for a model that has upstream weights: a registered name its builder knows
-            (``weights_at_build``: BERT's ``minilm-l6``, torchvision's ``IMAGENET1K_V1``), or a file in the
-            upstream layout its spec's adapter recognises (torchvision's ResNet, ViT, EfficientNet), or ours (a
-            weights file or a run folder); None: random initialisation. (A model without upstream weights
-            starts from a run of your own through ``--init``, ``runs.load_init``.)
+        weights: pretrained weights: a run folder or a weights file of this package's (every model), a
+            registered name its builder knows (``weights_at_build``: BERT's ``minilm-l6``, torchvision's
+            ``IMAGENET1K_V1``), or a file in the upstream layout its spec's adapter recognises (torchvision's
+            ResNet, ViT, EfficientNet); None: random initialisation. The backbone must be covered; ICs the
+            source lacks keep their initialisation (``load_pretrained``).
         **options: fields of the model's config (e.g. ``image_size``, ``width``, ``head``).
     Returns:
         A ``MultiExitModel``.
     Raises:
-        ConfigError: an unknown name or option, a value the config refuses, weights for a model that takes none.
+        ConfigError: an unknown name or option, a value the config refuses, a weights name for a model that has
+            no upstream weights.
         CheckpointError: weights that cannot be read or do not fit.
     """
     spec = get_spec(name)
-    load_after = weights is not None and spec.config is not None and not spec.weights_at_build
-    if load_after and spec.foreign_weights is None:
-        raise ConfigError(f"model {name!r} does not take the option 'weights' (it has no upstream weights; "
-                          "start from a run of your own with --init)")
+    own_run = isinstance(weights, (str, Path)) and _is_run_folder(Path(weights))
+    load_after = weights is not None and (own_run or not spec.weights_at_build)
+    if load_after and not own_run and spec.foreign_weights is None and not Path(str(weights)).exists():
+        raise ConfigError(f"model {name!r} has no upstream weights: weights={str(weights)!r} must be a run folder "
+                          "or a weights file of this package's")
     if weights is not None and not load_after:
         options["weights"] = weights  # the builder reads them (a **kw builder: if it takes them)
     if spec.config is None:
@@ -229,7 +231,21 @@ def build_model(name: str, *, num_classes: int, in_chans: int = 3, ic_after: Any
     return model
 
 
-def load_pretrained(model: MultiExitModel, path: str | Path, *, what: str = "weights") -> None:
+def _is_run_folder(path: Path) -> bool:
+    """A run folder of this package's: its config.json names the model and the training (a Hugging Face folder's
+    config.json names neither)."""
+    from ..io import read_json_object
+
+    if not (path / "config.json").is_file():
+        return False
+    try:
+        cfg = read_json_object(path / "config.json")
+    except CheckpointError:
+        return False
+    return "model" in cfg and "train" in cfg
+
+
+def load_pretrained(model: MultiExitModel, path: str | Path, *, what: str = "weights", foreign: bool = True) -> None:
     """Initialise ``model`` from a run folder or a weights file (ours, or a foreign format its spec's adapter converts).
 
     The backbone must be covered entirely; IC heads missing from the file keep their initialisation,
@@ -240,10 +256,11 @@ def load_pretrained(model: MultiExitModel, path: str | Path, *, what: str = "wei
         model: a model built by ``build_model``.
         path: a weights file (``.safetensors``, ``.pt``) or a run folder (its ``model.safetensors``).
         what: how errors name the source (``"--init"``).
+        foreign: accept a foreign format (False: ``--init``, which starts only from a run of one's own).
     Raises:
-        CheckpointError: a missing or unreadable file, or weights that do not fit.
+        CheckpointError: a missing or unreadable file, weights that do not fit, or a foreign format when
+            ``foreign`` is False.
     """
-    from ..errors import CheckpointError
     from ..io import find_weights, load_state_strict, load_weights
 
     path = Path(path)
@@ -257,6 +274,9 @@ def load_pretrained(model: MultiExitModel, path: str | Path, *, what: str = "wei
         conv = adapt_foreign_weights(model, sd)  # e.g. a torchvision state_dict, in our names
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{what}: {path} does not fit the model: {e.args[0] if e.args else e}") from None
+    if conv is not None and not foreign:
+        raise CheckpointError(f"{what}: {path} holds upstream (e.g. torchvision) weights, not a run of this "
+                              "package's: pretrained weights go to --weights")
     if conv is not None:
         replaced = {k for k in ours if k.startswith(final) and k not in conv}
         sd = conv

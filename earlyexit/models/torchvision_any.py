@@ -23,7 +23,7 @@ itself: on the same weights its logits equal torchvision's. Options (the fields 
 - ``head``: the head of convolutional ICs (``"sdn"``, ``"sdn_exact"``);
   ``token_pool``: what ICs on token sequences read (``"auto"``, ``"token"``, ``"mean"``).
 
-``load_pretrained`` (``--init``) also reads a torchvision state dict of the model (``foreign_weights``).
+``load_pretrained`` (``--weights``) also reads a torchvision state dict of the model (``foreign_weights``).
 
 ``from_module(module, input_shape=...)`` does the same for a user's own traceable
 classifier (no registry name: it is trained and evaluated from Python).
