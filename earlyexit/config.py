@@ -376,12 +376,23 @@ def upgrade_config_dict(d: dict) -> dict:
     return {**d, "model": m}
 
 
+def upgrade_run_record(d: dict) -> dict:
+    """A run's written config (``config.json``, a checkpoint's options) of an earlier version in today's keys and
+    meaning: ``upgrade_config_dict``, and a phase without ``warmup`` (written before warmup existed, so trained
+    without it) has ``warmup = 0``, not today's default. (A settings file leaves a missing warmup at the default.)"""
+    d = upgrade_config_dict(d)
+    t = d.get("train") if isinstance(d, dict) else None
+    phases = t.get("phases") if isinstance(t, dict) else None
+    if isinstance(phases, list) and any(isinstance(p, dict) and "warmup" not in p for p in phases):
+        d = {**d, "train": {**t, "phases": [{"warmup": 0, **p} if isinstance(p, dict) else p for p in phases]}}
+    return d
+
+
 def run_config_from_dict(d: dict) -> RunConfig:
     """Inverse of ``to_dict`` for ``RunConfig`` (validated like any other config); files of earlier versions are
-    read through ``upgrade_config_dict`` (their ``model.exits`` is today's ``model.ic_after``)."""
-    d = upgrade_config_dict(d)
+    read through ``upgrade_run_record`` (their ``model.exits`` is today's ``model.ic_after``, a missing warmup 0)."""
+    d = upgrade_run_record(d)
     t = dict(d["train"])
-    # files written before warmup existed trained without it
-    t["phases"] = tuple(PhaseConfig(**{"warmup": 0, **p, "lr": tuple(p["lr"])}) for p in t["phases"])
+    t["phases"] = tuple(PhaseConfig(**{**p, "lr": tuple(p["lr"])}) for p in t["phases"])
     return RunConfig(model=ModelConfig(**d["model"]), data=DataConfig(**d["data"]), train=TrainConfig(**t),
                      eval=EvalConfig(**d["eval"]), init=d.get("init"), method=d.get("method"))

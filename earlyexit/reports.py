@@ -334,7 +334,7 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path, *, curve: str = "curve",
 def _config_of(run_dir: Path) -> dict | None:
     """A run's config.json without the fields seeds may differ in (``POOL_FREE_FIELDS``); None if absent.
     ``run_dir`` may also name a file in the run folder (its results.json)."""
-    from .config import upgrade_config_dict
+    from .config import upgrade_run_record
     from .schema import read_json
 
     d = Path(run_dir)
@@ -345,7 +345,7 @@ def _config_of(run_dir: Path) -> dict | None:
         raise EarlyExitError(f"{f} is not valid JSON") from None
     if not isinstance(raw, dict):
         return None
-    raw = upgrade_config_dict(raw)  # an earlier version's model.exits is model.ic_after
+    raw = upgrade_run_record(raw)  # an earlier version's model.exits is model.ic_after, its missing warmup 0
     raw.pop("shapes", None)
     for dotted in POOL_FREE_FIELDS:
         section, _, field = dotted.partition(".")

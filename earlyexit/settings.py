@@ -28,7 +28,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import EARLY_STOPS, OPTIMIZERS, SCHEDULES, RunConfig, upgrade_config_dict
+from .config import EARLY_STOPS, OPTIMIZERS, SCHEDULES, RunConfig, upgrade_config_dict, upgrade_run_record
 from .errors import ConfigError, EarlyExitError
 
 SECTIONS = ("model", "data", "train", "eval")  # the tables of a RunConfig (its other keys: init, method)
@@ -74,8 +74,7 @@ def load_settings(path: str | Path) -> dict:
     if missing:
         raise ConfigError(f"{path} is not a run configuration (the field {missing[0]!r} is missing)")
     raw = {k: v for k, v in raw.items() if k != "shapes"}  # the run's data shapes, not settings
-    raw["train"] = {**raw["train"], "phases": [{"warmup": 0, **p} for p in raw["train"]["phases"]]}
-    return raw
+    return upgrade_run_record(raw)  # an earlier version's keys, and its phases' missing warmup 0
 
 
 # --------------------------------------------------------------------------- layers

@@ -64,20 +64,20 @@ def test_key_map_is_exact(tv):
         load_torchvision_efficientnet(ours, {k: v for k, v in sd.items() if k != "features.8.1.bias"})
 
 
-def test_foreign_weights_adapter_and_init(tv, tmp_path):
-    from earlyexit.runs import load_init
+def test_foreign_weights_adapter_and_load_pretrained(tv, tmp_path):
+    from earlyexit.models import load_pretrained
 
     ours = build_model("efficientnet_b0", num_classes=10, image_size=32)
     assert adapt_foreign_weights(ours, torchvision.models.resnet18().state_dict()) is None
     assert set(adapt_foreign_weights(ours, tv.state_dict())) == _backbone_keys(ours)  # fc of 1000 classes too
     torch.save(tv.state_dict(), tmp_path / "b0.pt")
-    load_init(ours, tmp_path / "b0.pt")  # another number of classes: our final linear layer keeps its init
+    load_pretrained(ours, tmp_path / "b0.pt")  # another number of classes: our final linear layer keeps its init
     assert torch.equal(ours.stem[0].weight, tv.features[0][0].weight)
     assert torch.equal(ours.stages[7].block[1][1].running_mean, tv.features[4][2].block[1][1].running_mean)
     assert ours.heads[-1].fc.weight.shape == (10, 1280)
     torch.save({k: v for k, v in tv.state_dict().items() if not k.startswith("features.3.")}, tmp_path / "part.pt")
     with pytest.raises(CheckpointError, match="does not fit"):
-        load_init(build_model("efficientnet_b0", num_classes=10, image_size=32), tmp_path / "part.pt")
+        load_pretrained(build_model("efficientnet_b0", num_classes=10, image_size=32), tmp_path / "part.pt")
 
 
 def test_stages_and_default_exits():

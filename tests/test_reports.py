@@ -241,6 +241,26 @@ def test_figure_splits_runs_whose_configs_differ_and_refuses_a_seed_twice(runs, 
         runs_figure(dirs[:3] + dirs[1:2])
 
 
+def test_a_run_written_before_warmup_pools_with_one_that_says_warmup_0(runs, tmp_path):
+    """A config.json without ``warmup`` trained without it: it pools with seeds whose files say ``warmup = 0``
+    (the ViT every-block seeds 0-1 and 2-4) and not with seeds trained at the default warmup."""
+    import shutil
+
+    from earlyexit.reports import check_pool
+
+    def with_config(d, name, warmup):
+        new = tmp_path / name / Path(d).name
+        shutil.copytree(d, new)
+        phase = {"epochs": 5} if warmup is None else {"epochs": 5, "warmup": warmup}
+        (new / "config.json").write_text(json.dumps({"model": {"name": "resnet20"}, "train": {"phases": [phase] * 3}}))
+        return new
+
+    old = with_config(runs["mixed"][0], "old", None)
+    check_pool([old, with_config(runs["mixed"][1], "zero", 0)])
+    with pytest.raises(EarlyExitError, match=r"differ in train.phases\[0\].warmup"):
+        check_pool([old, with_config(runs["mixed"][1], "default", 20)])
+
+
 def test_configurations_of_each_regime_keep_the_regime_colour_and_differ_in_line_style(runs, tmp_path):
     """Two configurations (e.g. IC densities) of two regimes: each regime keeps its colour, each
     configuration its line style, the same in both regimes."""
