@@ -383,7 +383,7 @@ def upgrade_run_record(d: dict) -> dict:
     d = upgrade_config_dict(d)
     t = d.get("train") if isinstance(d, dict) else None
     phases = t.get("phases") if isinstance(t, dict) else None
-    if isinstance(phases, list) and any(isinstance(p, dict) and "warmup" not in p for p in phases):
+    if isinstance(phases, (list, tuple)) and any(isinstance(p, dict) and "warmup" not in p for p in phases):
         d = {**d, "train": {**t, "phases": [{"warmup": 0, **p} if isinstance(p, dict) else p for p in phases]}}
     return d
 
