@@ -393,7 +393,7 @@ def bench(model_name, dataset, data_dir, batch_size, steps, run_dir, device, com
 @click.option("--markdown", is_flag=True, help="Print Markdown tables (as RESULTS.md holds them).")
 @click.option("--pair", "pairs", multiple=True, metavar="A:B",
               help="Compare two configurations seed by seed: shell patterns over the run folders' names, e.g. "
-              "'*-mixed-s?:*-joint-matched-s?'. Prints a - b at every budget with its 95 %% t interval and the "
+              "'*-mixed-s?:*-joint-matched-s?'. Prints a - b at every budget with its 95 % t interval and the "
               "verdict (repeatable).")
 @click.option("--claim", type=click.Choice(["a>b", "a<b"]), default="a>b", show_default=True,
               help="The direction the paper claims, for the verdicts of --pair.")
