@@ -84,10 +84,11 @@ def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
 
 
 def clear_out_dir(out: Path) -> None:
-    """Remove a previous run's files (``--force``), once the new run is known to start."""
-    for name in ("results.json", CHECKPOINT, HISTORY, HISTORY_CSV, PROBE_LOG, "curve.png", *WEIGHTS_FILES,
-                 TENSORBOARD_DIR):
-        remove_entry(out / name)
+    """Remove a previous run's files (``--force``; ``RUN_FILES`` but its config.json, which the new run rewrites),
+    once the new run is known to start."""
+    for name in RUN_FILES:
+        if name != "config.json":
+            remove_entry(out / name)
     out.mkdir(parents=True, exist_ok=True)
 
 
