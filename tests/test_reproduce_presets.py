@@ -65,6 +65,7 @@ def test_cpu_and_gpu_presets_parse_and_run_the_same_experiments():
     cpu_exps, gpu_exps = _experiments(cpu, "results"), _experiments(gpu, "results-gpu")
     assert {"resnet20-fmnist", "resnet20-fmnist-paper-exits", "resnet20-fmnist-undertrained", "vit-fmnist",
             "vit-fmnist-every1", "vit-fmnist-every2", "vit-fmnist-every3", "vit-fmnist-head-mlp1024", "bert-sst2",
+            "vit-fmnist-plateau",
             "resnet20-fmnist-analyses"} <= cpu_exps
     assert cpu_exps <= gpu_exps, f"gpu lacks {sorted(cpu_exps - gpu_exps)}"
     assert {"resnet56-cifar10", "vit-cifar10"} <= gpu_exps  # CIFAR joins when its files are there
