@@ -430,11 +430,33 @@ def describe_run(run_dir: Path) -> str | None:
     regime = t.parsed_regime
     phases = [f"phase {p} {t.phases[p - 1].epochs} epochs at lr {'/'.join(f'{v:g}' for v in t.phases[p - 1].lr)}"
               for p in regime.run_phases]
+    extra = _setting_words(c)
+    return f"{regime.name}: {', '.join(phases)}" + (f"; {extra}" if extra else "")
+
+
+def _setting_words(c) -> str:
+    """The options of a RunConfig that set it apart (IC placement, head and other model options, weighting,
+    method), in words; empty when it has none."""
     extra = [f"ICs {c.model.ic_after}" if c.model.ic_after is not None else None,
              *(f"{k.replace('_', ' ')} {v}" for k, v in sorted(c.model.kwargs.items()) if k != "weights"),
-             f"weighting {t.weighting}" if t.weighting not in (None, "mean") else None,
+             f"weighting {c.train.weighting}" if c.train.weighting not in (None, "mean") else None,
              f"method {c.method}" if c.method else None]
-    return f"{regime.name}: {', '.join(phases)}" + ("; " + ", ".join(e for e in extra if e) if any(extra) else "")
+    return ", ".join(e for e in extra if e)
+
+
+def describe_setting(run_dir: Path) -> str | None:
+    """The options a comparison's runs share that set them apart (e.g. "ICs every:1, head mlp1024"), for the
+    comparison's figure; None when there are none or the config cannot be read."""
+    cfg = _config_of(Path(run_dir))
+    if cfg is None:
+        return None
+    try:
+        from .config import run_config_from_dict
+
+        c = run_config_from_dict({**cfg, "train": {**cfg["train"], "seed": 0}})
+    except Exception:  # a foreign or older config: the figure goes without the line
+        return None
+    return _setting_words(c) or None
 
 
 def _lookup(cfg: dict, dotted: str) -> Any:

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from earlyexit.config import ModelConfig, PhaseConfig, RunConfig, TrainConfig, to_dict
-from earlyexit.reports import describe_field, describe_run, runs_figure
+from earlyexit.reports import describe_field, describe_run, describe_setting, runs_figure
 
 from test_reports import make_run
 
@@ -36,6 +36,29 @@ def test_fields_in_words(field, value, words):
 def test_a_run_says_what_it_is(tmp_path):
     d = _with_config(make_run(tmp_path, "mixed", 0), _cfg("mixed", lr1=0.001))
     assert describe_run(d) == "mixed: phase 1 8 epochs at lr 0.001, phase 2 8 epochs at lr 0.1; ICs every:1"
+
+
+def test_a_comparison_says_what_its_runs_share(tmp_path):
+    d = _with_config(make_run(tmp_path, "joint", 0), _cfg("joint"))
+    assert describe_setting(d) == "ICs every:1"
+    plain = RunConfig(model=ModelConfig(name="resnet20"), train=TrainConfig(regime="joint", phases=_cfg("joint").train.phases))
+    assert describe_setting(_with_config(make_run(tmp_path / "p", "joint", 0), plain)) is None
+
+
+def test_a_comparisons_figure_names_the_density(tmp_path, monkeypatch):
+    """compare's curves.png says what sets the comparison apart (here its IC placement) beside the budget."""
+    import earlyexit.compare as compare_mod
+    from earlyexit.config import DataConfig
+
+    notes = {}
+    monkeypatch.setattr(compare_mod, "maybe_plot", lambda dirs, out, note=None, **kw: notes.setdefault(out.name, note))
+    pc = PhaseConfig(epochs=1, lr=(0.05,))
+    cfg = RunConfig(model=ModelConfig(name="mlp", ic_after="every:2", kwargs={"width": 8, "depth": 4}),
+                    data=DataConfig(name="synthetic", train_size=100),
+                    train=TrainConfig(phases=(pc, pc, pc), batch_size=50, device="cpu"))
+    compare_mod.compare_regimes(cfg, [0], tmp_path / "c", budget="matched")
+    assert notes["curves-matched.png"].startswith("matched budget") and "ICs every:2" in notes["curves-matched.png"]
+    assert "width 8" in notes["curves-matched.png"]
 
 
 def test_figure13_legend_in_words_and_regime_colours(tmp_path):
