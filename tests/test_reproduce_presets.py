@@ -73,7 +73,7 @@ def test_cpu_and_gpu_presets_parse_and_run_the_same_experiments():
     for steps, root in ((cpu, "results"), (gpu, "results-gpu")):
         assert sum(s.command == "analyze" for s in steps) == 6
         plots = sorted(str(s.out.relative_to(root)) for s in steps if s.command == "plot")
-        assert plots == ["entropy/bert-sst2/curves-matched.png",
+        assert plots == ["entropy/bert-sst2/curves-matched.png", "entropy/bert-sst2/curves.png",
                          "entropy/mobilenetv2-pretrained-fmnist/curves-matched.png",
                          "entropy/resnet20-fmnist-5seeds/curves-matched.png", "entropy/vit-fmnist-every1/curves.png",
                          "resnet20-fmnist-undertrained-lr/curves.png",
