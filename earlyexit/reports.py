@@ -417,14 +417,8 @@ def describe_run(run_dir: Path) -> str | None:
     """What a run is, in words, for its own figure's title: each phase it ran with its epochs and lr, and the
     options that set it apart (IC placement, head, weighting, method), e.g. "mixed: phase 1 8 epochs at lr
     0.001, phase 2 8 epochs at lr 0.1; ICs every:1"."""
-    cfg = _config_of(Path(run_dir))
-    if cfg is None:
-        return None
-    try:
-        from .config import run_config_from_dict
-
-        c = run_config_from_dict({**cfg, "train": {**cfg["train"], "seed": 0}})
-    except Exception:  # a foreign or older config: the figure goes without the line
+    c = _run_config_of(run_dir)
+    if c is None:
         return None
     t = c.train
     regime = t.parsed_regime
@@ -447,16 +441,21 @@ def _setting_words(c) -> str:
 def describe_setting(run_dir: Path) -> str | None:
     """The options a comparison's runs share that set them apart (e.g. "ICs every:1, head mlp1024"), for the
     comparison's figure; None when there are none or the config cannot be read."""
+    c = _run_config_of(run_dir)
+    return (_setting_words(c) or None) if c is not None else None
+
+
+def _run_config_of(run_dir: Path):
+    """The RunConfig of a run folder, or None for a foreign or older config (its figure goes without words)."""
     cfg = _config_of(Path(run_dir))
     if cfg is None:
         return None
     try:
         from .config import run_config_from_dict
 
-        c = run_config_from_dict({**cfg, "train": {**cfg["train"], "seed": 0}})
-    except Exception:  # a foreign or older config: the figure goes without the line
+        return run_config_from_dict({**cfg, "train": {**cfg["train"], "seed": 0}})
+    except Exception:
         return None
-    return _setting_words(c) or None
 
 
 def _lookup(cfg: dict, dotted: str) -> Any:
