@@ -48,7 +48,7 @@ from .errors import EarlyExitError
 from .io import atomic_torch_save, atomic_write_json, load_checkpoint, load_state_strict, remove_stale_temps
 from .pairs import pair_summary
 from .regime import NAMES, Regime
-from .reports import describe_setting, maybe_plot, summarize_runs
+from .reports import maybe_plot, setting_words, summarize_runs
 from .rundir import RunLock
 from .results import RESULTS, Results
 from .stats import training_cost
@@ -149,7 +149,7 @@ def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
     atomic_write_json(out / f"summary{suffix}.json", summary)
     note = {"paper": None, "matched": "matched budget: joint trains as many epochs as mixed's phases 1 and 2",
             "flops": "FLOPs-matched budget: joint's training FLOPs nearest mixed's"}[budget]
-    setting = describe_setting(all_dirs[0]) if all_dirs else None  # e.g. the IC density the runs share
+    setting = setting_words(cfg)  # what the runs share, e.g. the IC density (from cfg, not re-read from disk)
     note = "; ".join(n for n in (note, setting) if n) or None
     maybe_plot(all_dirs, out / f"curves{suffix}.png", note=note, split_configs=budget == "paper")
     return summary

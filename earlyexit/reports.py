@@ -424,25 +424,18 @@ def describe_run(run_dir: Path) -> str | None:
     regime = t.parsed_regime
     phases = [f"phase {p} {t.phases[p - 1].epochs} epochs at lr {'/'.join(f'{v:g}' for v in t.phases[p - 1].lr)}"
               for p in regime.run_phases]
-    extra = _setting_words(c)
+    extra = setting_words(c)
     return f"{regime.name}: {', '.join(phases)}" + (f"; {extra}" if extra else "")
 
 
-def _setting_words(c) -> str:
+def setting_words(c) -> str:
     """The options of a RunConfig that set it apart (IC placement, head and other model options, weighting,
-    method), in words; empty when it has none."""
+    method), in words, e.g. "ICs every:1, head mlp1024" (a comparison's figure); empty when it has none."""
     extra = [f"ICs {c.model.ic_after}" if c.model.ic_after is not None else None,
              *(f"{k.replace('_', ' ')} {v}" for k, v in sorted(c.model.kwargs.items()) if k != "weights"),
              f"weighting {c.train.weighting}" if c.train.weighting not in (None, "mean") else None,
              f"method {c.method}" if c.method else None]
     return ", ".join(e for e in extra if e)
-
-
-def describe_setting(run_dir: Path) -> str | None:
-    """The options a comparison's runs share that set them apart (e.g. "ICs every:1, head mlp1024"), for the
-    comparison's figure; None when there are none or the config cannot be read."""
-    c = _run_config_of(run_dir)
-    return (_setting_words(c) or None) if c is not None else None
 
 
 def _run_config_of(run_dir: Path):

@@ -14,7 +14,7 @@ import pytest
 
 from earlyexit.config import upgrade_run_record
 from earlyexit.experiment import in_order
-from earlyexit.models.registry import default_grad_clip
+from earlyexit.runs import with_model_defaults
 
 ROOT = Path(__file__).parents[1]
 
@@ -32,9 +32,8 @@ def _pairs() -> list:
         for step in exp.steps:
             if step.config is None:
                 continue
-            t = step.config.train
-            clip = default_grad_clip(step.config.model.name) if t.grad_clip == "model" else t.grad_clip
-            want = _settings(clip, t.batch_size, [vars(p) for p in t.phases])
+            t = with_model_defaults(step.config).train  # grad_clip "model" as config.json states it
+            want = _settings(t.grad_clip, t.batch_size, [vars(p) for p in t.phases])
             dirs = [step.out] if step.command == "run" else sorted(step.out.glob("*"))
             out += [(exp.name, want, d) for d in dirs if (d / "config.json").is_file()]
     return out
