@@ -35,6 +35,7 @@ plotting function.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -422,10 +423,17 @@ def describe_run(run_dir: Path) -> str | None:
         return None
     t = c.train
     regime = t.parsed_regime
-    phases = [f"phase {p} {t.phases[p - 1].epochs} epochs at lr {'/'.join(f'{v:g}' for v in t.phases[p - 1].lr)}"
+    phases = [f"phase {p} {_epoch_words(t.phases[p - 1])} at lr {'/'.join(f'{v:g}' for v in t.phases[p - 1].lr)}"
               for p in regime.run_phases]
     extra = setting_words(c)
     return f"{regime.name}: {', '.join(phases)}" + (f"; {extra}" if extra else "")
+
+
+def _epoch_words(phase) -> str:
+    """A phase's epochs in words: "8 epochs", or "up to 40 epochs (patience 5)" under early stopping."""
+    if phase.patience is None:
+        return f"{phase.epochs} epochs"
+    return f"up to {phase.epochs} epochs (patience {phase.patience})"
 
 
 def setting_words(c) -> str:
@@ -550,6 +558,7 @@ def runs_figure(run_dirs: Sequence[Path], *, curve: str = "curve", note: str | N
         ax.legend(handles=handles, fontsize=8, loc="best")
     title = "" if several_models else "{} on {}".format(*groups[0][0][:2])
     if note:
+        note = "\n".join(textwrap.wrap(note, 80))  # a long run description wraps instead of running off the figure
         title = f"{title}\n{note}" if title else note
     if title:
         ax.set_title(title, fontsize=10)

@@ -38,6 +38,13 @@ def test_a_run_says_what_it_is(tmp_path):
     assert describe_run(d) == "mixed: phase 1 8 epochs at lr 0.001, phase 2 8 epochs at lr 0.1; ICs every:1"
 
 
+def test_a_run_with_early_stopping_says_its_epochs_are_a_ceiling(tmp_path):
+    cfg = _cfg("joint")
+    phases = (cfg.train.phases[0], replace(cfg.train.phases[1], epochs=40, patience=5), cfg.train.phases[2])
+    d = _with_config(make_run(tmp_path, "joint", 0), replace(cfg, train=replace(cfg.train, phases=phases)))
+    assert describe_run(d) == "joint: phase 2 up to 40 epochs (patience 5) at lr 0.1; ICs every:1"
+
+
 def test_a_comparison_says_what_its_runs_share():
     assert setting_words(_cfg("joint")) == "ICs every:1"
     assert setting_words(RunConfig(model=ModelConfig(name="resnet20"), train=_cfg("joint").train)) == ""
