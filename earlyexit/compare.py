@@ -48,7 +48,7 @@ from .errors import EarlyExitError
 from .io import atomic_torch_save, atomic_write_json, load_checkpoint, load_state_strict, remove_stale_temps
 from .pairs import pair_summary
 from .regime import NAMES, Regime
-from .reports import maybe_plot, setting_words, summarize_runs
+from .reports import maybe_plot, setting_words, stopping_words, summarize_runs
 from .rundir import RunLock
 from .results import RESULTS, Results
 from .stats import training_cost
@@ -150,7 +150,7 @@ def _compare(cfg: RunConfig, seeds: Sequence[int], out: Path, *, budget: str,
     note = {"paper": None, "matched": "matched budget: joint trains as many epochs as mixed's phases 1 and 2",
             "flops": "FLOPs-matched budget: joint's training FLOPs nearest mixed's"}[budget]
     setting = setting_words(cfg)  # what the runs share, e.g. the IC density (from cfg, not re-read from disk)
-    note = "; ".join(n for n in (note, setting) if n) or None
+    note = "; ".join(n for n in (note, setting, stopping_words(cfg)) if n) or None
     maybe_plot(all_dirs, out / f"curves{suffix}.png", note=note, split_configs=budget == "paper")
     return summary
 

@@ -247,7 +247,7 @@ def _cells(table: dict) -> str:
 def _spent(training: dict) -> str:
     if not training or training.get("epochs") is None:
         return "training: not recorded"
-    ep = "/".join(f"{training['epochs'].get(p, 0):g}" for p in ("1", "2", "3"))
+    ep = "/".join(_epochs_cell(training['epochs'].get(p, 0)) for p in ("1", "2", "3"))
     passes = training["passes"]["mean"]
     return f"training: epochs per phase 1/2/3 = {ep}, {passes:.0f} backbone forward passes per training sample"
 
@@ -279,7 +279,7 @@ def _md_cell(v: dict | None) -> str:
 def _md_spent(training: dict | None) -> str:
     if not training or training.get("epochs") is None:
         return "- | -"
-    ep = "/".join(f"{training['epochs'].get(p, 0):g}" for p in ("1", "2", "3"))
+    ep = "/".join(_epochs_cell(training['epochs'].get(p, 0)) for p in ("1", "2", "3"))
     return f"{ep} | {training['passes']['mean']:.0f}"
 
 
@@ -434,6 +434,25 @@ def _epoch_words(phase) -> str:
     if phase.patience is None:
         return f"{phase.epochs} epochs"
     return f"up to {phase.epochs} epochs (patience {phase.patience})"
+
+
+def stopping_words(c) -> str:
+    """A configuration's early stopping in words for a comparison's figure, e.g. "every phase up to 40 epochs,
+    early stopping with patience 5"; empty when no phase stops early."""
+    stopping = [(i + 1, ph) for i, ph in enumerate(c.train.phases) if ph.patience is not None]
+    if not stopping:
+        return ""
+    ceilings = sorted({ph.epochs for _, ph in stopping})
+    patiences = sorted({ph.patience for _, ph in stopping})
+    which = ("every phase" if len(stopping) == len(c.train.phases)
+             else "phase " + "/".join(str(i) for i, _ in stopping))
+    return (f"{which} up to {'/'.join(map(str, ceilings))} epochs, early stopping with patience "
+            f"{'/'.join(map(str, patiences))}")
+
+
+def _epochs_cell(v: float) -> str:
+    """Mean epochs for a table cell: "18", "14.7"."""
+    return f"{round(v, 1):g}"
 
 
 def setting_words(c) -> str:

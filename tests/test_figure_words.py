@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from earlyexit.config import ModelConfig, PhaseConfig, RunConfig, TrainConfig, to_dict
-from earlyexit.reports import describe_field, describe_run, runs_figure, setting_words
+from earlyexit.reports import _md_spent, describe_field, describe_run, runs_figure, setting_words, stopping_words
 
 from test_reports import make_run
 
@@ -48,6 +48,23 @@ def test_a_run_with_early_stopping_says_its_epochs_are_a_ceiling(tmp_path):
 def test_a_comparison_says_what_its_runs_share():
     assert setting_words(_cfg("joint")) == "ICs every:1"
     assert setting_words(RunConfig(model=ModelConfig(name="resnet20"), train=_cfg("joint").train)) == ""
+
+
+def test_a_comparison_with_early_stopping_says_so():
+    cfg = _cfg("joint")
+    assert stopping_words(cfg) == ""
+    phases = tuple(replace(ph, epochs=40, patience=5) for ph in cfg.train.phases)
+    assert stopping_words(replace(cfg, train=replace(cfg.train, phases=phases))) == (
+        "every phase up to 40 epochs, early stopping with patience 5")
+    one = (cfg.train.phases[0], replace(cfg.train.phases[1], epochs=30, patience=3), cfg.train.phases[2])
+    assert stopping_words(replace(cfg, train=replace(cfg.train, phases=one))) == (
+        "phase 2 up to 30 epochs, early stopping with patience 3")
+
+
+def test_mean_epochs_print_to_one_decimal():
+    """Early-stopped runs spend different epochs per seed; the table prints their mean, not 14.6667."""
+    spent = {"epochs": {"1": 18.0, "3": 44 / 3}, "passes": {"mean": 68.6}}
+    assert _md_spent(spent) == "18/0/14.7 | 69"
 
 
 def test_a_comparisons_figure_names_the_density(tmp_path, monkeypatch):
