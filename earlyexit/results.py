@@ -72,6 +72,7 @@ class TrainInfo:
 @dataclass
 class Timing:
     train_seconds: float | None = None  # wall-clock training time, summed over resumes (differs between runs)
+    platform: str | None = None       # where it finished training (device.platform): reruns match its digits there only
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Results:
     method: str | None = None       # the early-exit method (null: plain ICs)
     weighting: str | None = None    # the loss weighting over exits
     train: TrainInfo | None = None  # how training went (absent for an evaluation without training)
-    timing: Timing | None = None    # wall-clock times: the one part that is not deterministic (comparisons skip it)
+    timing: Timing | None = None    # wall-clock time and platform: the part that is not the config's (comparisons skip it)
 
     @classmethod
     def build(cls, *, regime: str, regime_name: str, model: str, dataset: str, seed: int, evaluation: dict,
@@ -181,10 +182,13 @@ class Results:
         for e in d["exits"]:
             if e["stage"] is None:
                 del e["stage"]
+        if d.get("timing") is not None and d["timing"]["platform"] is None:  # a run from before it was recorded
+            del d["timing"]["platform"]
         return to_jsonable(d)
 
     def comparable(self) -> dict:
-        """``to_dict`` without ``timing``: what two runs of one config on the CPU write identically."""
+        """``to_dict`` without ``timing`` (time and platform): what two runs of one config write identically on
+        one platform (``Timing.platform``)."""
         d = self.to_dict()
         d.pop("timing", None)
         return d

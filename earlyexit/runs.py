@@ -35,7 +35,7 @@ import torch
 from . import distributed as dist
 from . import metrics
 from .config import GRAD_CLIP_MODEL, RunConfig, config_diff, run_config_from_dict, to_dict
-from .device import local_device
+from .device import local_device, model_device, platform
 from .errors import CheckpointError, ConfigError, EarlyExitError, RunInterrupted, TrainingError
 from .io import (WEIGHTS_FILES, atomic_write_json, atomic_write_text, find_weights, load_checkpoint, load_weights,
                  remove_stale_temps)
@@ -364,7 +364,7 @@ def train_run(cfg: RunConfig, model: MultiExitModel, splits: Any, out: Path, *, 
                                         eval_batch_size=cfg.eval.batch_size)
         info.method_stage = [vars(r) for r in stage_rec.phases]
         seconds += time.time() - t
-    return model, info, Timing(train_seconds=seconds)
+    return model, info, Timing(train_seconds=seconds, platform=platform(model_device(model)))
 
 
 def results_of(cfg: RunConfig, evaluation: dict, train_info: TrainInfo | None, timing: Timing | None = None) -> Results:

@@ -375,7 +375,7 @@ RESULTS_SPEC: Spec = obj({
     "calibrated_geometric": opt(_CALIBRATED), "calibrated_global": opt(_CALIBRATED), "calibrated_budgets": opt(_BUDGETS),
     "method": opt(STR), "weighting": opt(STR),
     "train": opt(obj({"phases": list_of(_PHASE_RECORD), "method_stage": opt(list_of(JSON)), "seconds": opt(NUM)})),
-    "timing": opt(obj({"train_seconds": opt(NUM)})),
+    "timing": opt(obj({"train_seconds": opt(NUM), "platform": opt(STR)})),
 }, required=("regime", "model", "dataset", "seed", "base_flops", "exits", "curve", "budgets"))
 
 

@@ -515,6 +515,9 @@ def test_results_json_holds_exactly_the_documented_schema(finished):
         assert set(res[k]) == names(CalibratedCurve)
     assert set(res["train"]) <= names(TrainInfo) and "phases" in res["train"]
     assert set(res["timing"]) == names(Timing) and res["timing"]["train_seconds"] > 0
+    from earlyexit.device import platform
+
+    assert res["timing"]["platform"] == platform("cpu")  # a rerun matches its digits only where this string does
     assert set(res["budgets"]) == set(res["calibrated_budgets"]) == {"25%", "50%", "75%", "100%", "max"}
     for p in res["train"]["phases"]:
         assert set(p) == {"phase", "lr", "best_epoch", "best_val", "grid"}

@@ -13,7 +13,9 @@ these JSON files (sorted keys, one value per line, one matrix row per line).
   the threshold curve, the budget table (best within budget), the paper's budget
   table and, for confidence and entropy, the validation-calibrated curves;
 - ``training.json``: per-epoch training losses, validation accuracies and final
-  per-exit test accuracies of tiny deterministic CPU runs, one per regime.
+  per-exit test accuracies of tiny deterministic CPU runs, one per regime, and the
+  platform they were made on (``platform()``): another platform's CPU kernels round
+  convolutions differently, so there the test allows a wider tolerance.
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ FLOPS_CONVENTION = ("FLOPs per sample (an input batch of one) = 2 x multiply-add
                     "backbone's own classifier, without ICs (a run's base_flops).")
 SCORES_TOLERANCE = {"rtol": 1e-9, "atol": 1e-12, "integers": "exact"}
 TRAINING_TOLERANCE = {"train_loss_rtol": 1e-4, "accuracy_atol_samples": 1,
-                      "note": "train_loss within a relative 1e-4; an accuracy within one sample of its split"}
+                      "other_platform": {"train_loss_rtol": 0.03, "accuracy_atol": 0.125},
+                      "note": "on the platform the file names: train_loss within a relative 1e-4, an accuracy "
+                              "within one sample of its split; on another platform (convolutions' float sums "
+                              "differ between CPU kernels, and one epoch amplifies them: up to 0.9 % in loss "
+                              "and 17 of 256 test samples seen between two machines and kernel choices) "
+                              "train_loss within a relative 3 % and an accuracy within 12.5 points"}
 
 # --- per-exit FLOPs ----------------------------------------------------------------
 
@@ -189,10 +196,18 @@ def training_run(key: str, regime: str) -> dict:
             "test_accuracy": accuracy_per_exit(logits, labels)}
 
 
+def platform() -> str:
+    """The platform the training runs depend on (``earlyexit.device.platform`` of the CPU), e.g. "torch 2.14.1,
+    AVX2, AuthenticAMD": two machines that print the same string give the same golden training runs."""
+    from earlyexit.device import platform as cpu_platform
+
+    return cpu_platform("cpu")
+
+
 def compute_training() -> dict:
     runs = {key: {"setup": spec, "regimes": {r: training_run(key, r) for r in REGIMES}}
             for key, spec in TRAINING.items()}
-    return {"tolerance": TRAINING_TOLERANCE, "runs": runs}
+    return {"tolerance": TRAINING_TOLERANCE, "platform": platform(), "runs": runs}
 
 
 # --- the file format ---------------------------------------------------------------------
