@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from earlyexit.device import platform
 from earlyexit.pairs import cosine_pair, markdown_cosine_pair, markdown_pair, pair_summary
 from earlyexit.reports import markdown_summary, summarize_runs
 
@@ -101,13 +102,23 @@ def test_the_claims_table_quotes_recomputed_intervals_and_their_verdicts():
                 assert word in carried, f"the row says {word} but no interval it quotes is: {row[:120]}"
 
 
+# A rerun on another platform than the run's: each exit within this many points of the committed accuracy.
+# Measured on experiment 1's disjoint seed 0, rerun on "torch 2.14.1, AVX2, AuthenticAMD": 0.02-1.11 points
+# from the committed exits (the channels-last layout against the contiguous one: at most 0.6).
+OTHER_PLATFORM_POINTS = 2.0
+
+
 @pytest.mark.slow
 def test_a_committed_run_reruns_from_its_config_to_the_same_results(tmp_path):
     """What RESULTS.md promises: `run --config results/EXP/RUN/config.json --out DIR` gives the committed
-    per-exit accuracies and curve (checked on the cheapest committed ResNet-20 run, a few minutes).
+    per-exit accuracies and curve on the platform the run was made on (its ``timing.platform``), and each
+    exit's accuracy within ``OTHER_PLATFORM_POINTS`` elsewhere (checked on the cheapest committed ResNet-20
+    run, a few minutes on a fast CPU).
 
     The rerun is a process of its own with torch's default thread count, as the committed runs were made:
-    float sums split over another number of threads (the test processes use one) round differently."""
+    float sums split over another number of threads (the test processes use one) round differently, and so
+    do another CPU's convolution kernels; the committed runs predate the platform record, so here they are
+    held to the wider bound."""
     import json
     import os
     import subprocess
@@ -122,5 +133,10 @@ def test_a_committed_run_reruns_from_its_config_to_the_same_results(tmp_path):
                         str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     got, want = (json.loads((d / "results.json").read_text()) for d in (out, run))
-    assert [e["accuracy"] for e in got["exits"]] == [e["accuracy"] for e in want["exits"]]
-    assert got["curve"] == want["curve"] and got["budgets"] == want["budgets"]
+    if (want.get("timing") or {}).get("platform") == platform("cpu"):
+        assert [e["accuracy"] for e in got["exits"]] == [e["accuracy"] for e in want["exits"]]
+        assert got["curve"] == want["curve"] and got["budgets"] == want["budgets"]
+    else:
+        assert [e["flops"] for e in got["exits"]] == [e["flops"] for e in want["exits"]]
+        apart = [abs(a["accuracy"] - b["accuracy"]) * 100 for a, b in zip(got["exits"], want["exits"])]
+        assert max(apart) <= OTHER_PLATFORM_POINTS, f"exits {apart} points from the committed run"
