@@ -94,9 +94,6 @@ def cuda_sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["local_device", "autocast_context", "model_device", "cuda_sync", "MEMORY_FORMATS", "memory_format", "in_format"]
-
-
 def platform(device: torch.device | str = "cpu") -> str:
     """What a run's float results depend on besides its code, config and seed, e.g. "torch 2.14.1, AVX2,
     AuthenticAMD": torch's version, then on the CPU the instruction set its kernels dispatch to and the
@@ -122,3 +119,7 @@ def platform(device: torch.device | str = "cpu") -> str:
 
         vendor = _platform.processor() or vendor
     return f"torch {version}, {torch.backends.cpu.get_cpu_capability()}, {vendor}"
+
+
+__all__ = ["local_device", "autocast_context", "model_device", "cuda_sync", "MEMORY_FORMATS", "memory_format", "in_format",
+           "platform"]
