@@ -244,12 +244,17 @@ def _cells(table: dict) -> str:
                      for k, v in table.items())
 
 
+def _epochs_per_phase(training: dict) -> str:
+    """Mean epochs of phases 1/2/3 to one decimal, e.g. "18/0/14.7" (early-stopped seeds differ)."""
+    return "/".join(f"{round(training['epochs'].get(p, 0), 1):g}" for p in ("1", "2", "3"))
+
+
 def _spent(training: dict) -> str:
     if not training or training.get("epochs") is None:
         return "training: not recorded"
-    ep = "/".join(_epochs_cell(training['epochs'].get(p, 0)) for p in ("1", "2", "3"))
     passes = training["passes"]["mean"]
-    return f"training: epochs per phase 1/2/3 = {ep}, {passes:.0f} backbone forward passes per training sample"
+    return (f"training: epochs per phase 1/2/3 = {_epochs_per_phase(training)}, {passes:.0f} backbone forward "
+            "passes per training sample")
 
 
 def format_summary(group: dict) -> list[str]:
@@ -279,8 +284,7 @@ def _md_cell(v: dict | None) -> str:
 def _md_spent(training: dict | None) -> str:
     if not training or training.get("epochs") is None:
         return "- | -"
-    ep = "/".join(_epochs_cell(training['epochs'].get(p, 0)) for p in ("1", "2", "3"))
-    return f"{ep} | {training['passes']['mean']:.0f}"
+    return f"{_epochs_per_phase(training)} | {training['passes']['mean']:.0f}"
 
 
 def markdown_summary(groups: Sequence[dict]) -> str:
@@ -448,11 +452,6 @@ def stopping_words(c) -> str:
              else "phase " + "/".join(str(i) for i, _ in stopping))
     return (f"{which} up to {'/'.join(map(str, ceilings))} epochs, early stopping with patience "
             f"{'/'.join(map(str, patiences))}")
-
-
-def _epochs_cell(v: float) -> str:
-    """Mean epochs for a table cell: "18", "14.7"."""
-    return f"{round(v, 1):g}"
 
 
 def setting_words(c) -> str:

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 import earlyexit as ee
 from earlyexit.cli import main
+from earlyexit.device import platform
 from earlyexit.errors import DataError
 from earlyexit.metrics import CRITERIA
 from earlyexit.testing import assert_curve_matches, assert_exit_costs
@@ -165,7 +166,7 @@ def test_golden_training_run(key, regime):
         pytest.skip(f"data not installed: {e}")
     golden = TRAINING["runs"][key]["regimes"][regime]
     n_val, n_test = golden["val"], TRAINING["runs"][key]["setup"]["test_samples"]
-    rtol, atol_val, atol_test = _training_tolerance(TRAINING, R.platform(), n_val, n_test)
+    rtol, atol_val, atol_test = _training_tolerance(TRAINING, platform("cpu"), n_val, n_test)
     assert got["phase_string"] == golden["phase_string"] and (got["train"], got["val"]) == (golden["train"], golden["val"])
     assert [(e["phase"], e["epoch"]) for e in got["epochs"]] == [(e["phase"], e["epoch"]) for e in golden["epochs"]]
     for i, (a, e) in enumerate(zip(got["epochs"], golden["epochs"])):
@@ -175,11 +176,11 @@ def test_golden_training_run(key, regime):
     assert_close(got["test_accuracy"], golden["test_accuracy"], rtol=0, atol=atol_test, path="test_accuracy")
 
 
-def _training_tolerance(golden: dict, platform: str, n_val: int, n_test: int) -> tuple[float, float, float]:
+def _training_tolerance(golden: dict, here: str, n_val: int, n_test: int) -> tuple[float, float, float]:
     """(loss rtol, validation and test accuracy atol): the file's tight tolerance on the platform it names, its
     wider ``other_platform`` one elsewhere (another CPU's kernels round convolutions differently)."""
     tol = golden["tolerance"]
-    if golden["platform"] == platform:
+    if golden["platform"] == here:
         return (tol["train_loss_rtol"], tol["accuracy_atol_samples"] / n_val + 1e-12,
                 tol["accuracy_atol_samples"] / n_test + 1e-12)
     other = tol["other_platform"]
@@ -191,7 +192,7 @@ def test_the_tight_training_tolerance_holds_only_on_the_golden_platform():
     assert tight == (1e-4, 1 / 64 + 1e-12, 1 / 256 + 1e-12)
     wide = _training_tolerance(TRAINING, "torch 0.0.0, NONE, nobody", 64, 256)
     assert wide == (0.03, 0.125, 0.125)
-    assert R.platform().startswith(f"torch {torch.__version__.split('+')[0]}, ")
+    assert platform("cpu").startswith(f"torch {torch.__version__.split('+')[0]}, ")
 
 
 # --- the README states what the files hold ------------------------------------------------------------

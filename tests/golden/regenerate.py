@@ -14,7 +14,7 @@ these JSON files (sorted keys, one value per line, one matrix row per line).
   table and, for confidence and entropy, the validation-calibrated curves;
 - ``training.json``: per-epoch training losses, validation accuracies and final
   per-exit test accuracies of tiny deterministic CPU runs, one per regime, and the
-  platform they were made on (``platform()``): another platform's CPU kernels round
+  platform they were made on (``earlyexit.device.platform``): another platform's CPU kernels round
   convolutions differently, so there the test allows a wider tolerance.
 """
 
@@ -196,18 +196,12 @@ def training_run(key: str, regime: str) -> dict:
             "test_accuracy": accuracy_per_exit(logits, labels)}
 
 
-def platform() -> str:
-    """The platform the training runs depend on (``earlyexit.device.platform`` of the CPU), e.g. "torch 2.14.1,
-    AVX2, AuthenticAMD": two machines that print the same string give the same golden training runs."""
-    from earlyexit.device import platform as cpu_platform
-
-    return cpu_platform("cpu")
-
-
 def compute_training() -> dict:
+    from earlyexit.device import platform
+
     runs = {key: {"setup": spec, "regimes": {r: training_run(key, r) for r in REGIMES}}
             for key, spec in TRAINING.items()}
-    return {"tolerance": TRAINING_TOLERANCE, "platform": platform(), "runs": runs}
+    return {"tolerance": TRAINING_TOLERANCE, "platform": platform("cpu"), "runs": runs}
 
 
 # --- the file format ---------------------------------------------------------------------
